@@ -1,0 +1,596 @@
+"""The pure renderer: one row of factors (plus its seed) and the geometry give one CT patch.
+
+``render(rows, size, dim)`` returns int16 HU images and uint8 region masks as numpy arrays;
+``prepare`` + ``render_tensor`` are the float-tensor path beneath it, which stays on the device.
+
+How purity is kept (DESIGN §2). Every random number is a counter-based hash of
+(row seed, stream, element, draw), so sample ``i`` depends on row ``i`` alone. Per-row scalars
+(directions, radii, blur kernels) are computed in float64 numpy; per-pixel work uses only
+``+ - * /``, ``sqrt``, ``min``/``max`` and integer ops, which are exactly rounded in both the
+vectorised and the scalar code paths, so a pixel's value does not depend on where it falls in a
+batch. Blurs are truncated spatial convolutions evaluated on a canvas extended by the kernel
+radius: the whole scene is analytic, so the margin is rendered, not padded, and a batch-wide
+radius only adds exact zero taps.
+
+Physics, in order: lung parenchyma (-860 HU, correlated texture) -> vessels (+40 HU curved
+tubes) -> spicules (tapered, partial-volume strands) -> nodule body (lobulated, attenuation class,
+optional solid or calcified core) -> white noise -> scanner PSF (Gaussian, FWHM
+``kernel_fwhm_mm``), which also shapes the noise, whose final SD is ``noise_hu``. Edges use an
+analytic partial-volume profile: the cumulative of a Beta(3,3) kernel whose variance is the margin
+blur's plus the pixel box's (sigma^2 = margin_sigma^2 + pixel^2 / 12), a compact Gaussian surrogate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+RNG_SCHEME = "lowbias32-xor/v1"
+"""Version of the counter-based random scheme; stored in ``dataset.json``."""
+
+HU_MIN, HU_MAX = -1024, 3071
+PARENCHYMA_HU = -860.0
+PARENCHYMA_SD_HU = 25.0
+TEXTURE_MM = 1.0  # correlation length (Gaussian sigma) of the parenchyma texture
+VESSEL_HU = 40.0
+SPICULE_HU = 30.0
+SPICULE_TIP_WIDTH = 0.3  # tip width / width at the body surface
+BODY_HU = {"ground_glass": -650.0, "part_solid": -650.0, "solid": 30.0, "calcified": 30.0}
+CORE_HU = {"ground_glass": -650.0, "part_solid": 30.0, "solid": 30.0, "calcified": 600.0}
+LOBE_ORDERS = (2, 3, 4, 5, 6)
+LOBULATION_EXPRESSION = {"round": 0.0, "lobulated": 1.0, "spiculated": 0.3}
+REGION = {"background": 0, "body": 1, "spicule": 2, "vessel": 3}
+
+_M32 = 0xFFFFFFFF
+_BETA33_SD = 1.0 / math.sqrt(28.0)  # SD of the Beta(3,3) kernel per unit support width
+_STREAM = {"lobes": 1, "spicules": 2, "vessels": 3, "texture": 4, "noise": 5}
+_REQUIRED = (
+    "shape", "lobulation", "n_spicules", "spicule_length_rel", "spicule_width_mm", "diameter_mm",
+    "attenuation", "solid_fraction", "margin_sigma_mm", "vessels", "noise_hu", "kernel_fwhm_mm",
+    "pixel_mm", "offset_x_mm", "offset_y_mm", "offset_z_mm", "rotation_deg", "seed",
+)  # fmt: skip
+_MAX_SIZE = {2: 8192, 3: 256}
+_COORD_BITS = {2: 15, 3: 10}
+
+
+# ----------------------------------------------------------------------------- random numbers
+def _mix32(x: Any) -> Any:
+    """lowbias32 integer hash on values < 2**32 (numpy uint64 or torch int64; no overflow)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _M32
+    return x ^ (x >> 15)
+
+
+def _hash(seeds: np.ndarray, *keys: Any) -> np.ndarray:
+    """Hash of (row seed, key, key, ...); seeds int64 in [0, 2**63); broadcasts over keys."""
+    s = seeds.astype(np.uint64)
+    h = _mix32((s & np.uint64(_M32)) ^ np.uint64(0x9E3779B9))
+    h = _mix32(h ^ (s >> np.uint64(32)))
+    for key in keys:
+        h = _mix32(h ^ np.asarray(key, dtype=np.uint64))
+    return h
+
+
+def _uniform(seeds: np.ndarray, stream: str, view: int, n_elem: int, n_draw: int) -> np.ndarray:
+    """U(0, 1) draws of shape (N, n_elem, n_draw): element k of a stream has its own sub-seed."""
+    k = np.arange(n_elem, dtype=np.uint64)[None, :, None]
+    j = np.arange(n_draw, dtype=np.uint64)[None, None, :]
+    h = _hash(seeds[:, None, None], _STREAM[stream], view, k, j)
+    return (h.astype(np.float64) + 0.5) / 2.0**32
+
+
+def _white_noise(base: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Unit-variance white noise, one hash per pixel: the sum of its two 16-bit halves.
+
+    The triangular distribution becomes Gaussian once blurred by the texture or PSF kernel.
+
+    Args:
+        base: per-row stream hash, int64, shape (N,).
+        index: absolute pixel index (< 2**31), int64, shape (*grid).
+    """
+    h = _mix32(base[:, None] ^ index.reshape(1, -1))
+    total = (h & 0xFFFF) + (h >> 16)  # exact integer < 2**17
+    noise = (total.to(torch.float32) + 1.0) * (math.sqrt(6.0) / 65536.0) - math.sqrt(6.0)
+    return noise.view((-1,) + tuple(index.shape))
+
+
+# ----------------------------------------------------------------------------- per-row parameters
+@dataclass
+class RenderBatch:
+    """Per-row render parameters as tensors on one device (see ``prepare``).
+
+    Vectors are in array-axis order: (y, x) in 2D, (z, y, x) in 3D. Lengths in mm.
+    """
+
+    dim: int
+    size: int
+    pixel_mm: torch.Tensor  # (N,)
+    center: torch.Tensor  # (N, dim) nodule centre, mm from the patch centre
+    body_r0: torch.Tensor  # (N,) base radius before lobulation
+    lobe_amp: torch.Tensor  # (N, 5) expressed lobulation x harmonic weights
+    lobe_axis: torch.Tensor  # (N, 5, dim)
+    edge_inv_w: torch.Tensor  # (N,) 1 / support width of the lesion edge profile
+    body_hu: torch.Tensor  # (N,)
+    core_hu: torch.Tensor  # (N,)
+    core_r: torch.Tensor  # (N,)
+    spic_dir: torch.Tensor  # (N, K, dim)
+    spic_base: torch.Tensor  # (N, K) start along the axis (inside the body)
+    spic_tip: torch.Tensor  # (N, K)
+    spic_slope: torch.Tensor  # (N, K) half-width lost per mm towards the tip; 0 = absent
+    spic_tip_half_w: torch.Tensor  # (N, K) half-width at the tip; 0 = absent
+    vessel_center: torch.Tensor  # (N, V, dim) centre of the vessel's arc
+    vessel_radius: torch.Tensor  # (N, V) arc radius
+    vessel_normal: torch.Tensor  # (N, V, dim) normal of the arc's plane (3D only; zeros in 2D)
+    vessel_half_w: torch.Tensor  # (N, V); 0 = absent
+    strand_inv_w: torch.Tensor  # (N,) 1 / support width of the spicule and vessel edge profile (pixel box)
+    texture_base: torch.Tensor  # (N,) int64 stream hashes
+    noise_base: torch.Tensor  # (N,)
+    texture_w: torch.Tensor  # (N, 2T+1) separable texture kernel
+    texture_scale: torch.Tensor  # (N,) HU per unit of blurred white noise
+    psf_w: torch.Tensor  # (N, 2E+1) separable PSF kernel
+    noise_scale: torch.Tensor  # (N,) HU per unit of white noise before the PSF
+
+    @property
+    def n(self) -> int:
+        return int(self.pixel_mm.shape[0])
+
+
+def _as_frame(rows: pd.DataFrame | Sequence[dict]) -> pd.DataFrame:
+    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+    missing = [c for c in _REQUIRED if c not in frame.columns]
+    if missing:
+        raise ValueError(f"render: rows lack column(s) {', '.join(missing)}")
+    return frame
+
+
+def _directions(u: np.ndarray, dim: int, rot: np.ndarray) -> np.ndarray:
+    """Uniform unit vectors from U(0,1) draws u[..., 0:2], rotated by ``rot`` (rad) about z."""
+    if dim == 2:
+        a = 2.0 * np.pi * u[..., 0] + rot
+        return np.stack([np.sin(a), np.cos(a)], axis=-1)
+    z = 2.0 * u[..., 0] - 1.0
+    phi = 2.0 * np.pi * u[..., 1] + rot
+    s = np.sqrt(np.maximum(1.0 - z * z, 0.0))
+    return np.stack([z, s * np.sin(phi), s * np.cos(phi)], axis=-1)
+
+
+def _chebyshev(c: np.ndarray, order: int) -> np.ndarray:
+    t0, t1 = np.ones_like(c), c
+    for _ in range(order - 1):
+        t0, t1 = t1, 2.0 * c * t1 - t0
+    return t1
+
+
+def _lobe_profile(dirs: np.ndarray, amp: np.ndarray, axis: np.ndarray) -> np.ndarray:
+    """1 + sum_k amp_k T_k(u . axis_k) for unit vectors ``dirs`` (N, M, dim)."""
+    f = np.ones(dirs.shape[:2])
+    for k, order in enumerate(LOBE_ORDERS):
+        c = np.sum(dirs * axis[:, None, k, :], axis=-1)
+        f = f + amp[:, k, None] * _chebyshev(c, order)
+    return f
+
+
+def _probe_directions(dim: int) -> np.ndarray:
+    """Fixed quadrature directions: 360 angles in 2D, 1000 Fibonacci points in 3D."""
+    if dim == 2:
+        a = (np.arange(360) + 0.5) * (2.0 * np.pi / 360)
+        return np.stack([np.sin(a), np.cos(a)], axis=-1)
+    i = np.arange(1000) + 0.5
+    z = 1.0 - 2.0 * i / 1000
+    phi = np.pi * (1.0 + 5.0**0.5) * i
+    s = np.sqrt(1.0 - z * z)
+    return np.stack([z, s * np.sin(phi), s * np.cos(phi)], axis=-1)
+
+
+def _gauss_kernel(sigma_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row truncated (3 sigma) Gaussian taps, normalised, zero beyond each row's radius.
+
+    Returns the taps (N, 2R+1) and the SD of unit white noise blurred by them along one axis.
+    Sums run tap by tap from the centre outwards, so a row's numbers do not depend on the
+    batch-wide radius R (added taps are exact zeros).
+    """
+    radius = np.maximum(1, np.ceil(3.0 * sigma_px)).astype(int)
+    r_max = int(radius.max()) if radius.size else 1
+    k = np.arange(-r_max, r_max + 1, dtype=np.float64)[None, :]
+    w = np.where(np.abs(k) <= radius[:, None], np.exp(-0.5 * (k / sigma_px[:, None]) ** 2), 0.0)
+    total = w[:, r_max].copy()
+    for j in range(1, r_max + 1):
+        total += w[:, r_max - j] + w[:, r_max + j]
+    w = w / total[:, None]
+    square = w[:, r_max] ** 2
+    for j in range(1, r_max + 1):
+        square += w[:, r_max - j] ** 2 + w[:, r_max + j] ** 2
+    return w, np.sqrt(square)
+
+
+def prepare(
+    rows: pd.DataFrame | Sequence[dict],
+    size: int = 64,
+    dim: int = 2,
+    device: torch.device | str | None = None,
+    *,
+    view: int = 0,
+) -> RenderBatch:
+    """Turn factor rows into per-row render parameters on ``device``.
+
+    Args:
+        rows: the §2 columns (``seed`` included); ``label`` and ``agrees_*`` are ignored.
+        size: pixels per side. dim: 2 or 3.
+        device: torch device for the tensors (default CPU).
+        view: nuisance view: 0 is the stored image; other values re-draw parenchyma, vessels and
+            noise from fresh sub-seeds while the lesion stays identical.
+
+    Returns:
+        A ``RenderBatch`` for ``render_tensor``.
+    """
+    if dim not in (2, 3):
+        raise ValueError(f"render: dim must be 2 or 3, got {dim}")
+    if not 8 <= size <= _MAX_SIZE[dim]:
+        raise ValueError(f"render: size must be in [8, {_MAX_SIZE[dim]}] for {dim}D, got {size}")
+    f = _as_frame(rows)
+    n = len(f)
+    seeds = f["seed"].to_numpy(dtype=np.int64)
+    if n and (seeds.min() < 0):
+        raise ValueError("render: seed must be a non-negative integer")
+    num = {c: f[c].to_numpy(dtype=np.float64) for c in _REQUIRED if c not in ("shape", "attenuation", "seed")}
+    shape = f["shape"].astype(str).to_numpy()
+    atten = f["attenuation"].astype(str).to_numpy()
+    for name, values, table in (("shape", shape, LOBULATION_EXPRESSION), ("attenuation", atten, BODY_HU)):
+        bad = sorted(set(values) - set(table))
+        if bad:
+            raise ValueError(f"render: unknown {name} {bad[0]!r}")
+    px = num["pixel_mm"]
+    rot = np.deg2rad(num["rotation_deg"])
+    r_eff = 0.5 * num["diameter_mm"]
+    offsets = [num["offset_z_mm"], num["offset_y_mm"], num["offset_x_mm"]][3 - dim :]
+    center = np.stack(offsets, axis=1) if n else np.zeros((0, dim))
+
+    # Body: lobulation as zonal Chebyshev harmonics about random axes (k = 2..6, phase by axis).
+    u = _uniform(seeds, "lobes", 0, len(LOBE_ORDERS), 3)
+    weights = 2.0 * u[..., 0] - 1.0
+    weights /= np.maximum(np.abs(weights).sum(axis=1, keepdims=True), 1e-12)
+    expressed = num["lobulation"] * np.array([LOBULATION_EXPRESSION[s] for s in shape])
+    lobe_amp = expressed[:, None] * weights
+    lobe_axis = _directions(u[..., 1:3], dim, rot[:, None])
+    # Scale the base radius so the body's area (2D) or volume (3D) is that of diameter_mm.
+    probe = np.broadcast_to(_probe_directions(dim), (n,) + _probe_directions(dim).shape)
+    profile = _lobe_profile(probe, lobe_amp, lobe_axis)
+    body_r0 = r_eff / np.mean(profile**dim, axis=1) ** (1.0 / dim) if n else r_eff
+
+    sigma_edge = np.sqrt(num["margin_sigma_mm"] ** 2 + px**2 / 12.0)
+    edge_w = sigma_edge / _BETA33_SD
+    has_core = np.isin(atten, ["part_solid", "calcified"])
+    core_r = np.where(has_core, num["solid_fraction"] * r_eff, 0.0)
+
+    # Spicules: tapered strands from inside the body to r_eff * (1 + length), own sub-seed each.
+    n_spic = np.where(shape == "spiculated", num["n_spicules"], 0).astype(int)
+    k_max = int(n_spic.max()) if n else 0
+    u = _uniform(seeds, "spicules", 0, k_max, 4)
+    spic_dir = _directions(u[..., 0:2], dim, rot[:, None])
+    surface = body_r0[:, None] * _lobe_profile(spic_dir, lobe_amp, lobe_axis) if k_max else np.zeros((n, 0))
+    length = num["spicule_length_rel"][:, None] * r_eff[:, None] * (0.6 + 0.4 * u[..., 2])
+    tip = np.maximum(r_eff[:, None] + length, surface + px[:, None])
+    half_w = 0.5 * num["spicule_width_mm"][:, None] * (0.7 + 0.3 * u[..., 3])
+    present = np.arange(k_max)[None, :] < n_spic[:, None]
+    # Linear taper from the full width at the body surface to TIP_WIDTH of it at the tip.
+    spic_slope = np.where(present, (1.0 - SPICULE_TIP_WIDTH) * half_w / (tip - surface), 0.0)
+    spic_tip_half_w = np.where(present, SPICULE_TIP_WIDTH * half_w, 0.0)
+    spic_base = 0.5 * surface
+
+    # Vessels: arcs of large radius through a random point of the patch (nuisance streams).
+    v_max = int(num["vessels"].max()) if n else 0
+    u = _uniform(seeds, "vessels", view, v_max, 10)
+    half_fov = 0.5 * size * px
+    through = (2.0 * u[..., 0:3][..., :dim] - 1.0) * 0.8 * half_fov[:, None, None]
+    tangent = _directions(u[..., 3:5], dim, np.zeros((n, 1)))
+    if dim == 2:
+        sign = np.where(u[..., 5] < 0.5, -1.0, 1.0)[..., None]
+        normal = sign * np.stack([-tangent[..., 1], tangent[..., 0]], axis=-1)
+        plane = np.zeros_like(tangent)
+    else:
+        g = _directions(u[..., 5:7], dim, np.zeros((n, 1)))
+        g = g - np.sum(g * tangent, axis=-1, keepdims=True) * tangent
+        normal = g / np.maximum(np.linalg.norm(g, axis=-1, keepdims=True), 1e-9)
+        plane = np.cross(tangent, normal)
+    arc_r = 40.0 + 160.0 * u[..., 7]
+    vessel_center = through + arc_r[..., None] * normal
+    vessel_half_w = np.where(np.arange(v_max)[None, :] < num["vessels"][:, None], 0.5 + u[..., 8], 0.0)
+
+    texture_w, texture_sd = _gauss_kernel(TEXTURE_MM / px)
+    fwhm_to_sigma = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+    psf_w, psf_sd = _gauss_kernel(num["kernel_fwhm_mm"] * fwhm_to_sigma / px)
+    texture_sd, psf_sd = texture_sd**dim, psf_sd**dim  # separable: product over the axes
+
+    def t(a: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.tensor(np.ascontiguousarray(a), dtype=dtype, device=device)
+
+    return RenderBatch(
+        dim=dim,
+        size=size,
+        pixel_mm=t(px),
+        center=t(center),
+        body_r0=t(body_r0),
+        lobe_amp=t(lobe_amp),
+        lobe_axis=t(lobe_axis),
+        edge_inv_w=t(1.0 / edge_w),
+        body_hu=t(np.array([BODY_HU[a] for a in atten])),
+        core_hu=t(np.array([CORE_HU[a] for a in atten])),
+        core_r=t(core_r),
+        spic_dir=t(spic_dir.reshape(n, k_max, dim)),
+        spic_base=t(spic_base),
+        spic_tip=t(tip),
+        spic_slope=t(spic_slope),
+        spic_tip_half_w=t(spic_tip_half_w),
+        vessel_center=t(vessel_center.reshape(n, v_max, dim)),
+        vessel_radius=t(arc_r),
+        vessel_normal=t(plane.reshape(n, v_max, dim)),
+        vessel_half_w=t(vessel_half_w),
+        strand_inv_w=t(_BETA33_SD * math.sqrt(12.0) / px),
+        texture_base=t(_hash(seeds, _STREAM["texture"], view).astype(np.int64), torch.int64),
+        noise_base=t(_hash(seeds, _STREAM["noise"], view).astype(np.int64), torch.int64),
+        texture_w=t(texture_w),
+        texture_scale=t(PARENCHYMA_SD_HU / texture_sd),
+        psf_w=t(psf_w),
+        noise_scale=t(num["noise_hu"] / psf_sd),
+    )
+
+
+# ----------------------------------------------------------------------------- per-pixel rendering
+def _step(d: torch.Tensor, inv_w: torch.Tensor) -> torch.Tensor:
+    """Partial-volume occupancy of a half-space at signed distance ``d`` (mm, negative inside).
+
+    The cumulative of a Beta(3,3) kernel of support width ``1 / inv_w``: smooth (C2), exactly 0
+    and 1 outside the support, and built from exactly rounded arithmetic only.
+    """
+    t = (0.5 - d * inv_w).clamp_(0.0, 1.0)
+    return t * t * t * (t * (t * 6.0 - 15.0) + 10.0)
+
+
+def _slab(dist: torch.Tensor, half_w: torch.Tensor, inv_w: torch.Tensor) -> torch.Tensor:
+    """Occupancy of a strand of half-width ``half_w`` at distance ``dist`` from its axis."""
+    return _step(dist - half_w, inv_w) - _step(dist + half_w, inv_w)
+
+
+def _per_row(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """View a (N,) tensor as (N, 1, ..., 1) to broadcast over ``dim`` spatial axes."""
+    return x.view((-1,) + (1,) * dim)
+
+
+def _coordinates(b: RenderBatch, margin: int) -> list[torch.Tensor]:
+    """Pixel-centre coordinates (mm from the patch centre) per axis, each (N, 1.., L, 1..)."""
+    device = b.pixel_mm.device
+    idx = torch.arange(-margin, b.size + margin, device=device, dtype=torch.float32) - (b.size - 1) / 2.0
+    coords = []
+    for axis in range(b.dim):
+        shape = [b.n] + [1] * b.dim
+        shape[1 + axis] = -1
+        coords.append((b.pixel_mm[:, None] * idx[None, :]).view(shape))
+    return coords
+
+
+def _pixel_index(b: RenderBatch, margin: int) -> torch.Tensor:
+    """Absolute integer index of every pixel of the extended grid, (*grid) int64 < 2**30."""
+    bits = _COORD_BITS[b.dim]
+    idx = torch.arange(-margin, b.size + margin, device=b.pixel_mm.device, dtype=torch.int64) + (1 << (bits - 1))
+    total = torch.zeros((1,) * b.dim, dtype=torch.int64, device=idx.device)
+    for axis in range(b.dim):
+        shape = [1] * b.dim
+        shape[axis] = -1
+        total = total + (idx << (bits * (b.dim - 1 - axis))).view(shape)
+    return total
+
+
+def _blur(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Valid separable convolution of every spatial axis of ``x`` (N, ...) with per-row taps ``w``."""
+    taps = w.shape[1]
+    dim = x.dim() - 1
+    weights = [_per_row(w[:, j].contiguous(), dim) for j in range(taps)]
+    for axis in range(1, x.dim()):
+        length = x.shape[axis] - (taps - 1)
+        acc = x.narrow(axis, 0, length) * weights[0]
+        for j in range(1, taps):
+            acc.add_(x.narrow(axis, j, length) * weights[j])
+        x = acc
+    return x
+
+
+def _dot(vectors: Sequence[torch.Tensor], direction: torch.Tensor) -> torch.Tensor:
+    """sum_a vectors[a] * direction[:, a], with per-row ``direction`` (N, dim)."""
+    dim = len(vectors)
+    total = vectors[0] * _per_row(direction[:, 0].contiguous(), dim)
+    for axis in range(1, dim):
+        total = total + vectors[axis] * _per_row(direction[:, axis].contiguous(), dim)
+    return total
+
+
+def _ragged(present: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Order rows for a ragged loop over elements (spicules, vessels).
+
+    Args:
+        present: bool (N, K); each row's present elements form a prefix.
+
+    Returns:
+        The rows with at least one element, by count descending, and for each element k the
+        number of those rows that have it (a prefix), so the loop works on slices, not copies.
+    """
+    counts = present.sum(1)
+    order = torch.argsort(counts, descending=True, stable=True)
+    sorted_counts = counts[order].tolist()
+    rows = order[: sum(c > 0 for c in sorted_counts)]
+    prefix = [sum(c > k for c in sorted_counts) for k in range(present.shape[1])]
+    return rows, [m for m in prefix if m > 0]
+
+
+def _spicule_layer(
+    b: RenderBatch, q: list[torch.Tensor], rho2: torch.Tensor, valid: tuple
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spicule occupancy (union by max) and the >= 50 % coverage mask on the valid grid."""
+    occupancy = torch.zeros_like(rho2)
+    mask = torch.zeros(rho2[valid].shape, dtype=torch.bool, device=rho2.device)
+    rows, prefix = _ragged(b.spic_slope > 0)
+    if not prefix:
+        return occupancy, mask
+    q = [qa.index_select(0, rows) for qa in q]
+    rho2 = rho2.index_select(0, rows)
+    sub_occ = torch.zeros_like(rho2)
+    sub_mask = torch.zeros(rho2[valid].shape, dtype=torch.bool, device=rho2.device)
+    dim = b.dim
+    for k, m in enumerate(prefix):
+        r = rows[:m]
+        param = lambda x: _per_row(x[r, k].contiguous(), dim)  # noqa: E731
+        along = _dot([qa[:m] for qa in q], b.spic_dir[r, k])
+        perp2 = (rho2[:m] - along * along).clamp_(min=0.0)
+        tip = param(b.spic_tip)
+        clamped = torch.minimum(torch.maximum(along, param(b.spic_base)), tip)
+        beyond = along - clamped
+        dist = (perp2 + beyond * beyond).sqrt_()
+        half_w = (tip - clamped) * param(b.spic_slope) + param(b.spic_tip_half_w)
+        occ = _slab(dist, half_w, _per_row(b.strand_inv_w[r].contiguous(), dim))
+        torch.maximum(sub_occ[:m], occ, out=sub_occ[:m])
+        quarter_px = _per_row(b.pixel_mm[r] * 0.25, dim)
+        sub_mask[:m] |= (dist[valid] <= half_w[valid]) & (half_w[valid] >= quarter_px)
+    occupancy.index_copy_(0, rows, sub_occ)
+    mask.index_copy_(0, rows, sub_mask)
+    return occupancy, mask
+
+
+def _vessel_layer(b: RenderBatch, coords: list[torch.Tensor], valid: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vessel occupancy: tubes along arcs of large radius, through the whole patch."""
+    grid = torch.broadcast_shapes(*(c.shape for c in coords))
+    occupancy = torch.zeros(grid, device=coords[0].device)
+    mask = torch.zeros(occupancy[valid].shape, dtype=torch.bool, device=occupancy.device)
+    rows, prefix = _ragged(b.vessel_half_w > 0)
+    if not prefix:
+        return occupancy, mask
+    coords = [c.index_select(0, rows) for c in coords]
+    sub_occ = torch.zeros((len(rows),) + grid[1:], device=occupancy.device)
+    sub_mask = torch.zeros(sub_occ[valid].shape, dtype=torch.bool, device=occupancy.device)
+    dim = b.dim
+    for v, m in enumerate(prefix):
+        r = rows[:m]
+        param = lambda x: _per_row(x[r, v].contiguous(), dim)  # noqa: E731
+        w = [c[:m] - param(b.vessel_center[..., a]) for a, c in enumerate(coords)]
+        d2 = w[0] * w[0]
+        for wa in w[1:]:
+            d2 = d2 + wa * wa
+        radius = param(b.vessel_radius)
+        if dim == 2:
+            dist = (d2.sqrt_() - radius).abs_()
+        else:
+            z = _dot(w, b.vessel_normal[r, v])
+            in_plane = (d2 - z * z).clamp_(min=0.0).sqrt_() - radius
+            dist = (in_plane * in_plane + z * z).sqrt_()
+        half_w = param(b.vessel_half_w)
+        occ = _slab(dist, half_w, _per_row(b.strand_inv_w[r].contiguous(), dim))
+        torch.maximum(sub_occ[:m], occ, out=sub_occ[:m])
+        quarter_px = _per_row(b.pixel_mm[r] * 0.25, dim)
+        sub_mask[:m] |= (dist[valid] <= half_w) & (half_w >= quarter_px)
+    occupancy.index_copy_(0, rows, sub_occ)
+    mask.index_copy_(0, rows, sub_mask)
+    return occupancy, mask
+
+
+def _lobe_profile_tensor(b: RenderBatch, q: list[torch.Tensor], rho: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """1 + sum_k amp_k T_k(cos angle to axis_k) per pixel, Chebyshev recurrence (no trig)."""
+    inv_rho = 1.0 / rho.clamp(min=1e-6)
+    profile = torch.ones_like(rho)
+    for k, order in enumerate(LOBE_ORDERS):
+        c = _dot(q, b.lobe_axis[rows, k]) * inv_rho
+        t0, t1 = torch.ones_like(c), c
+        for _ in range(order - 1):
+            t0, t1 = t1, 2.0 * c * t1 - t0
+        profile = profile + _per_row(b.lobe_amp[rows, k].contiguous(), b.dim) * t1
+    return profile
+
+
+def render_tensor(b: RenderBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render a prepared batch on its device.
+
+    Returns:
+        ``hu``: float32 (N, *grid), rounded and clipped HU values; ``mask``: uint8 region map
+        (0 background, 1 body, 2 spicules, 3 vessels) from the geometry before any blur.
+    """
+    dim, size = b.dim, b.size
+    e = (b.psf_w.shape[1] - 1) // 2
+    t = (b.texture_w.shape[1] - 1) // 2
+    row = lambda x: _per_row(x.contiguous(), dim)  # noqa: E731
+    valid = (slice(None),) + (slice(e, e + size),) * dim
+    coords = _coordinates(b, e)
+    q = [c - row(b.center[:, a]) for a, c in enumerate(coords)]
+    rho2 = q[0] * q[0]
+    for qa in q[1:]:
+        rho2 = rho2 + qa * qa
+    rho = rho2.sqrt()
+
+    # Nodule body: lobulated radius along the unit direction q / |q| (only rows that lobulate).
+    profile = torch.ones_like(rho)
+    lobed = (b.lobe_amp != 0).any(1).nonzero().squeeze(1)
+    if lobed.numel():
+        profile.index_copy_(0, lobed, _lobe_profile_tensor(b, [qa.index_select(0, lobed) for qa in q], rho.index_select(0, lobed), lobed))
+    body_d = rho - row(b.body_r0) * profile
+    edge = row(b.edge_inv_w)
+    body = _step(body_d, edge)
+    body_hu = row(b.body_hu).expand_as(body)
+    if bool((b.core_hu != b.body_hu).any()):
+        core = _step(rho - row(b.core_r), edge)
+        body_hu = body_hu + core * row(b.core_hu - b.body_hu)
+
+    spicules, spicule_mask = _spicule_layer(b, q, rho2, valid)
+    vessels, vessel_mask = _vessel_layer(b, coords, valid)
+
+    # Parenchyma texture: white noise on a grid wider by the texture radius, blurred (valid).
+    white = _white_noise(b.texture_base, _pixel_index(b, e + t))
+    image = PARENCHYMA_HU + _blur(white, b.texture_w) * row(b.texture_scale)
+    image = image + vessels * (VESSEL_HU - image)
+    image = image + spicules * (SPICULE_HU - image)
+    image = image + body * (body_hu - image)
+    image = image + _white_noise(b.noise_base, _pixel_index(b, e)) * row(b.noise_scale)
+    hu = _blur(image, b.psf_w).round_().clamp_(HU_MIN, HU_MAX)
+
+    body_mask = body_d[valid] <= 0.0
+    mask = torch.zeros(body_mask.shape, dtype=torch.uint8, device=rho.device)
+    mask[vessel_mask] = REGION["vessel"]
+    mask[spicule_mask] = REGION["spicule"]
+    mask[body_mask] = REGION["body"]
+    return hu, mask
+
+
+def render(
+    rows: pd.DataFrame | Sequence[dict],
+    size: int = 64,
+    dim: int = 2,
+    device: torch.device | str | None = None,
+    *,
+    view: int = 0,
+    chunk: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Render factor rows into CT patches.
+
+    Args:
+        rows: pandas DataFrame or list of dicts with the DESIGN §2 columns (``seed`` included).
+        size: pixels per side. dim: 2 (N×H×W) or 3 (N×D×H×W).
+        device: torch device to render on (default CPU); results come back as numpy.
+        view: 0 for the stored image; other values re-draw the nuisance (texture, vessels, noise).
+        chunk: rows per device batch (default: about 256k pixels); never changes the result.
+
+    Returns:
+        ``(images, masks)``: int16 HU clipped to [-1024, 3071] and uint8 region maps.
+    """
+    frame = _as_frame(rows)
+    n = len(frame)
+    images = np.empty((n,) + (size,) * dim, dtype=np.int16)
+    masks = np.empty((n,) + (size,) * dim, dtype=np.uint8)
+    chunk = chunk or max(1, 2**18 // (size + 16) ** dim)
+    for start in range(0, n, chunk):
+        batch = prepare(frame.iloc[start : start + chunk], size, dim, device, view=view)
+        hu, mask = render_tensor(batch)
+        images[start : start + chunk] = hu.to(torch.int16).cpu().numpy()
+        masks[start : start + chunk] = mask.cpu().numpy()
+    return images, masks
