@@ -1,0 +1,43 @@
+"""Shared helpers: factor rows built directly (no scenario), for renderer tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+
+def make_rows(n: int, seed: int = 0, dim: int = 2, **fixed) -> pd.DataFrame:
+    """``n`` valid rows drawn from the DESIGN §2 defaults; keyword arguments fix a column."""
+    rng = np.random.default_rng(seed)
+    rows = pd.DataFrame(
+        {
+            "label": rng.integers(0, 2, n),
+            "shape": rng.choice(["round", "lobulated", "spiculated"], n),
+            "lobulation": rng.uniform(0.05, 0.2, n),
+            "n_spicules": rng.integers(6, 17, n),
+            "spicule_length_rel": rng.uniform(0.4, 1.0, n),
+            "spicule_width_mm": rng.uniform(0.5, 1.0, n),
+            "diameter_mm": rng.uniform(6, 18, n),
+            "attenuation": rng.choice(["ground_glass", "part_solid", "solid"], n),
+            "solid_fraction": rng.uniform(0.3, 0.7, n),
+            "margin_sigma_mm": rng.uniform(0.2, 0.8, n),
+            "vessels": rng.integers(0, 4, n),
+            "noise_hu": rng.uniform(10, 30, n),
+            "kernel_fwhm_mm": rng.uniform(0.6, 1.2, n),
+            "pixel_mm": np.full(n, 0.7 if dim == 2 else 1.4),
+            "offset_x_mm": rng.uniform(-3, 3, n),
+            "offset_y_mm": rng.uniform(-3, 3, n),
+            "offset_z_mm": rng.uniform(-3, 3, n) if dim == 3 else np.zeros(n),
+            "rotation_deg": rng.uniform(0, 360, n),
+            "seed": rng.integers(0, 2**62, n),
+        }
+    )
+    for key, value in fixed.items():
+        rows[key] = value
+    return rows
+
+
+@pytest.fixture
+def rows_2d() -> pd.DataFrame:
+    return make_rows(24, seed=1)
