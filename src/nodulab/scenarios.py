@@ -1,0 +1,681 @@
+"""Scenarios (DESIGN §3): load and validate a scenario TOML, and sample its factor tables.
+
+A scenario says which factor is the causal cue (``[label]``), which nuisance factors are tied
+to the label and how often (``[[confounds]]`` and each split's ``agreement``), and how every other
+factor is distributed (``[factors]``, overridable per split). Validation happens once, here, and
+every refusal is a :class:`ScenarioError` whose one-line message names the offending key.
+
+Randomness: no global state. Each (dataset seed, split, factor) has its own stream, a child of
+the split's ``SeedSequence`` keyed by a stable hash of the factor name, so adding or changing one
+factor leaves the others' draws where they were. Row render seeds are hashes of
+(dataset seed, split, index), so a row's seed does not depend on how many rows are drawn.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import math
+import re
+import tomllib
+import zlib
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
+
+from nodulab.factors import FACTOR_COLUMNS, FACTORS, Factor
+
+MAX_SIZE = {2: 2048, 3: 256}
+"""Largest patch side (pixels) per ``image.dim``."""
+MIN_SIZE = 8
+PIXEL_MM_RANGE = (0.2, 3.0)
+NORMAL_SUPPORT_SD = 3.0
+"""A normal is truncated to mu ± 3 sd (and the factor's range), so its support is exact."""
+
+_SPLIT_NAME = re.compile(r"^test_[A-Za-z0-9_-]+$")
+_MODEL = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ScenarioError(ValueError):
+    """An invalid scenario; the message is one line and names the offending key."""
+
+
+# ----------------------------------------------------------------------------- distributions
+class Uniform(BaseModel):
+    """``{ uniform = [a, b] }``: continuous on [a, b), or the integers a..b for int factors."""
+
+    model_config = _MODEL
+    uniform: tuple[int | float, int | float]
+
+
+class Choice(BaseModel):
+    """``{ choice = [...], weights = [...] }``: one of the values (uniform unless weighted)."""
+
+    model_config = _MODEL
+    choice: tuple[int | float | str, ...]
+    weights: tuple[float, ...] | None = None
+
+
+class Normal(BaseModel):
+    """``{ normal = [mu, sd] }``: truncated to mu ± 3 sd and to the factor's valid range."""
+
+    model_config = _MODEL
+    normal: tuple[float, float]
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _numbers(v: object, what: str, count: int | None = None) -> list[int | float]:
+    if not isinstance(v, (list, tuple)) or not all(_is_number(x) for x in v):
+        raise ValueError(f"{what} needs a list of finite numbers (got {v!r})")
+    if count is not None and len(v) != count:
+        raise ValueError(f"{what} needs exactly {count} numbers (got {list(v)!r})")
+    return list(v)
+
+
+def _parse_dist(v: object) -> object:
+    """Check the syntax of a distribution (factor-specific checks come later)."""
+    if isinstance(v, (Uniform, Choice, Normal)):
+        return v
+    if isinstance(v, str) or _is_number(v):
+        return v
+    if not isinstance(v, dict):
+        raise ValueError(f"expected a constant or a table like {{ uniform = [a, b] }} (got {v!r})")
+    kinds = [k for k in ("uniform", "choice", "normal") if k in v]
+    if len(kinds) != 1:
+        raise ValueError(f"a distribution needs exactly one of uniform, choice, normal (got {v!r})")
+    kind = kinds[0]
+    allowed = {kind, "weights"} if kind == "choice" else {kind}
+    for key in v:
+        if key not in allowed:
+            raise ValueError(f"unknown key {key!r} in a {kind} distribution")
+    if kind == "uniform":
+        a, b = _numbers(v["uniform"], "uniform", 2)
+        if a > b:
+            raise ValueError(f"uniform needs a <= b (got [{a}, {b}])")
+        return Uniform(uniform=(a, b))
+    if kind == "normal":
+        mu, sd = _numbers(v["normal"], "normal", 2)
+        if sd <= 0:
+            raise ValueError(f"normal needs sd > 0 (got {sd})")
+        return Normal(normal=(float(mu), float(sd)))
+    values = v["choice"]
+    if not isinstance(values, (list, tuple)) or not values:
+        raise ValueError(f"choice needs a non-empty list (got {values!r})")
+    if not all(isinstance(x, str) or _is_number(x) for x in values):
+        raise ValueError(f"choice values must be strings or finite numbers (got {values!r})")
+    weights = v.get("weights")
+    if weights is not None:
+        weights = [float(w) for w in _numbers(weights, "weights", len(values))]
+        if min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"weights must be >= 0 with a positive sum (got {weights})")
+    return Choice(choice=tuple(values), weights=None if weights is None else tuple(weights))
+
+
+Dist = Annotated[Uniform | Choice | Normal | int | float | str, BeforeValidator(_parse_dist)]
+
+
+def _parse_agreement(v: object) -> object:
+    if v is None or _is_number(v):
+        return None if v is None else float(v)
+    if isinstance(v, dict) and all(_is_number(x) for x in v.values()):
+        return {str(k): float(x) for k, x in v.items()}
+    raise ValueError(f"expected a number in [0, 1] or a table {{ <confound> = p }} (got {v!r})")
+
+
+# ----------------------------------------------------------------------------- the scenario
+class Image(BaseModel):
+    """``[image]``: patch geometry."""
+
+    model_config = _MODEL
+    dim: int = 2
+    size: int = 64
+    pixel_mm: float = 0.7
+
+
+class Label(BaseModel):
+    """``[label]``: malignant iff ``factor == malignant``; benign values listed."""
+
+    model_config = _MODEL
+    factor: str
+    malignant: str
+    benign: list[str]
+
+
+class Confound(BaseModel):
+    """``[[confounds]]``: a nuisance factor with one distribution per label."""
+
+    model_config = _MODEL
+    factor: str
+    malignant: Dist
+    benign: Dist
+
+
+class Split(BaseModel):
+    """One entry of ``[splits]``."""
+
+    model_config = _MODEL
+    n: int
+    agreement: Annotated[float | dict[str, float] | None, BeforeValidator(_parse_agreement)] = None
+    malignant_rate: float | None = None
+    factors: dict[str, Dist] = {}
+
+
+class Scenario(BaseModel):
+    """A validated scenario; build it with :func:`load_scenario` or :func:`load_scenario_dict`."""
+
+    model_config = _MODEL
+    name: str
+    description: str = ""
+    image: Image = Image()
+    label: Label
+    factors: dict[str, Dist] = {}
+    confounds: list[Confound] = []
+    splits: dict[str, Split]
+
+    @model_validator(mode="after")
+    def _check(self) -> Scenario:
+        """Run every cross-field check of DESIGN §3 (raises ``ValueError`` naming the key)."""
+        if not self.name.strip():
+            raise ValueError("name: must not be empty")
+        _check_image(self.image)
+        _check_label(self)
+        _check_confounds(self)
+        _check_factor_table(self, self.factors, "factors")
+        _check_splits(self)
+        for split in self.splits:
+            _check_field_of_view(self, split)
+        return self
+
+
+# ----------------------------------------------------------------------------- checks
+_DEFAULTS: dict[str, object] = {
+    name: _parse_dist(f.default) for name, f in FACTORS.items() if f.default is not None
+}
+
+
+def _unknown_factor(key: str, name: str) -> ValueError:
+    close = difflib.get_close_matches(name, FACTORS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else f" (factors: {', '.join(FACTORS)})"
+    return ValueError(f"{key}: unknown factor {name!r}{hint}")
+
+
+def _normal_bounds(dist: Normal, factor: Factor) -> tuple[float, float]:
+    mu, sd = dist.normal
+    lo, hi = mu - NORMAL_SUPPORT_SD * sd, mu + NORMAL_SUPPORT_SD * sd
+    return max(lo, factor.low), min(hi, factor.high)  # type: ignore[type-var]
+
+
+def _support(dist: object, factor: Factor) -> list[tuple[float, float]]:
+    """Closed intervals covering every value a numeric distribution can take."""
+    if isinstance(dist, Uniform):
+        return [(float(dist.uniform[0]), float(dist.uniform[1]))]
+    if isinstance(dist, Normal):
+        return [_normal_bounds(dist, factor)]
+    values = dist.choice if isinstance(dist, Choice) else (dist,)
+    return [(float(v), float(v)) for v in values]  # type: ignore[arg-type]
+
+
+def _values(dist: object) -> set[object]:
+    """Every value a categorical distribution can take."""
+    return set(dist.choice) if isinstance(dist, Choice) else {dist}
+
+
+def _check_range(key: str, factor: Factor, v: float) -> None:
+    if not factor.low <= v <= factor.high:  # type: ignore[operator]
+        unit = f" {factor.unit}" if factor.unit else ""
+        raise ValueError(
+            f"{key}: {v:g} is outside the valid range [{factor.low:g}, {factor.high:g}]{unit}"
+        )
+
+
+def _check_dist(key: str, factor: Factor, dist: object) -> None:
+    """Refuse a distribution that does not fit the factor's kind and valid range."""
+    if factor.kind == "category":
+        if isinstance(dist, (Uniform, Normal)):
+            raise ValueError(f"{key}: {factor.name} is categorical; use a choice or a constant")
+        for v in _values(dist):
+            if v not in factor.choices:
+                raise ValueError(f"{key}: {v!r} is not one of {', '.join(factor.choices)}")
+        return
+    if isinstance(dist, Normal):
+        _check_range(key, factor, dist.normal[0])
+        lo, hi = _normal_bounds(dist, factor)
+        if factor.kind == "int" and math.floor(hi) < math.ceil(lo):
+            raise ValueError(f"{key}: normal {list(dist.normal)} covers no integer")
+        return
+    values = dist.uniform if isinstance(dist, Uniform) else _values(dist)
+    for v in values:
+        if isinstance(v, str):
+            raise ValueError(f"{key}: {factor.name} is numeric (got {v!r})")
+        if factor.kind == "int" and not isinstance(v, int):
+            raise ValueError(f"{key}: {factor.name} takes integers (got {v!r})")
+        _check_range(key, factor, v)
+
+
+def _fixed(s: Scenario, name: str) -> str | None:
+    """Why a factor's values are set elsewhere than by a distribution, or None."""
+    if name == s.label.factor:
+        return f"{name} is the label factor; [label] sets it"
+    if name == "pixel_mm":
+        return "pixel_mm is set by image.pixel_mm"
+    if name == "offset_z_mm" and s.image.dim == 2:
+        return "offset_z_mm is 0 in 2D (image.dim = 2)"
+    return None
+
+
+def _check_image(image: Image) -> None:
+    if image.dim not in MAX_SIZE:
+        raise ValueError(f"image.dim: must be 2 or 3 (got {image.dim})")
+    if not MIN_SIZE <= image.size <= MAX_SIZE[image.dim]:
+        raise ValueError(
+            f"image.size: {image.size} is outside [{MIN_SIZE}, {MAX_SIZE[image.dim]}] "
+            f"for {image.dim}D"
+        )
+    lo, hi = PIXEL_MM_RANGE
+    if not (math.isfinite(image.pixel_mm) and lo <= image.pixel_mm <= hi):
+        raise ValueError(f"image.pixel_mm: {image.pixel_mm:g} is outside [{lo:g}, {hi:g}] mm")
+
+
+def _check_label(s: Scenario) -> None:
+    label = s.label
+    factor = FACTORS.get(label.factor)
+    if factor is None:
+        raise _unknown_factor("label.factor", label.factor)
+    if factor.kind != "category":
+        raise ValueError(f"label.factor: {label.factor} is not categorical")
+    if label.malignant not in factor.choices:
+        raise ValueError(f"label.malignant: {label.malignant!r} is not one of "
+                         f"{', '.join(factor.choices)}")  # fmt: skip
+    if not label.benign:
+        raise ValueError("label.benign: needs at least one value")
+    for i, v in enumerate(label.benign):
+        if v not in factor.choices:
+            raise ValueError(f"label.benign: {v!r} is not one of {', '.join(factor.choices)}")
+        if v == label.malignant or v in label.benign[:i]:
+            raise ValueError(f"label.benign: {v!r} is repeated or is the malignant value")
+
+
+def _overlap(c: Confound, factor: Factor) -> str | None:
+    """Describe where the two branches of a confound overlap, or None."""
+    if factor.kind == "category":
+        common = _values(c.malignant) & _values(c.benign)
+        return f"both contain {sorted(common)[0]!r}" if common else None
+    for a_lo, a_hi in _support(c.malignant, factor):
+        for b_lo, b_hi in _support(c.benign, factor):
+            if a_lo <= b_hi and b_lo <= a_hi:
+                return f"[{a_lo:g}, {a_hi:g}] (malignant) meets [{b_lo:g}, {b_hi:g}] (benign)"
+    return None
+
+
+def _check_confounds(s: Scenario) -> None:
+    seen: set[str] = set()
+    for c in s.confounds:
+        key = f"confounds.{c.factor}"
+        factor = FACTORS.get(c.factor)
+        if factor is None:
+            raise _unknown_factor("confounds.factor", c.factor)
+        if c.factor in seen:
+            raise ValueError(f"{key}: listed twice")
+        seen.add(c.factor)
+        reason = _fixed(s, c.factor)
+        if reason:
+            raise ValueError(f"{key}: {reason}; it cannot be a confound")
+        _check_dist(f"{key}.malignant", factor, c.malignant)
+        _check_dist(f"{key}.benign", factor, c.benign)
+        where = _overlap(c, factor)
+        if where:
+            raise ValueError(f"{key}: the malignant and benign branches overlap: {where}")
+
+
+def _check_factor_table(s: Scenario, table: dict[str, object], prefix: str) -> None:
+    for name, dist in table.items():
+        key = f"{prefix}.{name}"
+        factor = FACTORS.get(name)
+        if factor is None:
+            raise _unknown_factor(key, name)
+        reason = _fixed(s, name)
+        if any(c.factor == name for c in s.confounds):
+            reason = f"{name} is a confound; its branches in [[confounds]] set it"
+        if reason:
+            raise ValueError(f"{key}: {reason}")
+        _check_dist(key, factor, dist)
+
+
+def _check_agreement(
+    key: str, agreement: float | dict[str, float] | None, confounds: list[str]
+) -> None:
+    if agreement is None:
+        if confounds:
+            raise ValueError(f"{key}: required with confounds ({', '.join(confounds)})")
+        return
+    table = agreement if isinstance(agreement, dict) else {"": agreement}
+    if isinstance(agreement, dict):
+        for c in confounds:
+            if c not in agreement:
+                raise ValueError(f"{key}.{c}: missing; the table needs one entry per confound")
+    for name, p in table.items():
+        if name and name not in confounds:
+            listed = ", ".join(confounds) or "none"
+            raise ValueError(f"{key}.{name}: not a confound (confounds: {listed})")
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{key}{'.' + name if name else ''}: {p:g} is outside [0, 1]")
+
+
+def _check_splits(s: Scenario) -> None:
+    for required in ("train", "val"):
+        if required not in s.splits:
+            raise ValueError(f"splits.{required}: required split is missing")
+    confounds = [c.factor for c in s.confounds]
+    for name, split in s.splits.items():
+        key = f"splits.{name}"
+        if name not in ("train", "val") and not _SPLIT_NAME.match(name):
+            raise ValueError(f"{key}: splits are train, val and test_<letters, digits, _, ->")
+        if split.n < 1:
+            raise ValueError(f"{key}.n: must be at least 1 (got {split.n})")
+        rate = split.malignant_rate
+        if rate is not None and not 0.0 < rate < 1.0:
+            raise ValueError(f"{key}.malignant_rate: {rate:g} is outside (0, 1)")
+        _check_agreement(f"{key}.agreement", split.agreement, confounds)
+        _check_factor_table(s, split.factors, f"{key}.factors")
+
+
+def _split_dists(s: Scenario, split: str, name: str) -> list[object]:
+    """Every distribution factor ``name`` can be drawn from in ``split``."""
+    if name == s.label.factor:
+        return [Choice(choice=(s.label.malignant, *s.label.benign))]
+    for c in s.confounds:
+        if c.factor == name:
+            return [c.malignant, c.benign]
+    if name == "pixel_mm":
+        return [s.image.pixel_mm]
+    if name == "offset_z_mm" and s.image.dim == 2:
+        return [0.0]
+    return [s.splits[split].factors.get(name, s.factors.get(name, _DEFAULTS[name]))]
+
+
+def _max_abs(s: Scenario, split: str, name: str) -> float:
+    factor = FACTORS[name]
+    return max(max(abs(lo), abs(hi))
+               for d in _split_dists(s, split, name) for lo, hi in _support(d, factor))  # fmt: skip
+
+
+def _check_field_of_view(s: Scenario, split: str) -> None:
+    """Body radius x (1 + longest spicule) + largest offset <= half the patch (DESIGN §3)."""
+    radius = _max_abs(s, split, "diameter_mm") / 2
+    shapes = set().union(*(_values(d) for d in _split_dists(s, split, "shape")))
+    spicule = _max_abs(s, split, "spicule_length_rel") if "spiculated" in shapes else 0.0
+    axes = ("offset_x_mm", "offset_y_mm", "offset_z_mm")[: s.image.dim]
+    offset = max(_max_abs(s, split, a) for a in axes)
+    need = radius * (1 + spicule) + offset
+    half = s.image.size * s.image.pixel_mm / 2
+    if need > half + 1e-9:
+        raise ValueError(
+            f"splits.{split}: the lesion does not fit the field of view: radius {radius:g} mm"
+            f" * (1 + spicule {spicule:g}) + offset {offset:g} mm = {need:g} mm > {half:g} mm"
+            f" (image.size {s.image.size} * image.pixel_mm {s.image.pixel_mm:g} / 2)"
+        )
+
+
+# ----------------------------------------------------------------------------- loading
+def _one_line(err: ValidationError) -> str:
+    """The first pydantic error as ``"<loc>: <msg>"`` on one line."""
+    e = err.errors()[0]
+    loc = ".".join(str(part) for part in e["loc"])
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif e["type"] == "missing":
+        msg = "required key is missing"
+    elif e["type"] not in ("value_error", "assertion_error"):
+        msg = f"{msg} (got {e.get('input')!r})"
+    return " ".join((f"{loc}: {msg}" if loc else msg).split())
+
+
+def load_scenario_dict(d: dict) -> Scenario:
+    """Validate a scenario from its dict form (parsed TOML or :func:`scenario_to_dict`).
+
+    Raises:
+        ScenarioError: on any invalid key or value; the message names it.
+    """
+    if not isinstance(d, dict):
+        raise ScenarioError(f"a scenario is a table of keys (got {type(d).__name__})")
+    try:
+        return Scenario.model_validate(d)
+    except ValidationError as err:
+        raise ScenarioError(_one_line(err)) from None
+
+
+def _raw_dict(s: Scenario) -> dict:
+    """The scenario as written (unlisted factors keep their defaults implicitly)."""
+    return s.model_dump(mode="json", exclude_none=True)
+
+
+def scenario_to_dict(s: Scenario) -> dict:
+    """JSON-able, fully resolved form (what ``dataset.json`` stores); inverse of load_scenario_dict.
+
+    Every factor whose values come from a distribution is listed in ``factors``, defaults
+    included, so the file still says what was drawn if a later version changes a default.
+    """
+    d = _raw_dict(s)
+    reserved = {s.label.factor, "pixel_mm", *(c.factor for c in s.confounds)}
+    if s.image.dim == 2:
+        reserved.add("offset_z_mm")
+    factors = d["factors"]
+    d["factors"] = {name: factors.get(name, copy.deepcopy(FACTORS[name].default))
+                    for name in FACTORS if name not in reserved}  # fmt: skip
+    return d
+
+
+def _with_overrides(d: dict, n: int | None, dim: int | None, size: int | None,
+                    pixel_mm: float | None) -> dict:  # fmt: skip
+    image = dict(d.get("image", {}))
+    for key, value in (("dim", dim), ("size", size), ("pixel_mm", pixel_mm)):
+        if value is not None:
+            image[key] = value
+    d = {**d, "image": image}
+    if n is not None and isinstance(d.get("splits"), dict):
+        d["splits"] = {name: {**split, "n": n} if isinstance(split, dict) else split
+                       for name, split in d["splits"].items()}  # fmt: skip
+    return d
+
+
+def resolve(
+    s: Scenario,
+    *,
+    n: int | None = None,
+    dim: int | None = None,
+    size: int | None = None,
+    pixel_mm: float | None = None,
+) -> Scenario:
+    """Apply command-line overrides and validate again (field of view included).
+
+    Args:
+        s: The scenario.
+        n: Sample count for every split.
+        dim: 2 or 3.
+        size: Patch side in pixels.
+        pixel_mm: Isotropic spacing; also the ``pixel_mm`` column.
+
+    Returns:
+        A new scenario; ``s`` is unchanged.
+    """
+    return load_scenario_dict(_with_overrides(_raw_dict(s), n, dim, size, pixel_mm))
+
+
+def _presets() -> Any:
+    return resources.files("nodulab") / "presets"
+
+
+def preset_names() -> list[str]:
+    """Names of the scenarios shipped with nodulab, sorted."""
+    return sorted(p.name[: -len(".toml")] for p in _presets().iterdir()
+                  if p.name.endswith(".toml"))  # fmt: skip
+
+
+def list_presets() -> list[tuple[str, str]]:
+    """``(name, description)`` of every preset, for ``nodulab scenarios``."""
+    return [(name, load_scenario(name).description) for name in preset_names()]
+
+
+def _parse_toml(text: bytes, where: str) -> dict:
+    try:
+        return tomllib.loads(text.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ScenarioError(" ".join(f"{where}: unreadable TOML: {err}".split())) from None
+
+
+def load_scenario(
+    name_or_path: str | Path,
+    *,
+    n: int | None = None,
+    dim: int | None = None,
+    size: int | None = None,
+    pixel_mm: float | None = None,
+) -> Scenario:
+    """Load a preset by name or a scenario TOML by path, with optional overrides.
+
+    Overrides are applied before validation, so e.g. a larger ``size`` can make a scenario fit
+    (same meaning as in :func:`resolve`). A file without ``name`` is named after its stem.
+
+    Raises:
+        ScenarioError: unknown preset, missing or unreadable file, or an invalid scenario.
+    """
+    text = str(name_or_path)
+    if not isinstance(name_or_path, Path) and text in preset_names():
+        d = _parse_toml((_presets() / f"{text}.toml").read_bytes(), f"preset {text}")
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            looks_like_path = isinstance(name_or_path, Path) or path.suffix or "/" in text
+            if looks_like_path or path.exists():
+                raise ScenarioError(f"{text}: no such scenario file")
+            raise ScenarioError(
+                f"{text}: unknown preset (presets: {', '.join(preset_names())}; or a .toml path)"
+            )
+        d = _parse_toml(path.read_bytes(), str(path))
+        d.setdefault("name", path.stem)
+    return load_scenario_dict(_with_overrides(d, n, dim, size, pixel_mm))
+
+
+# ----------------------------------------------------------------------------- sampling
+def _hash32(text: str) -> int:
+    """Stable 32-bit hash of a name (unlike ``hash``, the same in every process)."""
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def _stream(dataset_seed: int, split: str, key: str) -> np.random.Generator:
+    """The generator for one key: a child of the split's seed sequence, keyed by name."""
+    seq = np.random.SeedSequence([dataset_seed, _hash32(split)], spawn_key=(_hash32(key),))
+    return np.random.Generator(np.random.PCG64(seq))
+
+
+def _check_seed(dataset_seed: int) -> None:
+    if not isinstance(dataset_seed, (int, np.integer)) or isinstance(dataset_seed, bool) \
+            or dataset_seed < 0:  # fmt: skip
+        raise ValueError(f"dataset_seed: must be a non-negative integer (got {dataset_seed!r})")
+
+
+def row_seeds(dataset_seed: int, split: str, start: int, stop: int) -> np.ndarray:
+    """Render seeds of rows ``start..stop-1`` of a split.
+
+    Each is a hash of (dataset seed, split, index) alone, so it does not depend on ``n``.
+
+    Returns:
+        ``int64`` array of shape ``(stop - start,)`` with values in ``[0, 2**63)``.
+    """
+    _check_seed(dataset_seed)
+    if not 0 <= start <= stop:
+        raise ValueError(f"row_seeds: need 0 <= start <= stop (got {start}, {stop})")
+    prefix = f"nodulab/row-seed/v1/{int(dataset_seed)}/{split}/".encode()
+    digests = b"".join(hashlib.blake2b(prefix + str(i).encode(), digest_size=8).digest()
+                       for i in range(start, stop))  # fmt: skip
+    return (np.frombuffer(digests, dtype="<u8") >> np.uint64(1)).astype(np.int64)
+
+
+_DTYPES = {"float": np.float64, "int": np.int64, "category": object}
+
+
+def _draw(dist: object, factor: Factor, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` values of one factor from one distribution (already validated for it)."""
+    dtype = _DTYPES[factor.kind]
+    if isinstance(dist, Uniform):
+        a, b = dist.uniform
+        if factor.kind == "int":
+            return rng.integers(a, b, size=n, endpoint=True, dtype=np.int64)
+        return rng.uniform(a, b, size=n)
+    if isinstance(dist, Choice):
+        values = np.array(dist.choice, dtype=dtype)
+        p = None if dist.weights is None else np.asarray(dist.weights) / sum(dist.weights)
+        return values[rng.choice(len(values), size=n, p=p)]
+    if isinstance(dist, Normal):
+        return _draw_normal(dist, factor, n, rng)
+    return np.full(n, dist, dtype=dtype)
+
+
+def _draw_normal(dist: Normal, factor: Factor, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Truncated normal by vectorised rejection (int factors: rounded, then truncated)."""
+    mu, sd = dist.normal
+    lo, hi = _normal_bounds(dist, factor)
+    rounding = np.rint if factor.kind == "int" else (lambda x: x)
+    x = rounding(rng.normal(mu, sd, size=n))
+    for _ in range(1000):  # acceptance >= ~0.5 per round since mu lies inside the bounds
+        bad = (x < lo) | (x > hi)
+        if not bad.any():
+            break
+        x[bad] = rounding(rng.normal(mu, sd, size=int(bad.sum())))
+    x = np.clip(x, math.ceil(lo), math.floor(hi)) if factor.kind == "int" else np.clip(x, lo, hi)
+    return x.astype(_DTYPES[factor.kind])
+
+
+def _labels(n: int, malignant_rate: float | None, rng: np.random.Generator) -> np.ndarray:
+    n_malignant = (n + 1) // 2 if malignant_rate is None else math.floor(n * malignant_rate + 0.5)
+    label = np.zeros(n, dtype=np.int64)
+    label[:n_malignant] = 1
+    return rng.permutation(label)
+
+
+def sample_split(s: Scenario, split: str, dataset_seed: int) -> pd.DataFrame:
+    """Draw the factor table of one split.
+
+    Args:
+        s: A validated scenario.
+        split: A key of ``s.splits``.
+        dataset_seed: Non-negative integer; same inputs give an identical frame.
+
+    Returns:
+        ``n`` rows indexed ``0..n-1``; columns ``FACTOR_COLUMNS``, then ``agrees_<factor>``
+        (0/1) per confound in scenario order, then ``seed`` (int64).
+    """
+    if split not in s.splits:
+        raise ScenarioError(f"splits.{split}: no such split (splits: {', '.join(s.splits)})")
+    _check_seed(dataset_seed)
+    spec, n = s.splits[split], s.splits[split].n
+    label = _labels(n, spec.malignant_rate, _stream(dataset_seed, split, "label"))
+    columns: dict[str, np.ndarray] = {"label": label}
+    agrees: dict[str, np.ndarray] = {}
+    confounds = {c.factor: c for c in s.confounds}
+    for name, factor in FACTORS.items():
+        rng = _stream(dataset_seed, split, name)
+        if name == s.label.factor:
+            benign = _draw(Choice(choice=tuple(s.label.benign)), factor, n, rng)
+            columns[name] = np.where(label == 1, np.array(s.label.malignant, dtype=object), benign)
+        elif name in confounds:
+            c = confounds[name]
+            p = spec.agreement if isinstance(spec.agreement, float) else spec.agreement[name]
+            agree = _stream(dataset_seed, split, f"agrees_{name}").random(n) < p
+            malignant, benign = _draw(c.malignant, factor, n, rng), _draw(c.benign, factor, n, rng)
+            columns[name] = np.where((label == 1) == agree, malignant, benign)
+            agrees[f"agrees_{name}"] = agree.astype(np.int64)
+        else:
+            columns[name] = _draw(_split_dists(s, split, name)[0], factor, n, rng)
+    columns.update(agrees)
+    columns["seed"] = row_seeds(dataset_seed, split, 0, n)
+    return pd.DataFrame(columns, columns=[*FACTOR_COLUMNS, *agrees, "seed"])
