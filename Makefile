@@ -21,6 +21,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_render.py
+	$(PY) benchmarks/bench_generate_memory.py
 
 clean:
 	rm -rf $(VENV) demo
