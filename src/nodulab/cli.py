@@ -1,0 +1,178 @@
+"""Command line: ``nodulab scenarios | generate | validate | gallery | export``.
+
+Every kind of bad input (unknown preset, bad TOML, invalid scenario, out-of-range flag, existing
+``--out``, missing dataset) ends the same way: one line ``error: <message>`` on stderr, exit
+code 2, and nothing written. ``validate`` exits 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from typer.core import TyperGroup
+
+try:  # typer >= 0.20 vendors click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer depends on click
+    from click.exceptions import ClickException
+
+from nodulab import data, report
+from nodulab.scenarios import ScenarioError, list_presets, load_scenario, resolve
+
+EXIT_INPUT = 2
+console = Console(highlight=False)
+
+
+def _fail(message: str) -> int:
+    """Print ``error: message`` as exactly one line on stderr; return the input-error code."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    return EXIT_INPUT
+
+
+class OneLineErrors(TyperGroup):
+    """A group whose usage and input errors print one line instead of a usage panel."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            code = super().main(argv or ["--help"], prog_name, complete_var, standalone_mode=False, **extra)
+        except ClickException as e:
+            code = _fail(e.format_message())
+        except (ScenarioError, data.DatasetError, OSError) as e:  # bad scenario, dataset or file
+            code = _fail(str(e))
+        code = code if isinstance(code, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+app = typer.Typer(
+    cls=OneLineErrors,
+    add_completion=False,
+    no_args_is_help=True,
+    help="nodulab: synthetic lung-nodule datasets with controlled confounds.",
+)
+
+
+class ExportFormat(str, Enum):
+    medmnist = "medmnist"
+    nifti = "nifti"
+    png = "png"
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), console=console, transient=True)  # fmt: skip
+
+
+@app.command()
+def scenarios() -> None:
+    """List the preset scenarios."""
+    table = Table(title="preset scenarios", show_lines=False)
+    table.add_column("name", style="bold")
+    table.add_column("description")
+    for name, description in list_presets():
+        table.add_row(name, description)
+    console.print(table)
+
+
+def _summary(manifest: dict[str, Any]) -> Table:
+    """Per split: count, labels and the measured agreement of each confound."""
+    image, splits = manifest["image"], manifest["splits"]
+    confounds = [k for k in next(iter(splits.values()))["cells"][0] if k.startswith("agrees_")]
+    title = (f"{manifest['scenario'].get('name', '')} · seed {manifest['seed']} · {image['dim']}D "
+             f"{image['size']} px at {image['pixel_mm']:g} mm")  # fmt: skip
+    table = Table(title=title)
+    table.add_column("split", no_wrap=True)
+    for column in ("n", "benign", "malignant", *(f"agrees\n{report.short_factor(c)}" for c in confounds)):
+        table.add_column(column, justify="right")
+    for name, entry in splits.items():
+        n = max(entry["n"], 1)
+        count = {key: sum(c["count"] for c in entry["cells"] if c[key] == 1) for key in ["label", *confounds]}
+        table.add_row(name, str(entry["n"]), str(entry["n"] - count["label"]), str(count["label"]),
+                      *(f"{count[c] / n:.3f}" for c in confounds))  # fmt: skip
+    return table
+
+
+@app.command()
+def generate(
+    scenario: Annotated[str, typer.Argument(help="Preset name (`nodulab scenarios`) or a TOML file.")],
+    out: Annotated[Path, typer.Option("--out", help="Dataset folder to create.")],
+    seed: Annotated[int, typer.Option(min=0, help="Dataset seed; same scenario + seed = same bytes.")] = 0,
+    n: Annotated[int | None, typer.Option("--n", min=1, help="Samples in every split.")] = None,
+    dim: Annotated[int | None, typer.Option(min=2, max=3, help="2 (patches) or 3 (volumes).")] = None,
+    size: Annotated[int | None, typer.Option(min=1, help="Pixels per side.")] = None,
+    pixel_mm: Annotated[float | None, typer.Option("--pixel-mm", help="Isotropic spacing in mm.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+) -> None:
+    """Render a scenario into a dataset folder (images.npy, masks.npy, factors.csv, dataset.json)."""
+    resolved = resolve(load_scenario(scenario), n=n, dim=dim, size=size, pixel_mm=pixel_mm)
+    if out.exists() and not force:
+        raise data.DatasetError(f"--out {out} already exists (use --force to replace it)")
+    total = sum(int(split.n) for split in resolved.splits.values())
+    with _progress() as bar:
+        task = bar.add_task(f"rendering {resolved.name}", total=total)
+        data.generate(resolved, out, seed=seed, force=force, progress=lambda k: bar.advance(task, k))
+    console.print(_summary(data.load_manifest(out)))
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def validate(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Dataset folder.")],
+    n_rerender: Annotated[int, typer.Option("--n-rerender", min=0, help="Rows re-rendered per split.")] = 16,
+) -> None:
+    """Re-check a dataset: hashes, re-render, label balance, confound agreement, diameters."""
+    result = data.validate(directory, n_rerender=n_rerender)
+    for check in result.checks:
+        mark = "[green]✓[/green]" if check.ok else "[red]✗[/red]"
+        console.print(f"{mark} {check.name}: {check.detail}", soft_wrap=True)
+    failed = sum(not c.ok for c in result.checks)
+    console.print(f"{len(result.checks) - failed}/{len(result.checks)} checks passed")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def gallery(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Dataset folder.")],
+    out: Annotated[Path, typer.Option("--out", help="PNG file to write.")],
+    per_cell: Annotated[int, typer.Option("--per-cell", min=1, help="Samples per (label, agrees) cell.")] = 4,
+    seed: Annotated[int, typer.Option(min=0, help="Picks which samples are shown.")] = 0,
+) -> None:
+    """Draw a PNG gallery: one panel per split, one row per (label, agrees) cell."""
+    report.gallery(directory, out, per_cell=per_cell, seed=seed)
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def export(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Dataset folder.")],
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="medmnist (.npz), nifti (.nii.gz) or png.")],
+    out: Annotated[Path, typer.Option("--out", help="File (medmnist) or folder to create.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+) -> None:
+    """Export a dataset as a MedMNIST-style .npz, NIfTI volumes or PNG images."""
+    manifest = data.load_manifest(directory)
+    if out.exists() and not force:
+        raise data.DatasetError(f"--out {out} already exists (use --force to replace it)")
+    total = sum(int(entry["n"]) for entry in manifest["splits"].values())
+    with _progress() as bar:
+        task = bar.add_task(f"exporting {fmt.value}", total=total)
+        data.export(directory, fmt.value, out, force=force, progress=lambda k: bar.advance(task, k))
+    console.print(f"wrote {out}")

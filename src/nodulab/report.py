@@ -1,0 +1,119 @@
+"""Figures and pages about datasets and runs (DESIGN §7). For now: the dataset gallery."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from nodulab.data import cell_columns, lung_window, load_manifest, load_split
+
+LABEL_NAMES = ("benign", "malignant")
+ATTENUATION_TEXT = {"ground_glass": "ground glass", "part_solid": "part-solid"}
+
+Cell = tuple[int, tuple[int, ...]]
+
+
+def short_factor(factor: str) -> str:
+    """Factor name without its unit suffix, for captions (``diameter_mm`` -> ``diameter``)."""
+    factor = factor.removeprefix("agrees_")
+    for unit in ("_mm", "_hu", "_deg", "_rel"):
+        factor = factor.removesuffix(unit)
+    return factor.replace("_", " ")
+
+
+def cell_caption(cell: Cell, confounds: list[str], sep: str = " · ") -> str:
+    """Human caption of a (label, agrees pattern) cell, e.g. ``malignant · conflicts``.
+
+    With several confounds each is named: ``benign · diameter agrees · attenuation conflicts``.
+    """
+    label, agrees = cell
+    words = ["agrees" if a else "conflicts" for a in agrees]
+    if len(confounds) == 1:
+        return f"{LABEL_NAMES[label]}{sep}{words[0]}"
+    return sep.join([LABEL_NAMES[label], *(f"{short_factor(f)} {w}" for f, w in zip(confounds, words))])
+
+
+def factor_caption(row: pd.Series) -> str:
+    """Short per-image text: shape, diameter and attenuation."""
+    attenuation = ATTENUATION_TEXT.get(str(row["attenuation"]), str(row["attenuation"]))
+    return f"{row['shape']} · {float(row['diameter_mm']):.1f} mm\n{attenuation}"
+
+
+def _cells(frame: pd.DataFrame, confounds: list[str]) -> dict[Cell, np.ndarray]:
+    """Row indices of every non-empty cell; agreeing patterns first, benign before malignant."""
+    found: dict[Cell, np.ndarray] = {}
+    for label in (0, 1):
+        for agrees in itertools.product((1, 0), repeat=len(confounds)):
+            hit = frame["label"].to_numpy() == label
+            for column, a in zip(confounds, agrees):
+                hit &= frame[column].to_numpy() == a
+            if hit.any():
+                found[(label, agrees)] = np.flatnonzero(hit)
+    return found
+
+
+def _draw_split(fig: Figure, title: str, rows: list[Cell], cells: dict[Cell, np.ndarray],
+                images: np.ndarray, frame: pd.DataFrame, confounds: list[str],
+                per_cell: int, rng: np.random.Generator) -> None:  # fmt: skip
+    """One split's panel: a row per cell, ``per_cell`` lung-windowed images each."""
+    fig.suptitle(title, fontsize=11, fontweight="bold")
+    axes = fig.subplots(len(rows), per_cell, squeeze=False)
+    for r, cell in enumerate(rows):
+        members = cells.get(cell, np.zeros(0, dtype=int))
+        chosen = np.sort(rng.choice(members, size=min(per_cell, len(members)), replace=False))
+        for c, ax in enumerate(axes[r]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(cell_caption(cell, confounds, sep="\n"), fontsize=7.5)
+            if c >= len(chosen):
+                for spine in ax.spines.values():
+                    spine.set_visible(False)
+                if c == 0:
+                    ax.text(0.5, 0.5, "no samples", ha="center", va="center", fontsize=7, color="0.5")
+                continue
+            image = np.asarray(images[chosen[c]])
+            image = image[image.shape[0] // 2] if image.ndim == 3 else image  # central axial slice
+            ax.imshow(lung_window(image.astype(np.float32)), cmap="gray", vmin=0.0, vmax=1.0)
+            ax.set_title(factor_caption(frame.iloc[chosen[c]]), fontsize=6.5)
+
+
+def gallery(root: Path, out_png: Path, *, per_cell: int = 4, seed: int = 0) -> Path:
+    """Draw a dataset gallery: one panel per split, one row per (label, agrees) cell.
+
+    Images are shown in the lung window (WL -600, WW 1500); 3D samples by their central axial
+    slice. Rows are the union of cells over splits, so panels line up side by side.
+
+    Args:
+        root: dataset folder. out_png: PNG file to write.
+        per_cell: samples shown per cell (fewer when a cell is smaller).
+        seed: picks which samples are shown.
+
+    Returns:
+        ``out_png``.
+    """
+    manifest = load_manifest(root)
+    splits = list(manifest["splits"])
+    loaded = {s: load_split(root, s) for s in splits}
+    confounds = cell_columns(loaded[splits[0]][2])
+    cells = {s: _cells(loaded[s][2], confounds) for s in splits}
+    rows = sorted({c for found in cells.values() for c in found}, key=lambda c: (c[0], [-a for a in c[1]]))
+    height = len(rows) * 1.6 + 0.6
+    fig = Figure(figsize=(len(splits) * (per_cell * 1.35 + 1.1), height + 0.5), layout="constrained")
+    header, body = fig.subfigures(2, 1, height_ratios=[0.5, height])
+    name = manifest["scenario"].get("name", "")
+    caption = f"{name}: rows are label × confound agreement; lung window WL -600 / WW 1500"
+    header.suptitle(caption, fontsize=12)
+    for k, (split, panel) in enumerate(zip(splits, body.subfigures(1, len(splits), squeeze=False)[0])):
+        images, _, frame = loaded[split]
+        rng = np.random.default_rng([seed, k])
+        title = f"{split} (n={len(frame)})"
+        _draw_split(panel, title, rows, cells[split], images, frame, confounds, per_cell, rng)
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110, metadata={"Software": None})
+    return out_png
