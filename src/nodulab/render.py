@@ -678,7 +678,7 @@ def render(
     n = len(frame)
     images = np.empty((n,) + (size,) * dim, dtype=np.int16)
     masks = np.empty((n,) + (size,) * dim, dtype=np.uint8)
-    chunk = chunk or max(1, 2**18 // (size + 16) ** dim)
+    chunk = chunk or max(1, (2**21 if dim == 2 else 2**23) // (size + 16) ** dim)
     for start in range(0, n, chunk):
         batch = prepare(frame.iloc[start : start + chunk], size, dim, device, view=view)
         hu, mask = render_tensor(batch)

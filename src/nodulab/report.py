@@ -86,7 +86,7 @@ def gallery(root: Path, out_png: Path, *, per_cell: int = 4, seed: int = 0) -> P
     """Draw a dataset gallery: one panel per split, one row per (label, agrees) cell.
 
     Images are shown in the lung window (WL -600, WW 1500); 3D samples by their central axial
-    slice. Rows are the union of cells over splits, so panels line up side by side.
+    slice. Rows are the union of cells over splits, so panels line up; up to three panels per row.
 
     Args:
         root: dataset folder. out_png: PNG file to write.
@@ -97,18 +97,23 @@ def gallery(root: Path, out_png: Path, *, per_cell: int = 4, seed: int = 0) -> P
         ``out_png``.
     """
     manifest = load_manifest(root)
-    splits = list(manifest["splits"])
+    splits = sorted(manifest["splits"], key=lambda s: ({"train": 0, "val": 1}.get(s, 2), s))
     loaded = {s: load_split(root, s) for s in splits}
     confounds = cell_columns(loaded[splits[0]][2])
     cells = {s: _cells(loaded[s][2], confounds) for s in splits}
     rows = sorted({c for found in cells.values() for c in found}, key=lambda c: (c[0], [-a for a in c[1]]))
+    columns = min(3, len(splits))
+    grid_rows = -(-len(splits) // columns)
     height = len(rows) * 1.6 + 0.6
-    fig = Figure(figsize=(len(splits) * (per_cell * 1.35 + 1.1), height + 0.5), layout="constrained")
-    header, body = fig.subfigures(2, 1, height_ratios=[0.5, height])
+    fig = Figure(figsize=(columns * (per_cell * 1.35 + 1.1), grid_rows * height + 0.5), layout="constrained")
+    header, body = fig.subfigures(2, 1, height_ratios=[0.5, grid_rows * height])
     name = manifest["scenario"].get("name", "")
     caption = f"{name}: rows are label × confound agreement; lung window WL -600 / WW 1500"
     header.suptitle(caption, fontsize=12)
-    for k, (split, panel) in enumerate(zip(splits, body.subfigures(1, len(splits), squeeze=False)[0])):
+    panels = body.subfigures(grid_rows, columns, squeeze=False).ravel()
+    for panel in panels[len(splits) :]:
+        panel.set_visible(False)
+    for k, (split, panel) in enumerate(zip(splits, panels)):
         images, _, frame = loaded[split]
         rng = np.random.default_rng([seed, k])
         title = f"{split} (n={len(frame)})"
