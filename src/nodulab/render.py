@@ -117,12 +117,13 @@ def _white_noise_pair(base: torch.Tensor, index: torch.Tensor) -> tuple[torch.Te
         Two float32 tensors of shape (N, *grid).
     """
     h = _mix32_wrapping(base[:, None] ^ index.reshape(1, -1))
+    # SWAR: one add sums bytes 0+1 into the low half-word and bytes 2+3 into the high one.
+    pairs = (h & 0x00FF00FF).add_((h >> 8) & 0x00FF00FF)
     scale, shift = math.sqrt(6.0) / 256.0, math.sqrt(6.0)
-    fields = []
-    for low in (0, 16):
-        total = ((h >> low) & 0xFF) + ((h >> (low + 8)) & 0xFF)  # exact integer in [0, 510]
-        fields.append(((total.to(torch.float32) + 1.0) * scale - shift).view((-1,) + tuple(index.shape)))
-    return fields[0], fields[1]
+    grid = (-1,) + tuple(index.shape)
+    texture = (pairs & 0xFFFF).to(torch.float32).add_(1.0).mul_(scale).sub_(shift).view(grid)
+    noise = (pairs >> 16).to(torch.float32).add_(1.0).mul_(scale).sub_(shift).view(grid)
+    return texture, noise
 
 
 # ----------------------------------------------------------------------------- per-row parameters
@@ -486,9 +487,21 @@ def _window(
 
 
 def _paste(canvas: torch.Tensor, rows: torch.Tensor, origins: list[list[int]], width: int, values: torch.Tensor) -> None:
-    """Write each row's window ``values[i]`` into ``canvas[rows[i]]`` at its origin."""
-    for i, (r, origin) in enumerate(zip(rows.tolist(), origins)):
-        canvas[(r,) + tuple(slice(o, o + width) for o in origin)] = values[i]
+    """Write each row's window ``values[i]`` into ``canvas[rows[i]]`` at its origin (one scatter)."""
+    side, dim = canvas.shape[-1], canvas.dim() - 1
+    device = canvas.device
+    origin = torch.tensor(origins, dtype=torch.int64, device=device).view(-1, dim)
+    start = rows.to(torch.int64) * side**dim
+    local = torch.zeros((1,) * dim, dtype=torch.int64, device=device)
+    steps = torch.arange(width, device=device)
+    for axis in range(dim):
+        stride = side ** (dim - 1 - axis)
+        start = start + origin[:, axis] * stride
+        shape = [1] * dim
+        shape[axis] = width
+        local = local + (steps * stride).view(shape)
+    index = start.view((-1,) + (1,) * dim) + local
+    canvas.view(-1)[index.view(-1)] = values.reshape(-1)
 
 
 def _body_layer(b: RenderBatch, margin: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
