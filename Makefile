@@ -22,6 +22,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_render.py
 	$(PY) benchmarks/bench_generate_memory.py
+	$(PY) benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) demo

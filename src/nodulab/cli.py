@@ -1,8 +1,9 @@
-"""Command line: ``nodulab scenarios | generate | validate | gallery | export``.
+"""Command line: ``nodulab scenarios | generate | validate | gallery | export | train | evaluate``.
 
 Every kind of bad input (unknown preset, bad TOML, invalid scenario, out-of-range flag, existing
-``--out``, missing dataset) ends the same way: one line ``error: <message>`` on stderr, exit
-code 2, and nothing written. ``validate`` exits 1 when a check fails.
+``--out``, missing dataset, unknown loss, foreign run folder) ends the same way: one line
+``error: <message>`` on stderr, exit code 2, and nothing written. ``validate`` exits 1 when a
+check fails.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ try:  # typer >= 0.20 vendors click
 except ImportError:  # pragma: no cover - older typer depends on click
     from click.exceptions import ClickException
 
-from nodulab import data, report
+from nodulab import data, losses, metrics, report
+from nodulab import train as training
 from nodulab.scenarios import ScenarioError, list_presets, load_scenario, resolve
 
 EXIT_INPUT = 2
@@ -53,7 +55,7 @@ class OneLineErrors(TyperGroup):
             code = super().main(argv or ["--help"], prog_name, complete_var, standalone_mode=False, **extra)
         except ClickException as e:
             code = _fail(e.format_message())
-        except (ScenarioError, data.DatasetError, OSError) as e:  # bad scenario, dataset or file
+        except (ScenarioError, data.DatasetError, training.TrainError, metrics.RunError, OSError) as e:
             code = _fail(str(e))
         code = code if isinstance(code, int) else 0
         if standalone_mode:
@@ -176,3 +178,82 @@ def export(
         task = bar.add_task(f"exporting {fmt.value}", total=total)
         data.export(directory, fmt.value, out, force=force, progress=lambda k: bar.advance(task, k))
     console.print(f"wrote {out}")
+
+
+class Encoder(str, Enum):
+    small_cnn = "small-cnn"
+    resnet18 = "resnet18"
+
+
+class Views(str, Enum):
+    augment = "augment"
+    rerender = "rerender"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Selection(str, Enum):
+    last = "last"
+    best_val = "best-val"
+
+
+class _StageBars:
+    """A ``train`` progress callback: one rich bar per stage, created on its first report."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(stage, total=total)
+        self.bar.update(self.tasks[stage], completed=done, total=total)
+
+
+SELECT_HELP = (
+    "Checkpoint: last epoch, or best on val "
+    "(val shares the training distribution: favours shortcuts)."
+)
+
+
+@app.command("train")
+def train_run(
+    data_dir: Annotated[Path, typer.Argument(metavar="DATA_DIR", help="Dataset folder (train and val).")],
+    loss: Annotated[str, typer.Option("--loss", help=f"One of: {', '.join(losses.names())}.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder to create.")],
+    encoder: Annotated[Encoder, typer.Option(help="Encoder architecture.")] = Encoder.small_cnn,
+    epochs: Annotated[int, typer.Option(help="Epochs (>= 1).")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per batch (2 views each).")] = 128,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seeds weights, batch order and views.")] = 0,
+    views: Annotated[Views, typer.Option(help="augment (geometric) or rerender (new nuisance).")] = (
+        Views.augment
+    ),
+    device: Annotated[Device, typer.Option(help="auto picks cuda when available.")] = Device.auto,
+    select: Annotated[Selection, typer.Option("--select", help=SELECT_HELP)] = Selection.last,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
+) -> None:
+    """Train one encoder with one loss, fit its probe and kNN readouts, write the run folder."""
+    with _progress() as bar:
+        run = training.train(data_dir, out, loss=loss, encoder=encoder.value, epochs=epochs,
+                             batch_size=batch_size, lr=lr, seed=seed, views=views.value, device=device.value,
+                             selection=select.value, force=force, progress=_StageBars(bar))  # fmt: skip
+    console.print(f"wrote {run}")
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Run folder of `nodulab train`.")],
+    data_dir: Annotated[Path, typer.Argument(metavar="DATA_DIR", help="Dataset folder.")],
+    device: Annotated[Device, typer.Option(help="auto picks cuda when available.")] = Device.auto,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 256,
+) -> None:
+    """Score a run on every split but train (head, probe, kNN); write RUN_DIR/metrics.csv."""
+    frame = metrics.evaluate_run(run_dir, data_dir, device=training.resolve_device(device.value),
+                                 batch_size=batch_size)  # fmt: skip
+    console.print(metrics.metrics_table(frame, title=f"{run_dir} · threshold {metrics.THRESHOLD:g}"))
+    console.print(f"wrote {run_dir / metrics.METRICS_FILE}")

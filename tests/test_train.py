@@ -1,0 +1,145 @@
+"""The training protocol: determinism, the same views for every loss, no test split read."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nodulab import data, losses, train
+from nodulab.scenarios import load_scenario, resolve
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    scenario = resolve(load_scenario("size-confound"), n=24, size=32, pixel_mm=1.4)
+    return data.generate(scenario, tmp_path_factory.mktemp("data") / "sc", seed=0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(tiny: Path, out: Path, **kw) -> Path:
+    options = {"loss": "ce", "epochs": 1, "batch_size": 12, "device": "cpu"} | kw
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return train.train(tiny, out, **options)
+
+
+@pytest.mark.parametrize("loss", losses.names())
+def test_every_loss_writes_a_complete_run(tiny: Path, tmp_path: Path, loss: str) -> None:
+    run = _run(tiny, tmp_path / loss, loss=loss)
+    assert {p.name for p in run.iterdir()} == {"config.json", "model.safetensors", "readouts.safetensors", "history.csv"}
+    config = json.loads((run / "config.json").read_text())
+    assert config["run_format"] == train.RUN_FORMAT and config["config"]["loss"] == loss
+    history = pd.read_csv(run / "history.csv")
+    assert list(history.epoch) == [1] and np.isfinite(history.train_loss).all()
+    assert ("val_head_auc" in history.columns) == losses.build(loss).uses_head
+
+
+def test_same_seed_same_weights_and_history_on_cpu(tiny: Path, tmp_path: Path) -> None:
+    a = _run(tiny, tmp_path / "a", loss="supcon", seed=3)
+    b = _run(tiny, tmp_path / "b", loss="supcon", seed=3)
+    c = _run(tiny, tmp_path / "c", loss="supcon", seed=4)
+    wa, wb, wc = (load_file(r / "model.safetensors") for r in (a, b, c))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    drop = ["seconds"]
+    pd.testing.assert_frame_equal(pd.read_csv(a / "history.csv").drop(columns=drop),
+                                  pd.read_csv(b / "history.csv").drop(columns=drop))  # fmt: skip
+
+
+def test_every_loss_sees_the_same_views(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, list[torch.Tensor]] = {}
+    original = train._step_loss
+
+    def spy(model, objective, views, labels, index, device):
+        seen.setdefault(type(objective).__name__, []).append(views.clone())
+        return original(model, objective, views, labels, index, device)
+
+    monkeypatch.setattr(train, "_step_loss", spy)
+    split = train._Split.load(tiny, "train")
+    config = train.TrainConfig(str(tiny), "ce", batch_size=12)
+    for loss in ("ce", "triplet", "simclr"):
+        model = train.build_model("small-cnn", 2, head=True, projector=True, seed=1)
+        objective = losses.build(loss)
+        optimiser = torch.optim.Adam(model.parameters())
+        train.train_epoch(model, objective, optimiser, split, config, {"size": 32, "dim": 2}, 0,
+                          torch.Generator().manual_seed(1), "cpu")  # fmt: skip
+    views = list(seen.values())
+    assert len(views) == 3
+    for other in views[1:]:
+        assert all(torch.equal(x, y) for x, y in zip(views[0], other))
+
+
+def test_test_splits_are_never_read(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    read: list[str] = []
+    original = data.load_split
+
+    def spy(root, split):
+        read.append(split)
+        return original(root, split)
+
+    monkeypatch.setattr(train, "load_split", spy)
+    _run(tiny, tmp_path / "run")
+    assert sorted(set(read)) == ["train", "val"]
+
+
+def test_nan_loss_stops_with_epoch_and_step(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"n": 0}
+    original = train._step_loss
+
+    def poisoned(*args):
+        loss, embeddings = original(*args)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 2 else loss), embeddings
+
+    monkeypatch.setattr(train, "_step_loss", poisoned)
+    with pytest.raises(train.TrainingDiverged, match="epoch 1, step 2"):
+        _run(tiny, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_rerender_views_train(tiny: Path, tmp_path: Path) -> None:
+    run = _run(tiny, tmp_path / "run", loss="simclr", views="rerender")
+    assert (run / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"loss": "focal"}, "--loss"),
+        ({"epochs": 0}, "--epochs"),
+        ({"views": "mixup"}, "--views"),
+        ({"batch_size": 1}, "--batch-size"),
+        ({"device": "tpu"}, "--device"),
+    ],
+)
+def test_bad_options_are_one_line_errors(tiny: Path, tmp_path: Path, kw: dict, match: str) -> None:
+    with pytest.raises(train.TrainError, match=match) as info:
+        _run(tiny, tmp_path / "run", **kw)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_and_foreign_run_dir(tiny: Path, tmp_path: Path) -> None:
+    with pytest.raises(train.TrainError, match="DATA_DIR"):
+        _run(tmp_path / "nowhere", tmp_path / "run")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps({"run_format": 0}))
+    with pytest.raises(train.TrainError, match="run format"):
+        _run(tiny, old, force=True)
+    with pytest.raises(train.TrainError, match="already exists"):
+        _run(tiny, _run(tiny, tmp_path / "done"))
