@@ -1,8 +1,9 @@
 """Training throughput of `train_epoch` against a plain PyTorch loop, measured in the same run.
 
-Both train the same small-cnn (same seed, Adam, batch size) with cross-entropy on two views per
-sample of 64x64 images. The plain loop reads precomputed views from in-memory tensors; nodulab's
-epoch also draws the views (flips, 90° rotations, shifts) from int16 HU each step. Interleaved
+Both train the same small-cnn (same seed, Adam, batch size, channels-last input) with
+cross-entropy on two views per sample of 64x64 images. The plain loop reads precomputed views from
+in-memory tensors; nodulab's epoch also draws the views (flips, 90° rotations, shifts) from int16
+HU each step. Interleaved
 repeats, medians; prints samples/s and nodulab's overhead (goal <= 10%). With CUDA available,
 also a short GPU run: AMP, resnet18, `--views rerender` on the device, and the plain-loop
 ceiling on the same GPU.
@@ -31,6 +32,7 @@ def plain_epoch(model, optimiser, inputs: torch.Tensor, second: torch.Tensor, la
     order = torch.randperm(len(labels), generator=generator)
     for index in torch.split(order, batch_size):
         views = torch.cat([inputs[index], second[index]]).to(device)
+        views = train.channels_last(views)  # the layout train uses
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
             logits = model(views)["logits"]
         loss = torch.nn.functional.cross_entropy(logits.float(), labels[index].repeat(2).to(device))

@@ -139,9 +139,20 @@ def _views(split: _Split, index: torch.Tensor, config: TrainConfig, image: dict,
     """The two views of a batch, stacked along the batch axis: ``(2B, 1, *S)`` on ``device``."""
     if config.views == "rerender":
         rows = split.factors.iloc[index.numpy()]
-        return rerender_views(rows, image["size"], image["dim"], epoch=epoch, device=device)
-    batch = hu_to_input(split.images[index].to(device).float()).unsqueeze(1)
-    return augment_views(batch, generator)
+        views = rerender_views(rows, image["size"], image["dim"], epoch=epoch, device=device)
+    else:
+        batch = hu_to_input(split.images[index].to(device).float()).unsqueeze(1)
+        views = augment_views(batch, generator)
+    return channels_last(views)
+
+
+def channels_last(views: torch.Tensor) -> torch.Tensor:
+    """The same one-channel batch ``(B, 1, *S)`` with channel-last strides ``(prod S, 1, ...)``.
+
+    With one channel both layouts hold the same bytes, but oneDNN and cuDNN choose their
+    convolution kernels from the strides; channels-last ran 1.6x faster on CPU here.
+    """
+    return views.reshape(views.shape[0], *views.shape[2:], 1).movedim(-1, 1)
 
 
 def _step_loss(model: NoduleNet, objective: losses.Objective, views: torch.Tensor, labels: torch.Tensor,
