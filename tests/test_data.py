@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from nodulab import data
+from nodulab import data, export, validate
 from nodulab.scenarios import load_scenario, resolve, sample_split
 
 SMALL = {"n": 8, "size": 32, "pixel_mm": 1.4}
@@ -136,7 +136,7 @@ def test_progress_counts_every_sample(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- validate
 def test_validate_passes_on_fresh_dataset(dataset: Path) -> None:
-    report = data.validate(dataset)
+    report = validate.validate(dataset)
     assert report.ok, [c for c in report.checks if not c.ok]
     names = " ".join(c.name for c in report.checks)
     for word in ("sha256", "re-render", "label balance", "agreement diameter_mm", "diameter"):
@@ -146,7 +146,7 @@ def test_validate_passes_on_fresh_dataset(dataset: Path) -> None:
 def test_validate_fails_after_one_flipped_byte(tmp_path: Path) -> None:
     root = data.generate(small_scenario(), tmp_path / "ds")
     flip_byte(root / "train" / "images.npy")  # inside the last sample, which is re-rendered
-    report = data.validate(root)
+    report = validate.validate(root)
     failed = {c.name for c in report.checks if not c.ok}
     assert not report.ok
     assert failed == {"train: sha256 train/images.npy", "train: re-render"}
@@ -154,30 +154,30 @@ def test_validate_fails_after_one_flipped_byte(tmp_path: Path) -> None:
 
 def test_validate_refuses_a_folder_without_manifest(tmp_path: Path) -> None:
     with pytest.raises(data.DatasetError, match="dataset.json"):
-        data.validate(tmp_path)
+        validate.validate(tmp_path)
 
 
 @pytest.mark.parametrize("n, p", [(1, 0.5), (8, 0.95), (20, 0.5), (37, 0.1), (50, 0.999)])
 def test_binomial_interval_matches_explicit_sums(n: int, p: float) -> None:
     pmf = [math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(n + 1)]
-    lo, hi = data.binomial_interval(n, p, level=0.99)
+    lo, hi = validate.binomial_interval(n, p, level=0.99)
     assert sum(pmf[:lo]) <= 0.005 < sum(pmf[: lo + 1])
     assert sum(pmf[hi + 1 :]) <= 0.005 < sum(pmf[hi:])
 
 
 def test_binomial_interval_edges() -> None:
-    assert data.binomial_interval(10, 0.0) == (0, 0)
-    assert data.binomial_interval(10, 1.0) == (10, 10)
-    assert data.binomial_interval(0, 0.5) == (0, 0)
+    assert validate.binomial_interval(10, 0.0) == (0, 0)
+    assert validate.binomial_interval(10, 1.0) == (10, 10)
+    assert validate.binomial_interval(0, 0.5) == (0, 0)
 
 
 def test_measured_diameter_of_drawn_disc_and_ball() -> None:
     y, x = np.mgrid[:64, :64] - 31.5
     disc = (np.hypot(y, x) <= 10.0).astype(np.uint8)[None]
-    assert data.measured_diameter_mm(disc, np.array([0.5]))[0] == pytest.approx(10.0, rel=0.02)
+    assert validate.measured_diameter_mm(disc, np.array([0.5]))[0] == pytest.approx(10.0, rel=0.02)
     z, y, x = np.mgrid[:32, :32, :32] - 15.5
     ball = (np.sqrt(z**2 + y**2 + x**2) <= 8.0).astype(np.uint8)[None]
-    assert data.measured_diameter_mm(ball, np.array([1.0]))[0] == pytest.approx(16.0, rel=0.02)
+    assert validate.measured_diameter_mm(ball, np.array([1.0]))[0] == pytest.approx(16.0, rel=0.02)
 
 
 # ----------------------------------------------------------------------------- torch
@@ -212,19 +212,19 @@ def test_lung_window_and_input_scaling() -> None:
 
 # ----------------------------------------------------------------------------- export
 def test_export_medmnist(dataset: Path, tmp_path: Path) -> None:
-    out = data.export(dataset, "medmnist", tmp_path / "nodules.npz")
+    out = export.export(dataset, "medmnist", tmp_path / "nodules.npz")
     splits = data.load_manifest(dataset)["splits"]
     with np.load(out) as npz:
         assert sorted(npz.files) == sorted(f"{s}_{k}" for s in splits for k in ("images", "labels"))
         images, _, frame = data.load_split(dataset, "train")
         assert npz["train_images"].dtype == np.uint8 and npz["train_images"].shape == (8, 32, 32)
-        assert np.array_equal(npz["train_images"], data.to_uint8(np.asarray(images)))
+        assert np.array_equal(npz["train_images"], export.to_uint8(np.asarray(images)))
         assert npz["train_labels"].shape == (8, 1)
         assert np.array_equal(npz["train_labels"][:, 0], frame["label"])
 
 
 def test_export_nifti_spacing_and_values(dataset: Path, dataset_3d: Path, tmp_path: Path) -> None:
-    out = data.export(dataset, "nifti", tmp_path / "nii")
+    out = export.export(dataset, "nifti", tmp_path / "nii")
     images, _, _ = data.load_split(dataset, "val")
     volume = nib.load(out / "val" / "000002.nii.gz")
     assert volume.header.get_zooms() == pytest.approx((1.4, 1.4, 1.4))
@@ -235,7 +235,7 @@ def test_export_nifti_spacing_and_values(dataset: Path, dataset_3d: Path, tmp_pa
     assert all((out / f).is_file() for f in labels["file"])
     with gzip.open(out / "val" / "000002.nii.gz") as f:
         assert len(f.read()) > 32 * 32 * 2
-    out3 = data.export(dataset_3d, "nifti", tmp_path / "nii3")
+    out3 = export.export(dataset_3d, "nifti", tmp_path / "nii3")
     images3, _, _ = data.load_split(dataset_3d, "train")
     volume3 = nib.load(out3 / "train" / "000001.nii.gz")
     assert volume3.header.get_zooms() == pytest.approx((2.8, 2.8, 2.8))
@@ -247,7 +247,7 @@ def test_export_png(which: str, dataset: Path, dataset_3d: Path, tmp_path: Path)
     from PIL import Image
 
     root, size, n = (dataset, 32, 8) if which == "2d" else (dataset_3d, 16, 4)
-    out = data.export(root, "png", tmp_path / "png")
+    out = export.export(root, "png", tmp_path / "png")
     for split in data.load_manifest(root)["splits"]:
         files = sorted((out / split).glob("*.png"))
         assert len(files) == n
@@ -259,19 +259,19 @@ def test_export_png(which: str, dataset: Path, dataset_3d: Path, tmp_path: Path)
 def test_export_refuses_existing_out_and_unknown_format(dataset: Path, tmp_path: Path) -> None:
     (tmp_path / "x.npz").write_bytes(b"old")
     with pytest.raises(data.DatasetError, match="exists"):
-        data.export(dataset, "medmnist", tmp_path / "x.npz")
+        export.export(dataset, "medmnist", tmp_path / "x.npz")
     assert (tmp_path / "x.npz").read_bytes() == b"old"
-    data.export(dataset, "medmnist", tmp_path / "x.npz", force=True)
+    export.export(dataset, "medmnist", tmp_path / "x.npz", force=True)
     assert (tmp_path / "x.npz").read_bytes()[:2] == b"PK"
     with pytest.raises(data.DatasetError, match="format"):
-        data.export(dataset, "jpeg", tmp_path / "y")
+        export.export(dataset, "jpeg", tmp_path / "y")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npz"]
 
 
 def test_3d_dataset_validates_and_draws(dataset_3d: Path, tmp_path: Path) -> None:
     from nodulab.report import gallery
 
-    report = data.validate(dataset_3d)
+    report = validate.validate(dataset_3d)
     assert report.ok, [c for c in report.checks if not c.ok]
     out = gallery(dataset_3d, tmp_path / "g.png", per_cell=1)
     assert out.read_bytes()[:4] == b"\x89PNG"

@@ -25,7 +25,7 @@ try:  # typer >= 0.20 vendors click
 except ImportError:  # pragma: no cover - older typer depends on click
     from click.exceptions import ClickException
 
-from nodulab import data, losses, metrics, report
+from nodulab import data, export as exporting, losses, metrics, report, validate as validating
 from nodulab import train as training
 from nodulab.scenarios import ScenarioError, list_presets, load_scenario, resolve
 
@@ -140,7 +140,7 @@ def validate(
     n_rerender: Annotated[int, typer.Option("--n-rerender", min=0, help="Rows re-rendered per split.")] = 16,
 ) -> None:
     """Re-check a dataset: hashes, re-render, label balance, confound agreement, diameters."""
-    result = data.validate(directory, n_rerender=n_rerender)
+    result = validating.validate(directory, n_rerender=n_rerender)
     for check in result.checks:
         mark = "[green]✓[/green]" if check.ok else "[red]✗[/red]"
         console.print(f"{mark} {check.name}: {check.detail}", soft_wrap=True)
@@ -176,7 +176,7 @@ def export(
     total = sum(int(entry["n"]) for entry in manifest["splits"].values())
     with _progress() as bar:
         task = bar.add_task(f"exporting {fmt.value}", total=total)
-        data.export(directory, fmt.value, out, force=force, progress=lambda k: bar.advance(task, k))
+        exporting.export(directory, fmt.value, out, force=force, progress=lambda k: bar.advance(task, k))
     console.print(f"wrote {out}")
 
 

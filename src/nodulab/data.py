@@ -10,23 +10,20 @@ Layout of a dataset folder::
 Every writer works in a temporary sibling folder and renames it into place when complete, so a
 reader never sees half a dataset and a failed run leaves nothing behind. The manifest holds no
 timestamps and no absolute paths: the same scenario and seed give the same bytes.
-``validate`` re-measures what was written (Morpho-MNIST habit); ``export`` writes MedMNIST-style
-``.npz``, NIfTI and PNG copies.
+Re-measuring what was written lives in ``nodulab.validate``; MedMNIST-style, NIfTI and PNG copies
+in ``nodulab.export``.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import itertools
 import json
-import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +33,7 @@ import torch
 
 from nodulab import __version__
 from nodulab.render import RNG_SCHEME, render
-from nodulab.scenarios import Scenario, load_scenario_dict, sample_split, scenario_to_dict
+from nodulab.scenarios import Scenario, sample_split, scenario_to_dict
 
 MANIFEST = "dataset.json"
 FORMAT = "nodulab-dataset/1"
@@ -352,279 +349,3 @@ class NoduleDataset(torch.utils.data.Dataset):
         if self.with_mask:
             item["mask"] = torch.from_numpy(np.array(masks[i]))[None]
         return item
-
-
-# ----------------------------------------------------------------------------- validate
-@dataclass(frozen=True)
-class Check:
-    """One validation result."""
-
-    name: str
-    ok: bool
-    detail: str
-
-
-@dataclass
-class ValidationReport:
-    """All checks of ``validate``; ``ok`` when every check passed."""
-
-    checks: list[Check] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.checks)
-
-    def add(self, name: str, ok: bool, detail: str) -> None:
-        self.checks.append(Check(name, bool(ok), detail))
-
-
-def binomial_interval(n: int, p: float, level: float = 0.99) -> tuple[int, int]:
-    """Exact central acceptance region ``[lo, hi]`` of Binomial(n, p).
-
-    Computed from the log-space pmf (no scipy): ``P(X < lo) <= a/2`` and ``P(X > hi) <= a/2``
-    with ``a = 1 - level``, each bound as tight as the discrete distribution allows.
-
-    Returns:
-        ``(lo, hi)`` success counts.
-    """
-    if n == 0 or p <= 0.0:
-        return 0, 0
-    if p >= 1.0:
-        return n, n
-    k = np.arange(n + 1, dtype=np.float64)
-    log_comb = np.concatenate([[0.0], np.cumsum(np.log(n - k[1:] + 1.0) - np.log(k[1:]))])
-    log_pmf = log_comb + k * math.log(p) + (n - k) * math.log1p(-p)
-    pmf = np.exp(log_pmf - log_pmf.max())
-    pmf /= pmf.sum()
-    tail = (1.0 - level) / 2.0
-    at_most = np.cumsum(pmf)  # P(X <= k)
-    at_least = np.cumsum(pmf[::-1])  # P(X >= n - j)
-    return int(np.argmax(at_most > tail)), int(n - np.argmax(at_least > tail))
-
-
-def measured_diameter_mm(masks: np.ndarray, pixel_mm: np.ndarray) -> np.ndarray:
-    """Equivalent diameter of each sample's body region (mask == 1).
-
-    2D: ``2·sqrt(area/π)``; 3D: ``(6V/π)^(1/3)``, in mm. Reads the masks in bounded chunks.
-    """
-    dim = masks.ndim - 1
-    step = max(1, (1 << 24) // max(1, int(np.prod(masks.shape[1:]))))
-    counts = []
-    for start in range(0, len(masks), step):
-        block = np.asarray(masks[start : start + step])
-        counts.append(np.count_nonzero(block.reshape(len(block), -1) == 1, axis=1))
-    voxels = np.concatenate(counts) if counts else np.zeros(0)
-    measure = voxels * np.asarray(pixel_mm, dtype=np.float64) ** dim
-    return 2.0 * np.sqrt(measure / math.pi) if dim == 2 else np.cbrt(6.0 * measure / math.pi)
-
-
-def _agreement(split: Any, factor: str) -> float:
-    value = split.agreement
-    return float(value[factor] if isinstance(value, Mapping) else value)
-
-
-def _check_files(report: ValidationReport, root: Path, split: str, entry: dict[str, Any]) -> bool:
-    """Re-hash every file of a split; return whether all of them exist."""
-    present = True
-    for key in (*ARRAYS, "factors"):
-        rel, expected = entry[key]["file"], entry[key]["sha256"]
-        if not (Path(root) / rel).is_file():
-            report.add(f"{split}: sha256 {rel}", False, "file missing")
-            present = False
-            continue
-        digest = sha256_file(Path(root) / rel)
-        detail = "matches manifest" if digest == expected else f"{digest[:12]}… ≠ {expected[:12]}…"
-        report.add(f"{split}: sha256 {rel}", digest == expected, detail)
-    return present
-
-
-def _check_rerender(
-    report: ValidationReport,
-    split: str,
-    stored: tuple[np.ndarray, np.ndarray],
-    frame: pd.DataFrame,
-    image: dict[str, Any],
-    n_rerender: int,
-) -> None:
-    """Render evenly spaced rows (first and last included) again; compare bytes."""
-    idx = np.unique(np.linspace(0, len(frame) - 1, min(len(frame), n_rerender)).round().astype(int))
-    if len(idx) == 0:
-        return
-    images, masks = render(frame.iloc[idx], size=image["size"], dim=image["dim"])
-    bad = [int(i) for j, i in enumerate(idx)
-           if not (np.array_equal(images[j], stored[0][i]) and np.array_equal(masks[j], stored[1][i]))]
-    report.add(f"{split}: re-render", not bad,
-               f"{len(idx)} rows byte-identical" if not bad else f"rows differ: {bad[:8]}")  # fmt: skip
-
-
-def _check_labels(report: ValidationReport, split: str, frame: pd.DataFrame, spec: Any) -> None:
-    n, malignant = len(frame), int((frame["label"] == 1).sum())
-    rate = getattr(spec, "malignant_rate", None)
-    if rate is None:
-        ok = malignant == n - n // 2 and int((frame["label"] == 0).sum()) == n // 2
-        report.add(f"{split}: label balance", ok, f"{n - malignant} benign / {malignant} malignant "
-                   f"(stratified: {n // 2} / {n - n // 2})")  # fmt: skip
-        return
-    lo, hi = binomial_interval(n, float(rate))
-    report.add(f"{split}: malignant rate", lo <= malignant <= hi,
-               f"{malignant}/{n} malignant; 99% exact binomial range [{lo}, {hi}] for p={rate:g}")
-
-
-def _check_agreement(report: ValidationReport, split: str, frame: pd.DataFrame, spec: Any) -> None:
-    for column in cell_columns(frame):
-        factor = column.removeprefix("agrees_")
-        p, n, k = _agreement(spec, factor), len(frame), int(frame[column].sum())
-        lo, hi = binomial_interval(n, p)
-        report.add(f"{split}: agreement {factor}", lo <= k <= hi,
-                   f"{k}/{n} agree; 99% exact binomial range [{lo}, {hi}] for p={p:g}")
-
-
-def _check_diameter(report: ValidationReport, split: str, masks: np.ndarray, frame: pd.DataFrame) -> None:
-    requested = frame["diameter_mm"].to_numpy(dtype=np.float64)
-    keep = requested >= 6.0
-    if not keep.any():
-        report.add(f"{split}: diameter", True, "no sample with diameter >= 6 mm")
-        return
-    measured = measured_diameter_mm(masks, frame["pixel_mm"].to_numpy(dtype=np.float64))
-    error = float(np.median(np.abs(measured[keep] - requested[keep]) / requested[keep]))
-    detail = f"median relative error {error:.1%} over {int(keep.sum())} samples >= 6 mm (limit 10%)"
-    report.add(f"{split}: diameter", error <= 0.10, detail)
-
-
-def _check_cells(report: ValidationReport, split: str, frame: pd.DataFrame, entry: dict[str, Any]) -> None:
-    ok = cell_counts(frame) == entry["cells"] and len(frame) == entry["n"]
-    report.add(f"{split}: cell counts", ok, f"factors.csv {'matches' if ok else 'differs from'} manifest")
-
-
-def validate(root: Path, *, n_rerender: int = 16) -> ValidationReport:
-    """Re-check a dataset folder against its manifest and its scenario.
-
-    Per split: sha256 of every file; byte-identical re-render of ``n_rerender`` evenly spaced
-    rows; label balance (exact stratification, or a 99% exact binomial range for
-    ``malignant_rate``); each confound's agreement inside its 99% exact binomial range; the
-    median relative error of the measured body diameter (samples >= 6 mm) at most 10%.
-
-    Args:
-        root: dataset folder.
-        n_rerender: rows re-rendered per split (0 skips the re-render).
-
-    Returns:
-        A ``ValidationReport``.
-
-    Raises:
-        DatasetError: ``root`` is not a dataset folder.
-    """
-    manifest = load_manifest(root)
-    scenario = load_scenario_dict(manifest["scenario"])
-    report = ValidationReport()
-    scheme = manifest.get("rng_scheme")
-    report.add("rng scheme", scheme == RNG_SCHEME, f"dataset {scheme}, installed {RNG_SCHEME}")
-    for split, entry in manifest["splits"].items():
-        if not _check_files(report, root, split, entry):
-            continue
-        images, masks, frame = load_split(root, split)
-        expected = entry["images"]["shape"]
-        shape_ok = list(images.shape) == expected == list(masks.shape) and len(frame) == expected[0]
-        report.add(f"{split}: shapes", shape_ok, f"images {tuple(images.shape)}, {len(frame)} factor rows")
-        if not shape_ok:
-            continue
-        _check_cells(report, split, frame, entry)
-        _check_rerender(report, split, (images, masks), frame, manifest["image"], n_rerender)
-        _check_labels(report, split, frame, scenario.splits[split])
-        _check_agreement(report, split, frame, scenario.splits[split])
-        _check_diameter(report, split, masks, frame)
-    return report
-
-
-# ----------------------------------------------------------------------------- export
-EXPORT_FORMATS = ("medmnist", "nifti", "png")
-
-
-def to_uint8(hu: np.ndarray) -> np.ndarray:
-    """Lung-windowed (WL -600, WW 1500) 8-bit display values of HU arrays."""
-    return np.rint(lung_window(hu.astype(np.float32)) * 255.0).astype(np.uint8)
-
-
-def _central_slice(image: np.ndarray) -> np.ndarray:
-    return image[image.shape[0] // 2] if image.ndim == 3 else image
-
-
-def _export_medmnist(root: Path, manifest: dict[str, Any], target: Path, progress: Progress | None) -> None:
-    arrays: dict[str, np.ndarray] = {}
-    for split in manifest["splits"]:
-        images, _, frame = load_split(root, split)
-        windowed = np.empty(images.shape, dtype=np.uint8)
-        for start in range(0, len(images), 1024):
-            windowed[start : start + 1024] = to_uint8(images[start : start + 1024])
-            if progress is not None:
-                progress(len(images[start : start + 1024]))
-        arrays[f"{split}_images"] = windowed
-        arrays[f"{split}_labels"] = frame["label"].to_numpy(dtype=np.uint8)[:, None]
-    with open(target, "wb") as f:
-        np.savez_compressed(f, **arrays)
-
-
-def _nifti_bytes(image: np.ndarray, pixel_mm: float) -> bytes:
-    """Gzipped NIfTI-1 of one sample; array axes (z, y, x) become voxel axes (i=x, j=y, k=z)."""
-    import nibabel as nib  # imported here: only exports need it
-
-    volume = image[None] if image.ndim == 2 else image
-    nifti = nib.Nifti1Image(np.ascontiguousarray(volume.transpose(2, 1, 0)), np.diag([pixel_mm] * 3 + [1.0]))
-    nifti.header.set_xyzt_units("mm")
-    nifti.set_qform(nifti.affine, code=1)
-    nifti.set_sform(nifti.affine, code=1)
-    return gzip.compress(nifti.to_bytes(), mtime=0)  # mtime 0: same sample, same bytes
-
-
-def _export_files(
-    root: Path, manifest: dict[str, Any], target: Path, progress: Progress | None, fmt: str
-) -> None:
-    """One file per sample (NIfTI or PNG) under ``target/<split>/``, plus ``labels.csv``."""
-    from PIL import Image  # Pillow ships with matplotlib
-
-    rows = []
-    for split in manifest["splits"]:
-        images, _, frame = load_split(root, split)
-        spacing = frame["pixel_mm"].to_numpy(dtype=np.float64)
-        (target / split).mkdir()
-        for i in range(len(images)):
-            rel = f"{split}/{i:06d}." + ("nii.gz" if fmt == "nifti" else "png")
-            if fmt == "nifti":
-                (target / rel).write_bytes(_nifti_bytes(np.asarray(images[i]), float(spacing[i])))
-            else:
-                Image.fromarray(to_uint8(_central_slice(np.asarray(images[i])))).save(target / rel)
-            rows.append({"split": split, "index": i, "file": rel, "label": int(frame["label"].iloc[i])})
-            if progress is not None:
-                progress(1)
-    pd.DataFrame(rows, columns=["split", "index", "file", "label"]).to_csv(
-        target / "labels.csv", index=False, lineterminator="\n"
-    )
-
-
-def export(root: Path, fmt: str, out: Path, *, force: bool = False, progress: Progress | None = None) -> Path:
-    """Export a dataset for other tools.
-
-    Args:
-        root: dataset folder.
-        fmt: ``medmnist`` (one ``.npz``: ``<split>_images`` uint8 lung-windowed N×H×W or
-            N×D×H×W, ``<split>_labels`` uint8 N×1), ``nifti`` (``<split>/<index>.nii.gz`` int16 HU
-            with the pixel spacing, 2D as one slice, plus ``labels.csv``) or ``png``
-            (``<split>/<index>.png`` lung-windowed 8-bit, central axial slice in 3D, plus
-            ``labels.csv``).
-        out: the file (medmnist) or folder to create, atomically.
-        force: replace an existing ``out``.
-        progress: optional callable receiving the number of samples just exported.
-
-    Returns:
-        ``out``.
-    """
-    if fmt not in EXPORT_FORMATS:
-        raise DatasetError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
-    manifest = load_manifest(root)
-    out = Path(out)
-    with staged(out, force=force, is_file=fmt == "medmnist") as tmp:
-        if fmt == "medmnist":
-            _export_medmnist(root, manifest, tmp / out.name, progress)
-        else:
-            _export_files(root, manifest, tmp, progress, fmt)
-    return out
