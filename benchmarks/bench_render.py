@@ -18,7 +18,8 @@ import torch
 from monai.data import create_test_image_2d, create_test_image_3d
 
 from nodulab.render import prepare, render, render_tensor
-from nodulab.scenarios import load_scenario, resolve, sample_split
+from nodulab.sampling import sample_split
+from nodulab.scenarios import load_scenario, resolve
 
 CASES = [
     # name, dim, size, pixel_mm, batch, MONAI call, goal (nodulab rate / MONAI rate)

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from nodulab import data, export, validate
-from nodulab.scenarios import load_scenario, resolve, sample_split
+from nodulab.sampling import sample_split
+from nodulab.scenarios import load_scenario, resolve
 
 SMALL = {"n": 8, "size": 32, "pixel_mm": 1.4}
 

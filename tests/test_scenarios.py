@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nodulab.factors import FACTOR_COLUMNS, FACTORS
+from nodulab.sampling import row_seeds, sample_split
 from nodulab.scenarios import (
     Scenario,
     ScenarioError,
@@ -22,8 +23,6 @@ from nodulab.scenarios import (
     load_scenario_dict,
     preset_names,
     resolve,
-    row_seeds,
-    sample_split,
     scenario_to_dict,
 )
 

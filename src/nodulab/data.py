@@ -33,7 +33,8 @@ import torch
 
 from nodulab import __version__
 from nodulab.render import RNG_SCHEME, render
-from nodulab.scenarios import Scenario, sample_split, scenario_to_dict
+from nodulab.sampling import sample_split
+from nodulab.scenarios import Scenario, scenario_to_dict
 
 MANIFEST = "dataset.json"
 FORMAT = "nodulab-dataset/1"

@@ -15,20 +15,16 @@ from __future__ import annotations
 
 import copy
 import difflib
-import hashlib
 import math
 import re
 import tomllib
-import zlib
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
-import pandas as pd
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
-from nodulab.factors import FACTOR_COLUMNS, FACTORS, Factor
+from nodulab.factors import FACTORS, Factor
 
 MAX_SIZE = {2: 2048, 3: 256}
 """Largest patch side (pixels) per ``image.dim``."""
@@ -207,7 +203,7 @@ def _unknown_factor(key: str, name: str) -> ValueError:
     return ValueError(f"{key}: unknown factor {name!r}{hint}")
 
 
-def _normal_bounds(dist: Normal, factor: Factor) -> tuple[float, float]:
+def normal_bounds(dist: Normal, factor: Factor) -> tuple[float, float]:
     mu, sd = dist.normal
     lo, hi = mu - NORMAL_SUPPORT_SD * sd, mu + NORMAL_SUPPORT_SD * sd
     return max(lo, factor.low), min(hi, factor.high)  # type: ignore[type-var]
@@ -218,7 +214,7 @@ def _support(dist: object, factor: Factor) -> list[tuple[float, float]]:
     if isinstance(dist, Uniform):
         return [(float(dist.uniform[0]), float(dist.uniform[1]))]
     if isinstance(dist, Normal):
-        return [_normal_bounds(dist, factor)]
+        return [normal_bounds(dist, factor)]
     values = dist.choice if isinstance(dist, Choice) else (dist,)
     return [(float(v), float(v)) for v in values]  # type: ignore[arg-type]
 
@@ -247,7 +243,7 @@ def _check_dist(key: str, factor: Factor, dist: object) -> None:
         return
     if isinstance(dist, Normal):
         _check_range(key, factor, dist.normal[0])
-        lo, hi = _normal_bounds(dist, factor)
+        lo, hi = normal_bounds(dist, factor)
         if factor.kind == "int" and math.floor(hi) < math.ceil(lo):
             raise ValueError(f"{key}: normal {list(dist.normal)} covers no integer")
         return
@@ -387,7 +383,7 @@ def _check_splits(s: Scenario) -> None:
         _check_factor_table(s, split.factors, f"{key}.factors")
 
 
-def _split_dists(s: Scenario, split: str, name: str) -> list[object]:
+def split_distributions(s: Scenario, split: str, name: str) -> list[object]:
     """Every distribution factor ``name`` can be drawn from in ``split``."""
     if name == s.label.factor:
         return [Choice(choice=(s.label.malignant, *s.label.benign))]
@@ -404,13 +400,13 @@ def _split_dists(s: Scenario, split: str, name: str) -> list[object]:
 def _max_abs(s: Scenario, split: str, name: str) -> float:
     factor = FACTORS[name]
     return max(max(abs(lo), abs(hi))
-               for d in _split_dists(s, split, name) for lo, hi in _support(d, factor))  # fmt: skip
+               for d in split_distributions(s, split, name) for lo, hi in _support(d, factor))  # fmt: skip
 
 
 def _check_field_of_view(s: Scenario, split: str) -> None:
     """Body radius x (1 + longest spicule) + largest offset <= half the patch (DESIGN §3)."""
     radius = _max_abs(s, split, "diameter_mm") / 2
-    shapes = set().union(*(_values(d) for d in _split_dists(s, split, "shape")))
+    shapes = set().union(*(_values(d) for d in split_distributions(s, split, "shape")))
     spicule = _max_abs(s, split, "spicule_length_rel") if "spiculated" in shapes else 0.0
     axes = ("offset_x_mm", "offset_y_mm", "offset_z_mm")[: s.image.dim]
     offset = max(_max_abs(s, split, a) for a in axes)
@@ -563,119 +559,3 @@ def load_scenario(
         d = _parse_toml(path.read_bytes(), str(path))
         d.setdefault("name", path.stem)
     return load_scenario_dict(_with_overrides(d, n, dim, size, pixel_mm))
-
-
-# ----------------------------------------------------------------------------- sampling
-def _hash32(text: str) -> int:
-    """Stable 32-bit hash of a name (unlike ``hash``, the same in every process)."""
-    return zlib.crc32(text.encode("utf-8"))
-
-
-def _stream(dataset_seed: int, split: str, key: str) -> np.random.Generator:
-    """The generator for one key: a child of the split's seed sequence, keyed by name."""
-    seq = np.random.SeedSequence([dataset_seed, _hash32(split)], spawn_key=(_hash32(key),))
-    return np.random.Generator(np.random.PCG64(seq))
-
-
-def _check_seed(dataset_seed: int) -> None:
-    if not isinstance(dataset_seed, (int, np.integer)) or isinstance(dataset_seed, bool) \
-            or dataset_seed < 0:  # fmt: skip
-        raise ValueError(f"dataset_seed: must be a non-negative integer (got {dataset_seed!r})")
-
-
-def row_seeds(dataset_seed: int, split: str, start: int, stop: int) -> np.ndarray:
-    """Render seeds of rows ``start..stop-1`` of a split.
-
-    Each is a hash of (dataset seed, split, index) alone, so it does not depend on ``n``.
-
-    Returns:
-        ``int64`` array of shape ``(stop - start,)`` with values in ``[0, 2**63)``.
-    """
-    _check_seed(dataset_seed)
-    if not 0 <= start <= stop:
-        raise ValueError(f"row_seeds: need 0 <= start <= stop (got {start}, {stop})")
-    prefix = f"nodulab/row-seed/v1/{int(dataset_seed)}/{split}/".encode()
-    digests = b"".join(hashlib.blake2b(prefix + str(i).encode(), digest_size=8).digest()
-                       for i in range(start, stop))  # fmt: skip
-    return (np.frombuffer(digests, dtype="<u8") >> np.uint64(1)).astype(np.int64)
-
-
-_DTYPES = {"float": np.float64, "int": np.int64, "category": object}
-
-
-def _draw(dist: object, factor: Factor, n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` values of one factor from one distribution (already validated for it)."""
-    dtype = _DTYPES[factor.kind]
-    if isinstance(dist, Uniform):
-        a, b = dist.uniform
-        if factor.kind == "int":
-            return rng.integers(a, b, size=n, endpoint=True, dtype=np.int64)
-        return rng.uniform(a, b, size=n)
-    if isinstance(dist, Choice):
-        values = np.array(dist.choice, dtype=dtype)
-        p = None if dist.weights is None else np.asarray(dist.weights) / sum(dist.weights)
-        return values[rng.choice(len(values), size=n, p=p)]
-    if isinstance(dist, Normal):
-        return _draw_normal(dist, factor, n, rng)
-    return np.full(n, dist, dtype=dtype)
-
-
-def _draw_normal(dist: Normal, factor: Factor, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Truncated normal by vectorised rejection (int factors: rounded, then truncated)."""
-    mu, sd = dist.normal
-    lo, hi = _normal_bounds(dist, factor)
-    rounding = np.rint if factor.kind == "int" else (lambda x: x)
-    x = rounding(rng.normal(mu, sd, size=n))
-    for _ in range(1000):  # acceptance >= ~0.5 per round since mu lies inside the bounds
-        bad = (x < lo) | (x > hi)
-        if not bad.any():
-            break
-        x[bad] = rounding(rng.normal(mu, sd, size=int(bad.sum())))
-    x = np.clip(x, math.ceil(lo), math.floor(hi)) if factor.kind == "int" else np.clip(x, lo, hi)
-    return x.astype(_DTYPES[factor.kind])
-
-
-def _labels(n: int, malignant_rate: float | None, rng: np.random.Generator) -> np.ndarray:
-    n_malignant = (n + 1) // 2 if malignant_rate is None else math.floor(n * malignant_rate + 0.5)
-    label = np.zeros(n, dtype=np.int64)
-    label[:n_malignant] = 1
-    return rng.permutation(label)
-
-
-def sample_split(s: Scenario, split: str, dataset_seed: int) -> pd.DataFrame:
-    """Draw the factor table of one split.
-
-    Args:
-        s: A validated scenario.
-        split: A key of ``s.splits``.
-        dataset_seed: Non-negative integer; same inputs give an identical frame.
-
-    Returns:
-        ``n`` rows indexed ``0..n-1``; columns ``FACTOR_COLUMNS``, then ``agrees_<factor>``
-        (0/1) per confound in scenario order, then ``seed`` (int64).
-    """
-    if split not in s.splits:
-        raise ScenarioError(f"splits.{split}: no such split (splits: {', '.join(s.splits)})")
-    _check_seed(dataset_seed)
-    spec, n = s.splits[split], s.splits[split].n
-    label = _labels(n, spec.malignant_rate, _stream(dataset_seed, split, "label"))
-    columns: dict[str, np.ndarray] = {"label": label}
-    agrees: dict[str, np.ndarray] = {}
-    confounds = {c.factor: c for c in s.confounds}
-    for name, factor in FACTORS.items():
-        rng = _stream(dataset_seed, split, name)
-        if name == s.label.factor:
-            benign = _draw(Choice(choice=tuple(s.label.benign)), factor, n, rng)
-            columns[name] = np.where(label == 1, np.array(s.label.malignant, dtype=object), benign)
-        elif name in confounds:
-            c = confounds[name]
-            p = spec.agreement if isinstance(spec.agreement, float) else spec.agreement[name]
-            agree = _stream(dataset_seed, split, f"agrees_{name}").random(n) < p
-            malignant, benign = _draw(c.malignant, factor, n, rng), _draw(c.benign, factor, n, rng)
-            columns[name] = np.where((label == 1) == agree, malignant, benign)
-            agrees[f"agrees_{name}"] = agree.astype(np.int64)
-        else:
-            columns[name] = _draw(_split_dists(s, split, name)[0], factor, n, rng)
-    columns.update(agrees)
-    columns["seed"] = row_seeds(dataset_seed, split, 0, n)
-    return pd.DataFrame(columns, columns=[*FACTOR_COLUMNS, *agrees, "seed"])
