@@ -32,13 +32,12 @@ from nodulab.augment import augment_views, rerender_views
 from nodulab.data import DatasetError, hu_to_input, load_manifest, load_split, sha256_file, staged
 from nodulab.metrics import binary_metrics
 from nodulab.models import ENCODERS, NoduleNet, build_model, save_model
-from nodulab.readouts import extract, fit_readouts
+from nodulab.readouts import KNN_K, extract, fit_readouts
 
 RUN_FORMAT = 1
 """Version of the run folder's layout; ``evaluate`` refuses another."""
 VIEWS = ("augment", "rerender")
 SELECTIONS = ("last", "best-val")
-KNN_K = 20
 COLLAPSE_DISTANCE = 1e-2
 """Mean pairwise distance of L2-normalised embeddings below which a warning says they collapsed."""
 VAL_BANK = 2048
