@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 
 def make_rows(n: int, seed: int = 0, dim: int = 2, **fixed) -> pd.DataFrame:
@@ -41,3 +44,12 @@ def make_rows(n: int, seed: int = 0, dim: int = 2, **fixed) -> pd.DataFrame:
 @pytest.fixture
 def rows_2d() -> pd.DataFrame:
     return make_rows(24, seed=1)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread avoids OpenMP barriers that cost more than the arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

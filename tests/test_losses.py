@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -415,15 +414,6 @@ def _ncm_accuracy(embeddings: torch.Tensor, labels: torch.Tensor) -> float:
     z = torch.nn.functional.normalize(embeddings, dim=1)
     means = torch.stack([z[labels == c].mean(0) for c in (0, 1)])
     return (torch.cdist(z, means).argmin(1) == labels).float().mean().item()
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only contend with the other test processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _toy_points(xor: bool, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,13 +11,7 @@ from safetensors.torch import save_file
 from nodulab.models import ENCODERS, build_model, count_parameters, freeze, load_model, save_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors on a shared CPU: OpenMP barriers across busy cores cost ~100x the arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _input(dim: int, size: int, batch: int = 2, seed: int = 0) -> torch.Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +18,7 @@ from nodulab.models import build_model, freeze
 from nodulab.readouts import PROBE_CS, Readouts, extract, fit_readouts, knn_neighbours, load_readouts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors on a shared CPU: one thread is faster and deterministic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hu(n: int, size: int, dim: int = 2, seed: int = 0) -> np.ndarray:

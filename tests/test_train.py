@@ -22,12 +22,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return data.generate(scenario, tmp_path_factory.mktemp("data") / "sc", seed=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(tiny: Path, out: Path, **kw) -> Path:
