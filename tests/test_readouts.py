@@ -231,7 +231,7 @@ def test_load_rejects_foreign_files(tmp_path: Path) -> None:
         load_readouts(tmp_path / "plain.safetensors")
     record = json.dumps({"format": "nodulab-readouts/0"})
     save_file({"a": np.zeros(2)}, str(tmp_path / "old.safetensors"), metadata={"nodulab": record})
-    with pytest.raises(ValueError, match="unsupported readouts format"):
+    with pytest.raises(ValueError, match="unsupported readouts file format"):
         load_readouts(tmp_path / "old.safetensors")
 
 

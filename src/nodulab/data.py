@@ -48,6 +48,22 @@ class DatasetError(ValueError):
 
 
 # ----------------------------------------------------------------------------- atomic writes
+def write_atomically(path: Path | str, write: Callable[[str], Any]) -> None:
+    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place.
+
+    A reader never sees half a file, and a failed write leaves nothing behind.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 @contextmanager
 def staged(out: Path, *, force: bool = False, is_file: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder of ``out``; put the result in place only on success.

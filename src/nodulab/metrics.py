@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ import pandas as pd
 import torch
 from rich.table import Table
 
-from nodulab.data import load_manifest, load_split
+from nodulab.data import load_manifest, load_split, write_atomically
 from nodulab.models import load_model
 from nodulab.readouts import extract, load_readouts
 
@@ -108,14 +106,8 @@ def _exact_float(value: float) -> str:
 
 def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
     """Write next to ``path`` and rename into place: a reader never sees half a table."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        frame.to_csv(tmp, index=False, lineterminator="\n", na_rep="nan", float_format=_exact_float)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda tmp: frame.to_csv(tmp, index=False, lineterminator="\n", na_rep="nan",
+                                                    float_format=_exact_float))  # fmt: skip
 
 
 def evaluate_run(

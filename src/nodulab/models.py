@@ -19,8 +19,6 @@ untouched. Checkpoints are safetensors with the architecture and the run config 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from nodulab.data import write_atomically
 
 ENCODERS = ("small-cnn", "resnet18")
 STEMS = ("small", "imagenet")
@@ -292,30 +292,31 @@ def save_model(model: NoduleNet, path: Path | str, config: Mapping[str, Any]) ->
     record = {"format": CHECKPOINT_FORMAT, "config": {**config, "architecture": model.architecture}}
     metadata = {_METADATA_KEY: json.dumps(record, sort_keys=True)}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def read_checkpoint_config(path: Path | str) -> dict[str, Any]:
-    """The config stored by ``save_model`` (``"architecture"`` included), without the weights."""
+def read_record(path: Path | str, fmt: str, what: str) -> dict[str, Any]:
+    """The JSON record that nodulab stores in a safetensors file's metadata, format-checked.
+
+    Raises:
+        ValueError: not a safetensors file, no nodulab record, or another format than ``fmt``.
+    """
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path}: not a safetensors file ({err})") from err
     if _METADATA_KEY not in metadata:
-        raise ValueError(f"{path}: not a nodulab model checkpoint (no {_METADATA_KEY!r} metadata)")
+        raise ValueError(f"{path}: not a nodulab {what} (no {_METADATA_KEY!r} metadata)")
     record = json.loads(metadata[_METADATA_KEY])
-    if record.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: unsupported checkpoint format {record.get('format')!r}")
-    return record["config"]
+    if record.get("format") != fmt:
+        raise ValueError(f"{path}: unsupported {what} format {record.get('format')!r}")
+    return record
+
+
+def read_checkpoint_config(path: Path | str) -> dict[str, Any]:
+    """The config stored by ``save_model`` (``"architecture"`` included), without the weights."""
+    return read_record(path, CHECKPOINT_FORMAT, "model checkpoint")["config"]
 
 
 def load_model(path: Path | str, device: torch.device | str = "cpu") -> tuple[NoduleNet, dict[str, Any]]:

@@ -19,8 +19,6 @@ train features:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,12 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 from scipy.special import expit
 
-from nodulab.data import hu_to_input
-from nodulab.models import NoduleNet
+from nodulab.data import hu_to_input, write_atomically
+from nodulab.models import NoduleNet, read_record
 
 READOUTS_FORMAT = "nodulab-readouts/1"
 KNN_K = 20
@@ -226,15 +223,8 @@ class Readouts:
             "probe_val_scores": [[float(c), float(s)] for c, s in self.probe_val_scores],
             "knn_k": int(self.knn_k),
         }
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={_METADATA_KEY: json.dumps(record, sort_keys=True)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        metadata = {_METADATA_KEY: json.dumps(record, sort_keys=True)}
+        write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_readouts(path: Path | str) -> Readouts:
@@ -243,17 +233,8 @@ def load_readouts(path: Path | str) -> Readouts:
     Raises:
         ValueError: not a safetensors file, or not readouts of this format version.
     """
-    try:
-        with safe_open(str(path), framework="np") as f:
-            metadata = f.metadata() or {}
-        arrays = load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path}: not a safetensors file ({err})") from err
-    if _METADATA_KEY not in metadata:
-        raise ValueError(f"{path}: not a nodulab readouts file (no {_METADATA_KEY!r} metadata)")
-    record = json.loads(metadata[_METADATA_KEY])
-    if record.get("format") != READOUTS_FORMAT:
-        raise ValueError(f"{path}: unsupported readouts format {record.get('format')!r}")
+    record = read_record(path, READOUTS_FORMAT, "readouts file")
+    arrays = load_file(str(path))
     return Readouts(
         probe_coef=arrays["probe_coef"],
         probe_intercept=float(record["probe_intercept"]),
