@@ -15,6 +15,7 @@ from scipy.spatial import ConvexHull
 
 from conftest import make_rows
 from nodulab import render as R
+from nodulab import rng
 from nodulab.render import REGION, render
 
 
@@ -222,8 +223,8 @@ def test_view_redraws_nuisance_only() -> None:
 
 def test_integer_hash_paths_agree() -> None:
     values = np.random.default_rng(0).integers(0, 2**32, 4096, dtype=np.uint64)
-    reference = R._mix32(values)
-    wrapped = R._mix32_wrapping(torch.from_numpy(values.astype(np.uint32).view(np.int32)))
+    reference = rng.mix32(values)
+    wrapped = rng.mix32_int32(torch.from_numpy(values.astype(np.uint32).view(np.int32)))
     assert np.array_equal(wrapped.numpy().view(np.uint32).astype(np.uint64), reference)
 
 

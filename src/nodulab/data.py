@@ -32,7 +32,8 @@ import pandas as pd
 import torch
 
 from nodulab import __version__
-from nodulab.render import RNG_SCHEME, render
+from nodulab.render import render
+from nodulab.rng import RNG_SCHEME
 from nodulab.sampling import sample_split
 from nodulab.scenarios import Scenario, scenario_to_dict
 

@@ -4,7 +4,7 @@
 ``prepare`` + ``render_tensor`` are the float-tensor path beneath it, which stays on the device.
 
 How purity is kept (DESIGN §2). Every random number is a counter-based hash of
-(row seed, stream, element, draw), so sample ``i`` depends on row ``i`` alone. Per-row scalars
+(row seed, stream, element, draw) (``nodulab.rng``), so sample ``i`` depends on row ``i`` alone. Per-row scalars
 (directions, radii, blur kernels) are computed in float64 numpy; per-pixel work uses only
 ``+ - * /``, ``sqrt``, ``min``/``max`` and integer ops, which are exactly rounded in both the
 vectorised and the scalar code paths, so a pixel's value does not depend on where it falls in a
@@ -27,14 +27,14 @@ import ctypes.util
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-RNG_SCHEME = "lowbias32-xor/v1"
-"""Version of the counter-based random scheme; stored in ``dataset.json``."""
+from nodulab.rng import hash_keys, uniform, white_noise_pair
+
 
 HU_MIN, HU_MAX = -1024, 3071
 PARENCHYMA_HU = -860.0
@@ -49,7 +49,6 @@ LOBE_ORDERS = (2, 3, 4, 5, 6)
 LOBULATION_EXPRESSION = {"round": 0.0, "lobulated": 1.0, "spiculated": 0.3}
 REGION = {"background": 0, "body": 1, "spicule": 2, "vessel": 3}
 
-_M32 = 0xFFFFFFFF
 _BETA33_SD = 1.0 / math.sqrt(28.0)  # SD of the Beta(3,3) kernel per unit support width
 _STREAM = {"lobes": 1, "spicules": 2, "vessels": 3, "nuisance": 4}
 _REQUIRED = (
@@ -59,71 +58,6 @@ _REQUIRED = (
 )  # fmt: skip
 _MAX_SIZE = {2: 8192, 3: 256}
 _COORD_BITS = {2: 15, 3: 10}
-
-
-# ----------------------------------------------------------------------------- random numbers
-def _mix32(x: Any) -> Any:
-    """lowbias32 integer hash on values < 2**32 (numpy uint64 or torch int64; no overflow)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x21F0AAAD) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x735A2D97) & _M32
-    return x ^ (x >> 15)
-
-
-def _hash(seeds: np.ndarray, *keys: Any) -> np.ndarray:
-    """Hash of (row seed, key, key, ...); seeds int64 in [0, 2**63); broadcasts over keys."""
-    s = seeds.astype(np.uint64)
-    h = _mix32((s & np.uint64(_M32)) ^ np.uint64(0x9E3779B9))
-    h = _mix32(h ^ (s >> np.uint64(32)))
-    for key in keys:
-        h = _mix32(h ^ np.asarray(key, dtype=np.uint64))
-    return h
-
-
-def _uniform(seeds: np.ndarray, stream: str, view: int, n_elem: int, n_draw: int) -> np.ndarray:
-    """U(0, 1) draws of shape (N, n_elem, n_draw): element k of a stream has its own sub-seed."""
-    k = np.arange(n_elem, dtype=np.uint64)[None, :, None]
-    j = np.arange(n_draw, dtype=np.uint64)[None, None, :]
-    h = _hash(seeds[:, None, None], _STREAM[stream], view, k, j)
-    return (h.astype(np.float64) + 0.5) / 2.0**32
-
-
-def _mix32_wrapping(x: torch.Tensor) -> torch.Tensor:
-    """``_mix32`` on int32 tensors with wrapping products (the same bits, about 10x faster)."""
-    x = x ^ ((x >> 16) & 0xFFFF)
-    x = x * _as_int32(0x21F0AAAD)
-    x = x ^ ((x >> 15) & 0x1FFFF)
-    x = x * _as_int32(0x735A2D97)
-    return x ^ ((x >> 15) & 0x1FFFF)
-
-
-def _as_int32(value: int) -> int:
-    """The int32 with the same 32 bits as ``value``."""
-    return value - (1 << 32) if value >= (1 << 31) else value
-
-
-def _white_noise_pair(base: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two independent unit-variance white-noise fields from one 32-bit hash per pixel.
-
-    Each field is the sum of two 8-bit uniforms (a triangular law) scaled to SD 1; it becomes
-    Gaussian once blurred by the texture or PSF kernel.
-
-    Args:
-        base: per-row stream hash, int32, shape (N,).
-        index: absolute pixel index (< 2**30), int32, shape (*grid).
-
-    Returns:
-        Two float32 tensors of shape (N, *grid).
-    """
-    h = _mix32_wrapping(base[:, None] ^ index.reshape(1, -1))
-    # SWAR: one add sums bytes 0+1 into the low half-word and bytes 2+3 into the high one.
-    pairs = (h & 0x00FF00FF).add_((h >> 8) & 0x00FF00FF)
-    scale, shift = math.sqrt(6.0) / 256.0, math.sqrt(6.0)
-    grid = (-1,) + tuple(index.shape)
-    texture = (pairs & 0xFFFF).to(torch.float32).add_(1.0).mul_(scale).sub_(shift).view(grid)
-    noise = (pairs >> 16).to(torch.float32).add_(1.0).mul_(scale).sub_(shift).view(grid)
-    return texture, noise
 
 
 # ----------------------------------------------------------------------------- per-row parameters
@@ -273,7 +207,7 @@ def prepare(
     center = np.stack(offsets, axis=1) if n else np.zeros((0, dim))
 
     # Body: lobulation as zonal Chebyshev harmonics about random axes (k = 2..6, phase by axis).
-    u = _uniform(seeds, "lobes", 0, len(LOBE_ORDERS), 3)
+    u = uniform(seeds, _STREAM["lobes"], 0, len(LOBE_ORDERS), 3)
     weights = 2.0 * u[..., 0] - 1.0
     weights /= np.maximum(np.abs(weights).sum(axis=1, keepdims=True), 1e-12)
     expressed = num["lobulation"] * np.array([LOBULATION_EXPRESSION[s] for s in shape])
@@ -295,7 +229,7 @@ def prepare(
     # Spicules: tapered strands from inside the body to r_eff * (1 + length), own sub-seed each.
     n_spic = np.where(shape == "spiculated", num["n_spicules"], 0).astype(int)
     k_max = int(n_spic.max()) if n else 0
-    u = _uniform(seeds, "spicules", 0, k_max, 4)
+    u = uniform(seeds, _STREAM["spicules"], 0, k_max, 4)
     spic_dir = _directions(u[..., 0:2], dim, rot[:, None])
     surface = body_r0[:, None] * _lobe_profile(spic_dir, lobe_amp, lobe_axis) if k_max else np.zeros((n, 0))
     length = num["spicule_length_rel"][:, None] * r_eff[:, None] * (0.6 + 0.4 * u[..., 2])
@@ -309,7 +243,7 @@ def prepare(
 
     # Vessels: arcs of large radius through a random point of the patch (nuisance streams).
     v_max = int(num["vessels"].max()) if n else 0
-    u = _uniform(seeds, "vessels", view, v_max, 10)
+    u = uniform(seeds, _STREAM["vessels"], view, v_max, 10)
     half_fov = 0.5 * size * px
     through = (2.0 * u[..., 0:3][..., :dim] - 1.0) * 0.8 * half_fov[:, None, None]
     tangent = _directions(u[..., 3:5], dim, np.zeros((n, 1)))
@@ -355,7 +289,7 @@ def prepare(
         vessel_radius=t(arc_r),
         vessel_normal=t(plane.reshape(n, v_max, dim)),
         vessel_half_w=t(vessel_half_w),
-        nuisance_base=t(_hash(seeds, _STREAM["nuisance"], view).astype(np.uint32).view(np.int32), torch.int32),
+        nuisance_base=t(hash_keys(seeds, _STREAM["nuisance"], view).astype(np.uint32).view(np.int32), torch.int32),
         texture_w=t(texture_w),
         texture_scale=t(PARENCHYMA_SD_HU / texture_sd),
         psf_w=t(psf_w),
@@ -632,7 +566,7 @@ def render_tensor(b: RenderBatch) -> tuple[torch.Tensor, torch.Tensor]:
     vessels = _vessel_layer(b, coords)
 
     # Parenchyma texture and quantum noise share one hash per pixel (different bits).
-    texture, noise = _white_noise_pair(b.nuisance_base, _pixel_index(b, e + t))
+    texture, noise = white_noise_pair(b.nuisance_base, _pixel_index(b, e + t))
     inner = (slice(None),) + (slice(t, t + size + 2 * e),) * dim
     image = _blur(texture, b.texture_w).mul_(row(b.texture_scale)).add_(PARENCHYMA_HU)
     image.add_(vessels.mul(image.neg().add_(VESSEL_HU)))

@@ -24,7 +24,8 @@ from nodulab.data import (
     load_split,
     sha256_file,
 )
-from nodulab.render import RNG_SCHEME, render
+from nodulab.render import render
+from nodulab.rng import RNG_SCHEME
 from nodulab.scenarios import load_scenario_dict
 
 @dataclass(frozen=True)
