@@ -67,7 +67,7 @@ app = typer.Typer(
     cls=OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
-    help="nodulab: synthetic lung-nodule datasets with controlled confounds.",
+    help="nodulab: synthetic lung-nodule data with controlled confounds; one encoder, many losses.",
 )
 
 
