@@ -19,6 +19,8 @@ RNG_SCHEME = "lowbias32-xor/v1"
 """Version of the counter-based random scheme; stored in ``dataset.json``."""
 
 _M32 = 0xFFFFFFFF
+BLOCK_ELEMENTS = 1 << 20
+"""Elements per block of the per-pixel hash; the result never depends on it."""
 
 
 def mix32(x: Any) -> Any:
@@ -75,11 +77,17 @@ def white_noise_pair(base: torch.Tensor, index: torch.Tensor) -> tuple[torch.Ten
     Returns:
         Two float32 tensors of shape (N, *grid).
     """
-    h = mix32_int32(base[:, None] ^ index.reshape(1, -1))
-    # SWAR: one add sums bytes 0+1 into the low half-word and bytes 2+3 into the high one.
-    pairs = (h & 0x00FF00FF).add_((h >> 8) & 0x00FF00FF)
+    flat = index.reshape(1, -1)
+    texture = torch.empty((len(base), flat.shape[1]), device=base.device)
+    noise = torch.empty_like(texture)
     scale, shift = math.sqrt(6.0) / 256.0, math.sqrt(6.0)
+    # Rows in blocks of about BLOCK_ELEMENTS: the chain of integer ops then stays in cache.
+    for rows in torch.split(torch.arange(len(base), device=base.device), max(1, BLOCK_ELEMENTS // flat.shape[1])):
+        first, last = int(rows[0]), int(rows[-1]) + 1
+        h = mix32_int32(base[first:last, None] ^ flat)
+        # SWAR: one add sums bytes 0+1 into the low half-word and bytes 2+3 into the high one.
+        pairs = (h & 0x00FF00FF).add_((h >> 8) & 0x00FF00FF)
+        texture[first:last] = (pairs & 0xFFFF).to(torch.float32).add_(1.0).mul_(scale).sub_(shift)
+        noise[first:last] = (pairs >> 16).to(torch.float32).add_(1.0).mul_(scale).sub_(shift)
     grid = (-1,) + tuple(index.shape)
-    texture = (pairs & 0xFFFF).to(torch.float32).add_(1.0).mul_(scale).sub_(shift).view(grid)
-    noise = (pairs >> 16).to(torch.float32).add_(1.0).mul_(scale).sub_(shift).view(grid)
-    return texture, noise
+    return texture.view(grid), noise.view(grid)
