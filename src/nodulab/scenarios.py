@@ -1,14 +1,10 @@
-"""Scenarios (DESIGN §3): load and validate a scenario TOML, and sample its factor tables.
+"""Scenarios (DESIGN §3): load and validate a scenario TOML (sampling lives in ``nodulab.sampling``).
 
 A scenario says which factor is the causal cue (``[label]``), which nuisance factors are tied
 to the label and how often (``[[confounds]]`` and each split's ``agreement``), and how every other
 factor is distributed (``[factors]``, overridable per split). Validation happens once, here, and
 every refusal is a :class:`ScenarioError` whose one-line message names the offending key.
 
-Randomness: no global state. Each (dataset seed, split, factor) has its own stream, a child of
-the split's ``SeedSequence`` keyed by a stable hash of the factor name, so adding or changing one
-factor leaves the others' draws where they were. Row render seeds are hashes of
-(dataset seed, split, index), so a row's seed does not depend on how many rows are drawn.
 """
 
 from __future__ import annotations
