@@ -77,7 +77,10 @@ def _draw_split(fig: Figure, title: str, rows: list[Cell], cells: dict[Cell, np.
                     ax.text(0.5, 0.5, "no samples", ha="center", va="center", fontsize=7, color="0.5")
                 continue
             image = np.asarray(images[chosen[c]])
-            image = image[image.shape[0] // 2] if image.ndim == 3 else image  # central axial slice
+            if image.ndim == 3:  # the axial slice through the nodule's centre
+                row = frame.iloc[chosen[c]]
+                z = round(row["offset_z_mm"] / row["pixel_mm"] + (image.shape[0] - 1) / 2)
+                image = image[min(max(z, 0), image.shape[0] - 1)]
             ax.imshow(lung_window(image.astype(np.float32)), cmap="gray", vmin=0.0, vmax=1.0)
             ax.set_title(factor_caption(frame.iloc[chosen[c]]), fontsize=6.5)
 
@@ -85,8 +88,8 @@ def _draw_split(fig: Figure, title: str, rows: list[Cell], cells: dict[Cell, np.
 def gallery(root: Path, out_png: Path, *, per_cell: int = 4, seed: int = 0) -> Path:
     """Draw a dataset gallery: one panel per split, one row per (label, agrees) cell.
 
-    Images are shown in the lung window (WL -600, WW 1500); 3D samples by their central axial
-    slice. Rows are the union of cells over splits, so panels line up; up to three panels per row.
+    Images are shown in the lung window (WL -600, WW 1500); 3D samples by the axial slice
+    through the nodule's centre. Rows are the union of cells over splits, so panels line up; up to three panels per row.
 
     Args:
         root: dataset folder. out_png: PNG file to write.
