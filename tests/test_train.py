@@ -138,3 +138,10 @@ def test_missing_data_and_foreign_run_dir(tiny: Path, tmp_path: Path) -> None:
         _run(tiny, old, force=True)
     with pytest.raises(train.TrainError, match="already exists"):
         _run(tiny, _run(tiny, tmp_path / "done"))
+
+
+def test_resnet18_trains_end_to_end(tiny: Path, tmp_path: Path) -> None:
+    run = _run(tiny, tmp_path / "r18", loss="ce+supcon", encoder="resnet18")
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["encoder"] == "resnet18"
+    assert np.isfinite(pd.read_csv(run / "history.csv").train_loss).all()
