@@ -218,7 +218,8 @@ def prepare(
     if dim == 2:
         body_r0 = r_eff / np.sqrt(1.0 + 0.5 * np.sum(lobe_amp**2, axis=1))
     else:
-        probe = np.broadcast_to(_probe_directions(), (n,) + _probe_directions().shape)
+        probe = _probe_directions()
+        probe = np.broadcast_to(probe, (n,) + probe.shape)
         body_r0 = r_eff / np.cbrt(np.mean(_lobe_profile(probe, lobe_amp, lobe_axis) ** 3, axis=1))
 
     sigma_edge = np.sqrt(num["margin_sigma_mm"] ** 2 + px**2 / 12.0)
