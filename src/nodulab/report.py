@@ -56,6 +56,21 @@ def _cells(frame: pd.DataFrame, confounds: list[str]) -> dict[Cell, np.ndarray]:
     return found
 
 
+MIP_SLAB_MM = 6.0
+"""Thickness of the axial maximum-intensity slab that shows a 3D sample (as radiologists read)."""
+
+
+def _axial_mip(volume: np.ndarray, row: pd.Series) -> np.ndarray:
+    """Maximum intensity over an axial slab of ``MIP_SLAB_MM`` centred on the nodule.
+
+    A single slice shows only the spicules that lie in its plane; the slab shows the lesion.
+    """
+    centre = round(row["offset_z_mm"] / row["pixel_mm"] + (volume.shape[0] - 1) / 2)
+    half = max(0, round(MIP_SLAB_MM / 2 / row["pixel_mm"]))
+    low, high = max(centre - half, 0), min(centre + half + 1, volume.shape[0])
+    return volume[low:high].max(axis=0)
+
+
 def _draw_split(fig: Figure, title: str, rows: list[Cell], cells: dict[Cell, np.ndarray],
                 images: np.ndarray, frame: pd.DataFrame, confounds: list[str],
                 per_cell: int, rng: np.random.Generator) -> None:  # fmt: skip
@@ -77,10 +92,8 @@ def _draw_split(fig: Figure, title: str, rows: list[Cell], cells: dict[Cell, np.
                     ax.text(0.5, 0.5, "no samples", ha="center", va="center", fontsize=7, color="0.5")
                 continue
             image = np.asarray(images[chosen[c]])
-            if image.ndim == 3:  # the axial slice through the nodule's centre
-                row = frame.iloc[chosen[c]]
-                z = round(row["offset_z_mm"] / row["pixel_mm"] + (image.shape[0] - 1) / 2)
-                image = image[min(max(z, 0), image.shape[0] - 1)]
+            if image.ndim == 3:
+                image = _axial_mip(image, frame.iloc[chosen[c]])
             ax.imshow(lung_window(image.astype(np.float32)), cmap="gray", vmin=0.0, vmax=1.0)
             ax.set_title(factor_caption(frame.iloc[chosen[c]]), fontsize=6.5)
 
@@ -88,8 +101,8 @@ def _draw_split(fig: Figure, title: str, rows: list[Cell], cells: dict[Cell, np.
 def gallery(root: Path, out_png: Path, *, per_cell: int = 4, seed: int = 0) -> Path:
     """Draw a dataset gallery: one panel per split, one row per (label, agrees) cell.
 
-    Images are shown in the lung window (WL -600, WW 1500); 3D samples by the axial slice
-    through the nodule's centre. Rows are the union of cells over splits, so panels line up; up to three panels per row.
+    Images are shown in the lung window (WL -600, WW 1500); 3D samples by a 6 mm axial
+    maximum-intensity slab through the nodule. Rows are the union of cells over splits, so panels line up; up to three panels per row.
 
     Args:
         root: dataset folder. out_png: PNG file to write.
@@ -112,6 +125,8 @@ def gallery(root: Path, out_png: Path, *, per_cell: int = 4, seed: int = 0) -> P
     header, body = fig.subfigures(2, 1, height_ratios=[0.5, grid_rows * height])
     name = manifest["scenario"].get("name", "")
     caption = f"{name}: rows are label × confound agreement; lung window WL -600 / WW 1500"
+    if manifest["image"]["dim"] == 3:
+        caption += f"; {MIP_SLAB_MM:g} mm axial MIP through each nodule"
     header.suptitle(caption, fontsize=12)
     panels = body.subfigures(grid_rows, columns, squeeze=False).ravel()
     for panel in panels[len(splits) :]:
