@@ -443,3 +443,13 @@ def test_defaults_follow_the_design_table():
     assert set(frame["vessels"]) == {0, 1, 2, 3}
     assert set(frame["attenuation"]) == {"ground_glass", "part_solid", "solid"}
     assert (frame["rotation_deg"] < 360).all()
+
+
+def test_the_readme_scenario_example_is_valid(tmp_path):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    example = tmp_path / "example.toml"
+    example.write_text(re.search(r"```toml\n(.*?)```", readme, re.S).group(1))
+    assert load_scenario(example).name == "size-confound"
