@@ -391,13 +391,14 @@ def _ragged(present: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
 
 
 def _window(
-    b: RenderBatch, rows: torch.Tensor, extent_mm: torch.Tensor, margin: int
+    b: RenderBatch, rows: torch.Tensor, extent_mm: torch.Tensor, margin: int, shift_mm: torch.Tensor | None = None
 ) -> tuple[list[torch.Tensor], list[list[int]], int]:
-    """Coordinates of a square window around each row's lesion centre, inside the canvas.
+    """Coordinates of a square window inside the canvas, per row, relative to the lesion centre.
 
-    The window covers every canvas pixel within ``extent_mm`` of the centre; its coordinates
-    are computed exactly as the canvas's (same integers, same float ops), so a pixel's value does
-    not depend on the window. Integer placement is decided in float64 on the CPU.
+    The window covers every canvas pixel within ``extent_mm`` (per selected row) of the lesion
+    centre moved by ``shift_mm`` (m, dim); its coordinates are computed exactly as the canvas's
+    (same integers, same float ops), so a pixel's value does not depend on the window. Integer
+    placement is decided in float64 on the CPU.
 
     Returns:
         Per-axis coordinates relative to the centre, each (m, 1.., width, 1..); each row's
@@ -406,8 +407,11 @@ def _window(
     size, dim = b.size, b.dim
     canvas = size + 2 * margin
     px = b.pixel_mm[rows].double().cpu()
-    centre = b.center[rows].double().cpu() / px[:, None] + (size - 1) / 2.0 + margin
-    half = torch.ceil(extent_mm[rows].double().cpu() / px) + 1.0
+    centre = b.center[rows].double().cpu()
+    if shift_mm is not None:
+        centre = centre + shift_mm.double().cpu()
+    centre = centre / px[:, None] + (size - 1) / 2.0 + margin
+    half = torch.ceil(extent_mm.double().cpu() / px) + 1.0
     width = min(int(2 * half.max()) + 2, canvas) if len(rows) else 1
     origin = torch.floor(centre - half[:, None]).clamp(0, canvas - width).long()
     steps = torch.arange(width, device=rows.device)
@@ -421,8 +425,12 @@ def _window(
     return coords, origin.tolist(), width
 
 
-def _paste(canvas: torch.Tensor, rows: torch.Tensor, origins: list[list[int]], width: int, values: torch.Tensor) -> None:
-    """Write each row's window ``values[i]`` into ``canvas[rows[i]]`` at its origin (one scatter)."""
+def _paste(canvas: torch.Tensor, rows: torch.Tensor, origins: list[list[int]], width: int, values: torch.Tensor,
+           maximum: bool = False) -> None:  # fmt: skip
+    """Write each row's window ``values[i]`` into ``canvas[rows[i]]`` at its origin (one scatter).
+
+    With ``maximum`` the canvas keeps the larger of its value and the window's (a union).
+    """
     side, dim = canvas.shape[-1], canvas.dim() - 1
     device = canvas.device
     origin = torch.tensor(origins, dtype=torch.int64, device=device).view(-1, dim)
@@ -435,8 +443,9 @@ def _paste(canvas: torch.Tensor, rows: torch.Tensor, origins: list[list[int]], w
         shape = [1] * dim
         shape[axis] = width
         local = local + (steps * stride).view(shape)
-    index = start.view((-1,) + (1,) * dim) + local
-    canvas.view(-1)[index.view(-1)] = values.reshape(-1)
+    index = (start.view((-1,) + (1,) * dim) + local).view(-1)
+    flat = canvas.view(-1)
+    flat[index] = torch.maximum(flat[index], values.reshape(-1)) if maximum else values.reshape(-1)
 
 
 def _body_layer(b: RenderBatch, margin: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -480,27 +489,26 @@ def _spicule_layer(b: RenderBatch, margin: int) -> torch.Tensor:
     rows, prefix = _ragged(b.spic_slope > 0)
     if not prefix:
         return occupancy
-    widest = b.spic_slope * (b.spic_tip - b.spic_base) + b.spic_tip_half_w
-    extent = b.spic_tip.max(1).values + widest.max(1).values + b.pixel_mm
-    q, origins, width = _window(b, rows, extent, margin)
-    rho2 = q[0] * q[0]
-    for qa in q[1:]:
-        rho2 = rho2 + qa * qa
-    window = torch.zeros_like(rho2)
     dim = b.dim
     for k, m in enumerate(prefix):
+        # Each spicule in its own window around its segment: a thin strand, not the whole lesion.
         r = rows[:m]
+        base, tip = b.spic_base[r, k], b.spic_tip[r, k]
+        widest = b.spic_slope[r, k] * (tip - base) + b.spic_tip_half_w[r, k]
+        extent = 0.5 * (tip - base) + widest + b.pixel_mm[r]
+        q, origins, width = _window(b, r, extent, margin, b.spic_dir[r, k] * (0.5 * (base + tip))[:, None])
         param = lambda x: _per_row(x[r, k].contiguous(), dim)  # noqa: E731
-        along = _dot([qa[:m] for qa in q], b.spic_dir[r, k])
-        dist = (along * along).neg_().add_(rho2[:m]).clamp_(min=0.0)
+        rho2 = q[0] * q[0]
+        for qa in q[1:]:
+            rho2 = rho2 + qa * qa
+        along = _dot(q, b.spic_dir[r, k])
+        dist = (along * along).neg_().add_(rho2).clamp_(min=0.0)
         tip = param(b.spic_tip)
         clamped = torch.minimum(torch.maximum(along, param(b.spic_base)), tip)
         beyond = along.sub_(clamped)
         dist.add_(beyond.mul_(beyond)).sqrt_()
         half_w = (tip - clamped).mul_(param(b.spic_slope)).add_(param(b.spic_tip_half_w))
-        occ = _strand(dist, half_w, _per_row(1.0 / b.pixel_mm[r], dim))
-        torch.maximum(window[:m], occ, out=window[:m])
-    _paste(occupancy, rows, origins, width, window)
+        _paste(occupancy, r, origins, width, _strand(dist, half_w, _per_row(1.0 / b.pixel_mm[r], dim)), maximum=True)
     return occupancy
 
 
