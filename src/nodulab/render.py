@@ -445,7 +445,10 @@ def _paste(canvas: torch.Tensor, rows: torch.Tensor, origins: list[list[int]], w
         local = local + (steps * stride).view(shape)
     index = (start.view((-1,) + (1,) * dim) + local).view(-1)
     flat = canvas.view(-1)
-    flat[index] = torch.maximum(flat[index], values.reshape(-1)) if maximum else values.reshape(-1)
+    if maximum:  # indices are distinct, so the reduction is exact and order-free
+        flat.scatter_reduce_(0, index, values.reshape(-1), reduce="amax")
+    else:
+        flat[index] = values.reshape(-1)
 
 
 def _body_layer(b: RenderBatch, margin: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -490,25 +493,29 @@ def _spicule_layer(b: RenderBatch, margin: int) -> torch.Tensor:
     if not prefix:
         return occupancy
     dim = b.dim
+    # Gather each parameter once for the ragged rows; element k of the first m rows is a view.
+    direction, base, tip, slope, tip_half_w = (x[rows] for x in (b.spic_dir, b.spic_base, b.spic_tip,
+                                                                 b.spic_slope, b.spic_tip_half_w))  # fmt: skip
+    inv_px = 1.0 / b.pixel_mm[rows]
+    widest = slope * (tip - base) + tip_half_w
     for k, m in enumerate(prefix):
         # Each spicule in its own window around its segment: a thin strand, not the whole lesion.
-        r = rows[:m]
-        base, tip = b.spic_base[r, k], b.spic_tip[r, k]
-        widest = b.spic_slope[r, k] * (tip - base) + b.spic_tip_half_w[r, k]
-        extent = 0.5 * (tip - base) + widest + b.pixel_mm[r]
-        q, origins, width = _window(b, r, extent, margin, b.spic_dir[r, k] * (0.5 * (base + tip))[:, None])
-        param = lambda x: _per_row(x[r, k].contiguous(), dim)  # noqa: E731
+        extent = 0.5 * (tip[:m, k] - base[:m, k]) + widest[:m, k] + b.pixel_mm[rows[:m]]
+        shift = direction[:m, k] * (0.5 * (base[:m, k] + tip[:m, k]))[:, None]
+        q, origins, width = _window(b, rows[:m], extent, margin, shift)
+        param = lambda x: _per_row(x[:m, k].contiguous(), dim)  # noqa: E731
         rho2 = q[0] * q[0]
         for qa in q[1:]:
             rho2 = rho2 + qa * qa
-        along = _dot(q, b.spic_dir[r, k])
+        along = _dot(q, direction[:m, k])
         dist = (along * along).neg_().add_(rho2).clamp_(min=0.0)
-        tip = param(b.spic_tip)
-        clamped = torch.minimum(torch.maximum(along, param(b.spic_base)), tip)
+        end = param(tip)
+        clamped = torch.minimum(torch.maximum(along, param(base)), end)
         beyond = along.sub_(clamped)
         dist.add_(beyond.mul_(beyond)).sqrt_()
-        half_w = (tip - clamped).mul_(param(b.spic_slope)).add_(param(b.spic_tip_half_w))
-        _paste(occupancy, r, origins, width, _strand(dist, half_w, _per_row(1.0 / b.pixel_mm[r], dim)), maximum=True)
+        half_w = (end - clamped).mul_(param(slope)).add_(param(tip_half_w))
+        occ = _strand(dist, half_w, _per_row(inv_px[:m], dim))
+        _paste(occupancy, rows[:m], origins, width, occ, maximum=True)
     return occupancy
 
 
