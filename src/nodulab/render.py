@@ -154,14 +154,17 @@ def _gauss_kernel(sigma_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     r_max = int(radius.max()) if radius.size else 1
     k = np.arange(-r_max, r_max + 1, dtype=np.float64)[None, :]
     w = np.where(np.abs(k) <= radius[:, None], np.exp(-0.5 * (k / sigma_px[:, None]) ** 2), 0.0)
-    total = w[:, r_max].copy()
+    w = w / _centre_out_sum(w)[:, None]
+    return w, np.sqrt(_centre_out_sum(w**2))
+
+
+def _centre_out_sum(taps: np.ndarray) -> np.ndarray:
+    """Row sums of symmetric taps (N, 2R+1), added from the centre outwards in pairs."""
+    r_max = taps.shape[1] // 2
+    total = taps[:, r_max].copy()
     for j in range(1, r_max + 1):
-        total += w[:, r_max - j] + w[:, r_max + j]
-    w = w / total[:, None]
-    square = w[:, r_max] ** 2
-    for j in range(1, r_max + 1):
-        square += w[:, r_max - j] ** 2 + w[:, r_max + j] ** 2
-    return w, np.sqrt(square)
+        total += taps[:, r_max - j] + taps[:, r_max + j]
+    return total
 
 
 def prepare(
@@ -363,6 +366,14 @@ def _blur(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _norm2(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """sum_a vectors[a]**2, broadcast over the per-axis coordinate tensors."""
+    total = vectors[0] * vectors[0]
+    for v in vectors[1:]:
+        total = total + v * v
+    return total
+
+
 def _dot(vectors: Sequence[torch.Tensor], direction: torch.Tensor) -> torch.Tensor:
     """sum_a vectors[a] * direction[:, a], with per-row ``direction`` (N, dim)."""
     dim = len(vectors)
@@ -392,7 +403,7 @@ def _ragged(present: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
 
 def _window(
     b: RenderBatch, rows: torch.Tensor, extent_mm: torch.Tensor, margin: int, shift_mm: torch.Tensor | None = None
-) -> tuple[list[torch.Tensor], list[list[int]], int]:
+) -> tuple[list[torch.Tensor], torch.Tensor, int]:
     """Coordinates of a square window inside the canvas, per row, relative to the lesion centre.
 
     The window covers every canvas pixel within ``extent_mm`` (per selected row) of the lesion
@@ -401,8 +412,8 @@ def _window(
     placement is decided in float64 on the CPU.
 
     Returns:
-        Per-axis coordinates relative to the centre, each (m, 1.., width, 1..); each row's
-        window origin in canvas pixels; the window width.
+        Per-axis coordinates relative to the centre, each (m, 1.., width, 1..); the flat canvas
+        index of every window pixel (m * width**dim,) for ``_paste``; the window width.
     """
     size, dim = b.size, b.dim
     canvas = size + 2 * margin
@@ -422,28 +433,28 @@ def _window(
         shape = [len(rows)] + [1] * dim
         shape[1 + axis] = width
         coords.append(coord.view(shape))
-    return coords, origin.tolist(), width
+    return coords, _window_index(rows, origin.to(rows.device), width, canvas, dim), width
 
 
-def _paste(canvas: torch.Tensor, rows: torch.Tensor, origins: list[list[int]], width: int, values: torch.Tensor,
-           maximum: bool = False) -> None:  # fmt: skip
-    """Write each row's window ``values[i]`` into ``canvas[rows[i]]`` at its origin (one scatter).
-
-    With ``maximum`` the canvas keeps the larger of its value and the window's (a union).
-    """
-    side, dim = canvas.shape[-1], canvas.dim() - 1
-    device = canvas.device
-    origin = torch.tensor(origins, dtype=torch.int64, device=device).view(-1, dim)
+def _window_index(rows: torch.Tensor, origin: torch.Tensor, width: int, side: int, dim: int) -> torch.Tensor:
+    """Flat indices into an (N, side, ...) canvas of each row's window, (m * width**dim,)."""
     start = rows.to(torch.int64) * side**dim
-    local = torch.zeros((1,) * dim, dtype=torch.int64, device=device)
-    steps = torch.arange(width, device=device)
+    local = torch.zeros((1,) * dim, dtype=torch.int64, device=rows.device)
+    steps = torch.arange(width, device=rows.device)
     for axis in range(dim):
         stride = side ** (dim - 1 - axis)
         start = start + origin[:, axis] * stride
         shape = [1] * dim
         shape[axis] = width
         local = local + (steps * stride).view(shape)
-    index = (start.view((-1,) + (1,) * dim) + local).view(-1)
+    return (start.view((-1,) + (1,) * dim) + local).view(-1)
+
+
+def _paste(canvas: torch.Tensor, index: torch.Tensor, values: torch.Tensor, maximum: bool = False) -> None:
+    """Write window ``values`` into ``canvas`` at the flat ``index`` from ``_window``.
+
+    With ``maximum`` the canvas keeps the larger of its value and the window's (a union).
+    """
     flat = canvas.view(-1)
     if maximum:  # indices are distinct, so the reduction is exact and order-free
         flat.scatter_reduce_(0, index, values.reshape(-1), reduce="amax")
@@ -462,11 +473,8 @@ def _body_layer(b: RenderBatch, margin: int) -> tuple[torch.Tensor, torch.Tensor
         return occupancy, hu, inside
     rows = torch.arange(b.n, device=device)
     extent = b.body_r0 * (1.0 + b.lobe_amp.abs().sum(1)) + 0.5 / b.edge_inv_w
-    q, origins, width = _window(b, rows, extent, margin)
-    rho = q[0] * q[0]
-    for qa in q[1:]:
-        rho = rho + qa * qa
-    rho.sqrt_()
+    q, index, _ = _window(b, rows, extent, margin)
+    rho = _norm2(q).sqrt_()
     row = lambda x: _per_row(x.contiguous(), b.dim)  # noqa: E731
     profile = torch.ones_like(rho)
     lobed = (b.lobe_amp != 0).any(1).nonzero().squeeze(1)
@@ -479,9 +487,9 @@ def _body_layer(b: RenderBatch, margin: int) -> tuple[torch.Tensor, torch.Tensor
     body_hu = row(b.body_hu).expand_as(body)
     if bool((b.core_hu != b.body_hu).any()):
         body_hu = _step(rho - row(b.core_r), edge).mul_(row(b.core_hu - b.body_hu)).add_(body_hu)
-    _paste(occupancy, rows, origins, width, body)
-    _paste(hu, rows, origins, width, body_hu)
-    _paste(inside, rows, origins, width, distance <= 0.0)
+    _paste(occupancy, index, body)
+    _paste(hu, index, body_hu)
+    _paste(inside, index, distance <= 0.0)
     return occupancy, hu, inside
 
 
@@ -502,11 +510,9 @@ def _spicule_layer(b: RenderBatch, margin: int) -> torch.Tensor:
         # Each spicule in its own window around its segment: a thin strand, not the whole lesion.
         extent = 0.5 * (tip[:m, k] - base[:m, k]) + widest[:m, k] + b.pixel_mm[rows[:m]]
         shift = direction[:m, k] * (0.5 * (base[:m, k] + tip[:m, k]))[:, None]
-        q, origins, width = _window(b, rows[:m], extent, margin, shift)
+        q, index, _ = _window(b, rows[:m], extent, margin, shift)
         param = lambda x: _per_row(x[:m, k].contiguous(), dim)  # noqa: E731
-        rho2 = q[0] * q[0]
-        for qa in q[1:]:
-            rho2 = rho2 + qa * qa
+        rho2 = _norm2(q)
         along = _dot(q, direction[:m, k])
         dist = (along * along).neg_().add_(rho2).clamp_(min=0.0)
         end = param(tip)
@@ -515,12 +521,13 @@ def _spicule_layer(b: RenderBatch, margin: int) -> torch.Tensor:
         dist.add_(beyond.mul_(beyond)).sqrt_()
         half_w = (end - clamped).mul_(param(slope)).add_(param(tip_half_w))
         occ = _strand(dist, half_w, _per_row(inv_px[:m], dim))
-        _paste(occupancy, rows[:m], origins, width, occ, maximum=True)
+        _paste(occupancy, index, occ, maximum=True)
     return occupancy
 
 
-def _vessel_layer(b: RenderBatch, coords: list[torch.Tensor]) -> torch.Tensor:
+def _vessel_layer(b: RenderBatch, margin: int) -> torch.Tensor:
     """Vessel occupancy: tubes along arcs of large radius, through the whole patch."""
+    coords = _coordinates(b, margin)
     grid = torch.broadcast_shapes(*(c.shape for c in coords))
     occupancy = torch.zeros(grid, device=coords[0].device)
     rows, prefix = _ragged(b.vessel_half_w > 0)
@@ -533,9 +540,7 @@ def _vessel_layer(b: RenderBatch, coords: list[torch.Tensor]) -> torch.Tensor:
         r = rows[:m]
         param = lambda x: _per_row(x[r, v].contiguous(), dim)  # noqa: E731
         w = [c[:m] - param(b.vessel_center[..., a]) for a, c in enumerate(coords)]
-        d2 = w[0] * w[0]
-        for wa in w[1:]:
-            d2 = d2 + wa * wa
+        d2 = _norm2(w)
         radius = param(b.vessel_radius)
         if dim == 2:
             dist = (d2.sqrt_() - radius).abs_()
@@ -576,10 +581,9 @@ def render_tensor(b: RenderBatch) -> tuple[torch.Tensor, torch.Tensor]:
     t = (b.texture_w.shape[1] - 1) // 2
     row = lambda x: _per_row(x.contiguous(), dim)  # noqa: E731
     valid = (slice(None),) + (slice(e, e + size),) * dim
-    coords = _coordinates(b, e)
     body, body_hu, inside = _body_layer(b, e)
     spicules = _spicule_layer(b, e)
-    vessels = _vessel_layer(b, coords)
+    vessels = _vessel_layer(b, e)
 
     # Parenchyma texture and quantum noise share one hash per pixel (different bits).
     texture, noise = white_noise_pair(b.nuisance_base, _pixel_index(b, e + t))
