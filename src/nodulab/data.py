@@ -134,7 +134,7 @@ def dump_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
 
 
-def _float_text(value: float) -> str:
+def float_text(value: float) -> str:
     return repr(float(value))  # shortest text that reads back to the same float64
 
 
@@ -142,7 +142,7 @@ def write_factors(frame: pd.DataFrame, path: Path) -> None:
     """Write a factor table with an ``index`` column; floats read back bit for bit."""
     table = frame.reset_index(drop=True)
     table.insert(0, "index", np.arange(len(table), dtype=np.int64))
-    table.to_csv(path, index=False, float_format=_float_text, lineterminator="\n")
+    table.to_csv(path, index=False, float_format=float_text, lineterminator="\n")
 
 
 def read_factors(path: Path) -> pd.DataFrame:

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from rich.table import Table
 
-from nodulab.data import load_manifest, load_split, write_atomically
+from nodulab.data import float_text, load_manifest, load_split, write_atomically
 from nodulab.models import load_model
 from nodulab.readouts import extract, load_readouts
 
@@ -34,6 +34,10 @@ THRESHOLD = 0.5
 HEADERS = {"accuracy": "acc", "sensitivity": "sens", "specificity": "spec", "balanced_accuracy": "bal acc",
            "auc": "AUC"}  # fmt: skip
 """Short column headers of ``metrics_table`` (the table fits 80 columns)."""
+
+
+RUN_FORMAT = 1
+"""Version of a run folder's layout (written by ``train``); ``evaluate`` refuses another."""
 
 
 class RunError(ValueError):
@@ -89,25 +93,26 @@ def _require(path: Path) -> Path:
     return path
 
 
-def _check_run_format(path: Path) -> None:
-    from nodulab.train import RUN_FORMAT  # imported here: train imports this module
-
+def read_run_format(path: Path) -> object:
+    """The ``run_format`` recorded in a run's ``config.json``; ``None`` if it cannot be read."""
     try:
-        found = json.loads(path.read_text(encoding="utf-8")).get("run_format")
+        return json.loads(Path(path).read_text(encoding="utf-8")).get("run_format")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        raise RunError(f"{path}: not a run config (unreadable JSON)") from None
+        return None
+
+
+def _check_run_format(path: Path) -> None:
+    found = read_run_format(path)
+    if found is None:
+        raise RunError(f"{path}: not a run config (unreadable JSON)")
     if found != RUN_FORMAT:
         raise RunError(f"{path}: run format {found!r}, this nodulab reads {RUN_FORMAT}")
-
-
-def _exact_float(value: float) -> str:
-    return repr(float(value))  # shortest text that reads back to the same float64
 
 
 def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
     """Write next to ``path`` and rename into place: a reader never sees half a table."""
     write_atomically(path, lambda tmp: frame.to_csv(tmp, index=False, lineterminator="\n", na_rep="nan",
-                                                    float_format=_exact_float))  # fmt: skip
+                                                    float_format=float_text))  # fmt: skip
 
 
 def evaluate_run(

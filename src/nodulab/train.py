@@ -30,12 +30,10 @@ import torch
 from nodulab import __version__, losses
 from nodulab.augment import augment_views, rerender_views
 from nodulab.data import DatasetError, hu_to_input, load_manifest, load_split, sha256_file, staged
-from nodulab.metrics import binary_metrics
+from nodulab.metrics import RUN_FORMAT, binary_metrics, read_run_format
 from nodulab.models import ENCODERS, NoduleNet, build_model, save_model
 from nodulab.readouts import KNN_K, extract, fit_readouts, knn_neighbours
 
-RUN_FORMAT = 1
-"""Version of the run folder's layout; ``evaluate`` refuses another."""
 VIEWS = ("augment", "rerender")
 SELECTIONS = ("last", "best-val")
 COLLAPSE_DISTANCE = 1e-2
@@ -89,10 +87,7 @@ def check_run_dir(out: Path, force: bool) -> None:
     """Refuse a run folder of another run format, or an existing one without ``force``."""
     config = Path(out) / "config.json"
     if config.is_file():
-        try:
-            found = json.loads(config.read_text()).get("run_format")
-        except (OSError, ValueError):
-            found = None
+        found = read_run_format(config)
         if found != RUN_FORMAT:
             raise TrainError(f"--out {out}: run format {found!r}, this nodulab writes {RUN_FORMAT}")
     if Path(out).exists() and not force:
