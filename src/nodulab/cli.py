@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover - older typer depends on click
 
 from nodulab import data, export as exporting, losses, metrics, report, validate as validating
 from nodulab import train as training
+from nodulab.models import ENCODERS
 from nodulab.scenarios import ScenarioError, list_presets, load_scenario, resolve
 
 EXIT_INPUT = 2
@@ -71,10 +72,16 @@ app = typer.Typer(
 )
 
 
-class ExportFormat(str, Enum):
-    medmnist = "medmnist"
-    nifti = "nifti"
-    png = "png"
+def _choices(name: str, values: Sequence[str]) -> type[Enum]:
+    """A str Enum for typer, built from the tuple of valid values the library owns."""
+    return Enum(name, {v.replace("-", "_").replace("+", "_"): v for v in values}, type=str)
+
+
+ExportFormat = _choices("ExportFormat", exporting.EXPORT_FORMATS)
+Encoder = _choices("Encoder", ENCODERS)
+Views = _choices("Views", training.VIEWS)
+Device = _choices("Device", training.DEVICES)
+Selection = _choices("Selection", training.SELECTIONS)
 
 
 def _progress() -> Progress:
@@ -178,27 +185,6 @@ def export(
         task = bar.add_task(f"exporting {fmt.value}", total=total)
         exporting.export(directory, fmt.value, out, force=force, progress=lambda k: bar.advance(task, k))
     console.print(f"wrote {out}")
-
-
-class Encoder(str, Enum):
-    small_cnn = "small-cnn"
-    resnet18 = "resnet18"
-
-
-class Views(str, Enum):
-    augment = "augment"
-    rerender = "rerender"
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class Selection(str, Enum):
-    last = "last"
-    best_val = "best-val"
 
 
 class _StageBars:

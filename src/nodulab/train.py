@@ -35,6 +35,7 @@ from nodulab.models import ENCODERS, NoduleNet, build_model, save_model
 from nodulab.readouts import KNN_K, extract, fit_readouts, knn_neighbours
 
 VIEWS = ("augment", "rerender")
+DEVICES = ("auto", "cpu", "cuda")
 SELECTIONS = ("last", "best-val")
 COLLAPSE_DISTANCE = 1e-2
 """Mean pairwise distance of L2-normalised embeddings below which a warning says they collapsed."""
@@ -76,8 +77,8 @@ def resolve_device(device: str) -> str:
     """``auto`` → ``cuda`` when available, else ``cpu``; refuses an unavailable ``cuda``."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise TrainError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device not in DEVICES:
+        raise TrainError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise TrainError("--device cuda: no CUDA device is available")
     return device
