@@ -147,24 +147,35 @@ def test_augment_rejects_bad_input() -> None:
 
 # ----------------------------------------------------------------------------- rerender_views
 def test_view_ids_are_distinct_and_never_the_stored_image() -> None:
-    ids = [view_id(e, v, 3) for e in range(50) for v in range(3)]
-    assert len(set(ids)) == len(ids) and 0 not in ids
+    for seed in (0, 1, 2**40 + 7):
+        ids = [view_id(seed, e, v, 3) for e in range(200) for v in range(3)]
+        assert len(set(ids)) == len(ids) and 0 not in ids
+        assert all(0 < i < 2**32 for i in ids)
+    # The last counter of the range (epoch * n_views + view = 2**32 - 2) is valid; the next is refused.
+    last = (2**32 - 2) // 2
+    assert 0 < view_id(5, last, 0, 2) < 2**32 and 0 < view_id(5, 2**32 - 2, 0, 1) < 2**32
+    with pytest.raises(ValueError, match="too large"):
+        view_id(5, last, 1, 2)
+    with pytest.raises(ValueError):
+        view_id(-1, 0, 0, 2)
+    with pytest.raises(ValueError):
+        view_id(0, 0, 2, 2)
 
 
 def test_rerender_views_differ_but_repeat_per_epoch() -> None:
     rows = make_rows(3, seed=3)
     size = 24
-    views = rerender_views(rows, size, 2, epoch=0)
+    views = rerender_views(rows, size, 2, epoch=0, seed=0)
     assert views.shape == (6, 1, size, size) and views.dtype == torch.float32
-    assert torch.equal(views, rerender_views(rows, size, 2, epoch=0))
-    later = rerender_views(rows, size, 2, epoch=1)
+    assert torch.equal(views, rerender_views(rows, size, 2, epoch=0, seed=0))
+    later = rerender_views(rows, size, 2, epoch=1, seed=0)
     stored = hu_to_input(torch.from_numpy(render(rows, size, 2)[0]).float())
     for b in range(3):
         pictures = [stored[b], views[b, 0], views[3 + b, 0], later[b, 0], later[3 + b, 0]]
         for p, q in itertools.combinations(pictures, 2):
             assert not torch.equal(p, q)
     # The tensor path gives exactly render()'s int16 HU / 1000 for the same view id.
-    direct = render(rows, size, 2, view=view_id(0, 1, 2))[0]
+    direct = render(rows, size, 2, view=view_id(0, 0, 1, 2))[0]
     assert torch.equal(views[3:, 0], hu_to_input(torch.from_numpy(direct).float()))
 
 
@@ -175,7 +186,7 @@ def test_rerender_keeps_the_lesion_and_changes_the_background() -> None:
     )  # fmt: skip
     size = 40
     stored, masks = render(rows, size, 2)
-    views = rerender_views(rows, size, 2, epoch=3, n_views=1)
+    views = rerender_views(rows, size, 2, epoch=3, seed=0, n_views=1)
     for b in range(2):
         body = masks[b] == REGION["body"]
         # Away from the edge profile and the PSF, a noise-free body is the same in every view.
@@ -190,7 +201,7 @@ def test_rerender_keeps_the_lesion_and_changes_the_background() -> None:
 
 def test_rerender_views_3d() -> None:
     rows = make_rows(2, seed=5, dim=3)
-    views = rerender_views(rows, 16, 3, epoch=2, n_views=2)
+    views = rerender_views(rows, 16, 3, epoch=2, seed=0, n_views=2)
     assert views.shape == (4, 1, 16, 16, 16)
     stored = hu_to_input(torch.from_numpy(render(rows, 16, 3)[0]).float())
     assert not torch.equal(views[:2, 0], stored) and not torch.equal(views[:2], views[2:])

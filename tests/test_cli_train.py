@@ -99,9 +99,10 @@ def test_train_then_evaluate_end_to_end(runner: CliRunner, dataset: Path, tmp_pa
     assert "bal acc" in result.stdout and "metrics.csv" in result.stdout
     frame = pd.read_csv(run / "metrics.csv")
     assert list(frame.columns) == ["split", "classifier", "metric", "value"]
-    splits = set(data.load_manifest(dataset)["splits"]) - {"train"}
+    splits = set(data.load_manifest(dataset)["splits"]) - {"train", "val_balanced"}
     assert "val" in splits and any(s.startswith("test") for s in splits)
-    expected = {(s, c, m) for s in splits for c in ("head", "probe", "knn") for m in METRICS}
+    classifiers = ("head", "probe", "knn", "dfr", "probe_init", "knn_init")
+    expected = {(s, c, m) for s in splits for c in classifiers for m in METRICS}
     assert set(zip(frame.split, frame.classifier, frame.metric)) == expected and len(frame) == len(expected)
     # a second evaluate replaces metrics.csv with the same numbers (deterministic on CPU)
     first = (run / "metrics.csv").read_bytes()

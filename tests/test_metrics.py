@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from nodulab import data, train
 from nodulab.metrics import METRICS, RunError, binary_metrics, evaluate_run, metrics_table
-from nodulab.models import build_model, save_model
+from nodulab.models import build_model, save_model, state_sha256
 from nodulab.readouts import fit_readouts, load_readouts
 from nodulab.scenarios import load_scenario, resolve
 
@@ -92,19 +92,24 @@ def _features(model: torch.nn.Module, root: Path, split: str) -> tuple[np.ndarra
     return features, factors["label"].to_numpy()
 
 
-def _make_run(root: Path, run_dir: Path, *, head: bool = True) -> torch.nn.Module:
-    """A random-init network whose head always says P(malignant) = sigmoid(2), plus readouts."""
-    model = build_model("small-cnn", 2, embedding_dim=8, projection_dim=4, head=head, seed=1)
+def _make_run(root: Path, run_dir: Path, *, head: bool = True, threads: int = 1) -> torch.nn.Module:
+    """A network whose head always says P(malignant) = sigmoid(2) and whose encoder differs from its
+    seed's initial weights, plus readouts of both encoders, in a run folder of this run format."""
+    init = build_model("small-cnn", 2, embedding_dim=8, projection_dim=4, head=head, seed=1)
+    model = build_model("small-cnn", 2, embedding_dim=8, projection_dim=4, head=head, seed=2)
     if head:
         with torch.no_grad():
             model.head.weight.zero_()
             model.head.bias.copy_(torch.tensor([0.0, 2.0]))
     run_dir.mkdir()
-    (run_dir / "config.json").write_text(json.dumps({"run_format": train.RUN_FORMAT}))
+    manifest = data.load_manifest(root)
+    record = {"run_format": train.RUN_FORMAT, "threads": threads, "config": {"seed": 1},
+              "init_sha256": state_sha256(init),
+              "dataset": {"image": manifest["image"], "manifest_sha256": data.sha256_file(root / "dataset.json")}}
+    (run_dir / "config.json").write_text(json.dumps(record))
     save_model(model, run_dir / "model.safetensors", {"loss": "test"})
-    fit_readouts(*_features(model, root, "train"), *_features(model, root, "val"), knn_k=3).save(
-        run_dir / "readouts.safetensors"
-    )
+    for net, name in ((model, "readouts.safetensors"), (init, "readouts_init.safetensors")):
+        fit_readouts(*_features(net, root, "train"), *_features(net, root, "val"), knn_k=3).save(run_dir / name)
     return model
 
 
@@ -123,23 +128,29 @@ def test_evaluate_run_scores_every_split_but_train(dataset: Path, tmp_path: Path
     run = tmp_path / "run"
     model = _make_run(dataset, run)
     frame = evaluate_run(run, dataset, batch_size=5)
-    splits = [s for s in data.load_manifest(dataset)["splits"] if s != "train"]
+    splits = [s for s in data.load_manifest(dataset)["splits"] if s not in ("train", "val_balanced")]
     assert list(frame.columns) == ["split", "classifier", "metric", "value"]
     assert list(dict.fromkeys(frame["split"])) == ["val", *sorted(set(splits) - {"val"})]  # no train
-    assert len(frame) == len(splits) * 3 * len(METRICS)
+    assert list(dict.fromkeys(frame["classifier"])) == ["head", "probe", "knn", "probe_init", "knn_init"]
+    assert len(frame) == len(splits) * 5 * len(METRICS)
     on_disk = pd.read_csv(run / "metrics.csv")
     assert open(run / "metrics.csv").readline().strip() == "split,classifier,metric,value"
     pd.testing.assert_frame_equal(on_disk, frame)
     readouts = load_readouts(run / "readouts.safetensors")
+    readouts_init = load_readouts(run / "readouts_init.safetensors")
+    init = build_model("small-cnn", 2, embedding_dim=8, projection_dim=4, seed=1)
     value = {(r.split, r.classifier, r.metric): r.value for r in frame.itertuples()}
     for split in splits:
         features, labels = _features(model, dataset, split)
+        init_features, _ = _features(init, dataset, split)
         malignant = labels.mean()
         # the constant head calls every sample malignant: accuracy = malignant share, AUC 0.5
         assert value[(split, "head", "accuracy")] == pytest.approx(malignant)
         assert value[(split, "head", "sensitivity")] == 1.0 and value[(split, "head", "specificity")] == 0.0
         assert value[(split, "head", "auc")] == 0.5
-        expected = {"probe": readouts.predict_probe(features), "knn": readouts.predict_knn(features)}
+        expected = {"probe": readouts.predict_probe(features), "knn": readouts.predict_knn(features),
+                    "probe_init": readouts_init.predict_probe(init_features),
+                    "knn_init": readouts_init.predict_knn(init_features)}  # fmt: skip
         for classifier, p in expected.items():
             for metric, v in _sklearn_metrics(labels, p).items():
                 key = (split, classifier, metric)
@@ -149,10 +160,10 @@ def test_evaluate_run_scores_every_split_but_train(dataset: Path, tmp_path: Path
 def test_evaluate_run_without_head_has_no_head_rows(dataset: Path, tmp_path: Path) -> None:
     _make_run(dataset, tmp_path / "run", head=False)
     frame = evaluate_run(tmp_path / "run", dataset)
-    assert set(frame["classifier"]) == {"probe", "knn"}
+    assert set(frame["classifier"]) == {"probe", "knn", "probe_init", "knn_init"}
 
 
-RUN_FILES = {"config.json", "model.safetensors", "readouts.safetensors"}
+RUN_FILES = {"config.json", "model.safetensors", "readouts.safetensors", "readouts_init.safetensors"}
 
 
 @pytest.mark.parametrize("missing", sorted(RUN_FILES))

@@ -175,16 +175,19 @@ def test_knn_ties_go_to_the_lower_index(seed: int) -> None:
     for k in (1, 4, 12, 30):
         assert knn_neighbours(bank, queries, k).tolist() == _knn_brute_force(bank, queries, k)
     labels = rng.integers(0, 2, 30)
-    fitted = fit_readouts(bank, labels, bank, labels, knn_k=4)
-    expected = [np.mean(labels[idx]) for idx in _knn_brute_force(bank, queries, 4)]
+    fitted = fit_readouts(bank, labels, bank, labels, knn_k=5)
+    expected = [np.mean(labels[idx]) for idx in _knn_brute_force(bank, queries, 5)]
     np.testing.assert_array_equal(fitted.predict(queries)["knn"], expected)
 
 
-def test_knn_k_is_clamped_to_the_bank() -> None:
+def test_knn_k_is_clamped_to_the_bank_and_odd() -> None:
     x, y = _imbalanced_1d()
-    fitted = fit_readouts(x, y, x, y)  # default k = 20 <= 40
-    assert fitted.knn_k == 20
-    assert fit_readouts(x[:12], y[:12], x, y).knn_k == 12
+    fitted = fit_readouts(x, y, x, y)  # default k = 21 <= 40
+    assert fitted.knn_k == 21
+    assert fit_readouts(x[:12], y[:12], x, y).knn_k == 11  # the largest odd k <= 12
+    assert fit_readouts(x, y, x, y, knn_k=8).knn_k == 7
+    p = fit_readouts(x[:12], y[:12], x, y).predict(x)["knn"]
+    assert not np.any(p == 0.5)  # an odd k never ties the two classes
     with pytest.raises(ValueError, match="k must be"):
         knn_neighbours(x, x, 41)
 

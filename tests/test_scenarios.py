@@ -87,9 +87,37 @@ def test_size_confound_preset_is_the_design_example():
     s = load_scenario("size-confound")
     assert [c.factor for c in s.confounds] == ["diameter_mm"]
     agreement = {name: split.agreement for name, split in s.splits.items()}
-    assert agreement == {"train": 0.95, "val": 0.95, "test_iid": 0.95, "test_balanced": 0.5,
-                         "test_conflict": 0.0, "test_scanner": 0.5}  # fmt: skip
+    assert agreement == {"train": 0.95, "val": 0.95, "val_balanced": 0.5, "test_iid": 0.95,
+                         "test_balanced": 0.5, "test_conflict": 0.0, "test_scanner": 0.5}  # fmt: skip
     assert s.splits["train"].n == 8000 and s.splits["test_conflict"].n == 2000
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_presets_with_a_confound_have_a_balanced_split(name):
+    s = load_scenario(name)
+    assert ("val_balanced" in s.splits) == bool(s.confounds)  # clean and scanner-shift: dfr is absent
+
+
+@pytest.mark.parametrize(
+    "split, match",
+    [
+        ({"n": 20, "agreement": 0.9}, r"splits.val_balanced.agreement: val_balanced balances"),
+        ({"n": 20, "agreement": {"diameter_mm": 0.0}}, r"splits.val_balanced.agreement.diameter_mm"),
+        ({"n": 20, "agreement": 0.5, "malignant_rate": 0.3}, r"splits.val_balanced.malignant_rate"),
+        ({"n": 20, "agreement": 0.5, "factors": {"noise_hu": 50}}, r"splits.val_balanced.factors"),
+    ],
+)
+def test_val_balanced_must_be_balanced(split, match):
+    with pytest.raises(ScenarioError, match=match):
+        scenario(lambda d: d["splits"].update(val_balanced=split))
+    ok = scenario(lambda d: d["splits"].update(val_balanced={"n": 20, "agreement": 0.5}))
+    assert "val_balanced" in ok.splits
+
+
+@pytest.mark.parametrize("name", ["val_other", "balanced", "test", "val_balanced2"])
+def test_split_naming_rule(name):
+    with pytest.raises(ScenarioError, match=f"splits.{name}: splits are train, val, val_balanced and test_"):
+        scenario(lambda d: d["splits"].update({name: {"n": 20, "agreement": 0.5}}))
 
 
 # ----------------------------------------------------------------------------- labels, agreement

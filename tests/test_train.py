@@ -35,12 +35,19 @@ def _run(tiny: Path, out: Path, **kw) -> Path:
 @pytest.mark.parametrize("loss", losses.names())
 def test_every_loss_writes_a_complete_run(tiny: Path, tmp_path: Path, loss: str) -> None:
     run = _run(tiny, tmp_path / loss, loss=loss)
-    assert {p.name for p in run.iterdir()} == {"config.json", "model.safetensors", "readouts.safetensors", "history.csv"}
+    assert {p.name for p in run.iterdir()} == {"config.json", "model.safetensors", "readouts.safetensors",
+                                                "readouts_init.safetensors", "history.csv", "history.png"}  # fmt: skip
     config = json.loads((run / "config.json").read_text())
     assert config["run_format"] == train.RUN_FORMAT and config["config"]["loss"] == loss
+    assert config["config"]["loss_params"] == {k: p.default for k, p in losses.params(loss).items()}
+    assert config["config"]["views"] == "both" and config["config"]["optimiser"] == "adamw"
     history = pd.read_csv(run / "history.csv")
     assert list(history.epoch) == [1] and np.isfinite(history.train_loss).all()
     assert ("val_head_auc" in history.columns) == losses.build(loss).uses_head
+    # what tells a failed run from a good one
+    assert np.isfinite(history.feature_spread).all() and np.isfinite(history.lr).all()
+    assert ("mined_triplets" in history.columns) == ("triplet" in loss)
+    assert ("positives_per_anchor" in history.columns) == (loss in ("supcon", "ce+supcon", "simclr"))
 
 
 def test_same_seed_same_weights_and_history_on_cpu(tiny: Path, tmp_path: Path) -> None:
@@ -69,8 +76,9 @@ def test_every_loss_sees_the_same_views(tiny: Path, monkeypatch: pytest.MonkeyPa
     for loss in ("ce", "triplet", "simclr"):
         model = train.build_model("small-cnn", 2, head=True, projector=True, seed=1)
         objective = losses.build(loss)
-        optimiser = torch.optim.Adam(model.parameters())
-        train.train_epoch(model, objective, optimiser, split, config, {"size": 32, "dim": 2}, 0,
+        optimiser = torch.optim.AdamW(model.parameters())
+        scheduler = train._schedule(optimiser, 10, 0.1)
+        train.train_epoch(model, objective, optimiser, scheduler, split, config, {"size": 32, "dim": 2}, 0,
                           torch.Generator().manual_seed(1), "cpu")  # fmt: skip
     views = list(seen.values())
     assert len(views) == 3
@@ -86,9 +94,29 @@ def test_test_splits_are_never_read(tiny: Path, tmp_path: Path, monkeypatch: pyt
         read.append(split)
         return original(root, split)
 
+    dfr_labels: list[np.ndarray] = []
+    original_dfr = train.fit_dfr
+
+    def dfr_spy(features, labels, **kw):
+        dfr_labels.append(np.asarray(labels))
+        return original_dfr(features, labels, **kw)
+
+    fitted_on: list[int] = []
+    original_fit = train.fit_readouts
+
+    def fit_spy(train_features, train_labels, val_features, val_labels, **kw):
+        fitted_on.extend([len(train_labels), len(val_labels)])
+        return original_fit(train_features, train_labels, val_features, val_labels, **kw)
+
     monkeypatch.setattr(train, "load_split", spy)
+    monkeypatch.setattr(train, "fit_dfr", dfr_spy)
+    monkeypatch.setattr(train, "fit_readouts", fit_spy)
     _run(tiny, tmp_path / "run")
-    assert sorted(set(read)) == ["train", "val"]
+    # val_balanced is read once, for dfr only; test splits never
+    assert sorted(read) == ["train", "val", "val_balanced"]
+    balanced = data.load_split(tiny, "val_balanced")[2]["label"].to_numpy()
+    assert len(dfr_labels) == 1 and np.array_equal(dfr_labels[0], balanced)
+    assert fitted_on == [24, 24, 24, 24]  # trained and untrained readouts: train and val only
 
 
 def test_nan_loss_stops_with_epoch_and_step(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -206,28 +206,47 @@ SELECT_HELP = (
 )
 
 
+VIEWS_HELP = (
+    "both: re-rendered nuisance, then flips/90° rotations/shifts (default; views cannot be matched by "
+    "their noise). augment: geometry only (the noise pattern matches: SimCLR can pair views without "
+    "looking at the lesion). rerender: new nuisance only (the geometry matches)."
+)
+LOSS_PARAM_HELP = (
+    "Loss parameter KEY=VALUE, repeatable: temperature (supcon, simclr, ce+supcon), margin "
+    "(contrastive, triplet, ce+triplet), weight (hybrids). Defaults and tuning ranges: losses.params()."
+)
+
+
 @app.command("train")
 def train_run(
     data_dir: Annotated[Path, typer.Argument(metavar="DATA_DIR", help="Dataset folder (train and val).")],
     loss: Annotated[str, typer.Option("--loss", help=f"One of: {', '.join(losses.names())}.")],
     out: Annotated[Path, typer.Option("--out", help="Run folder to create.")],
     encoder: Annotated[Encoder, typer.Option(help="Encoder architecture.")] = Encoder.small_cnn,
-    epochs: Annotated[int, typer.Option(help="Epochs (>= 1).")] = 10,
+    epochs: Annotated[int, typer.Option(help="Epochs (>= 1); warm-up then cosine decay.")] = training.DEFAULT_EPOCHS,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per batch (2 views each).")] = 128,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
-    seed: Annotated[int, typer.Option(help="Seeds weights, batch order and views.")] = 0,
-    views: Annotated[Views, typer.Option(help="augment (geometric) or rerender (new nuisance).")] = (
-        Views.augment
+    lr: Annotated[float, typer.Option(help="AdamW peak learning rate.")] = losses.OPTIMISER_PARAMS["lr"].default,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW decoupled weight decay.")] = (
+        losses.OPTIMISER_PARAMS["weight_decay"].default
     ),
+    loss_param: Annotated[list[str] | None, typer.Option("--loss-param", help=LOSS_PARAM_HELP)] = None,
+    seed: Annotated[int, typer.Option(help="Seeds weights, batch order and views.")] = 0,
+    views: Annotated[Views, typer.Option(help=VIEWS_HELP)] = Views.both,
     device: Annotated[Device, typer.Option(help="auto picks cuda when available.")] = Device.auto,
     select: Annotated[Selection, typer.Option("--select", help=SELECT_HELP)] = Selection.last,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's); recorded.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
 ) -> None:
-    """Train one encoder with one loss, fit its probe and kNN readouts, write the run folder."""
+    """Train one encoder with one loss, fit its readouts and their untrained controls, write the run folder."""
+    try:
+        params = losses.parse_params(loss, loss_param or []) if loss in losses.names() else {}
+    except ValueError as error:
+        raise training.TrainError(str(error)) from None
     with _progress() as bar:
-        run = training.train(data_dir, out, loss=loss, encoder=encoder.value, epochs=epochs,
-                             batch_size=batch_size, lr=lr, seed=seed, views=views.value, device=device.value,
-                             selection=select.value, force=force, progress=_StageBars(bar))  # fmt: skip
+        run = training.train(data_dir, out, loss=loss, encoder=encoder.value, epochs=epochs, batch_size=batch_size,
+                             lr=lr, weight_decay=weight_decay, loss_params=params, seed=seed, views=views.value,
+                             device=device.value, selection=select.value, threads=threads, force=force,
+                             progress=_StageBars(bar))  # fmt: skip
     console.print(f"wrote {run}")
 
 
@@ -237,9 +256,17 @@ def evaluate(
     data_dir: Annotated[Path, typer.Argument(metavar="DATA_DIR", help="Dataset folder.")],
     device: Annotated[Device, typer.Option(help="auto picks cuda when available.")] = Device.auto,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 256,
+    out: Annotated[Path | None, typer.Option("--out", help=(
+        "Folder to create for the tables (needed when DATA_DIR is not the run's own dataset).")
+    )] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out folder.")] = False,
 ) -> None:
-    """Score a run on every split but train (head, probe, kNN); write RUN_DIR/metrics.csv."""
+    """Score a run on every split but train and val_balanced; write metrics.csv and evaluation.json.
+
+    Classifiers: head, probe, knn (fitted on train), dfr (fitted on val_balanced: a feature-quality
+    oracle), and probe_init, knn_init (the untrained encoder: what the input alone gives away).
+    """
     frame = metrics.evaluate_run(run_dir, data_dir, device=training.resolve_device(device.value),
-                                 batch_size=batch_size)  # fmt: skip
+                                 batch_size=batch_size, out=out, force=force)  # fmt: skip
     console.print(metrics.metrics_table(frame, title=f"{run_dir} · threshold {metrics.THRESHOLD:g}"))
-    console.print(f"wrote {run_dir / metrics.METRICS_FILE}")
+    console.print(f"wrote {(out or run_dir) / metrics.METRICS_FILE}")

@@ -31,13 +31,21 @@ L2-normalises them where its formula says so. Notation: ``z_i = e_i / ||e_i||``,
 
 A loss that finds nothing to score (no pair, no positive, no mined triplet) returns a finite
 zero that still has a ``grad_fn`` when its input requires grad, so ``backward()`` never fails.
+After each call ``objective.stats`` holds what tells a failed run from a good one: the number of
+mined triplets (``triplet``), the mean number of positives per anchor (``supcon``, ``simclr``).
+
+One registry holds every tunable number with its default and its tuning range: each loss's
+parameters (``names``, ``params``) and the optimiser's (``OPTIMISER_PARAMS``: AdamW learning
+rate and weight decay). ``draw_params`` draws a configuration for a tuning budget, each
+parameter from its own seed (DomainBed's ``seed_hash`` habit), so adding one leaves the others.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +83,10 @@ class Objective(torch.nn.Module):
     uses_head: bool = False
     uses_embeddings: bool = True
     uses_labels: bool = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stats: dict[str, float] = {}
 
     def forward(
         self, embeddings: Tensor | None, labels: Tensor, logits: Tensor | None = None
@@ -126,21 +138,47 @@ def _zero_like(x: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
+class Param:
+    """A tunable number: its default and the range a tuning draw comes from.
+
+    Attributes:
+        default: the value used when nothing is set (budget 1 = defaults).
+        low, high: the tuning range (inclusive).
+        log: draw log-uniformly (for scales such as a learning rate).
+    """
+
+    default: float
+    low: float
+    high: float
+    log: bool = False
+
+    def draw(self, u: float) -> float:
+        """The value at quantile ``u`` in [0, 1) of the tuning range."""
+        if self.log:
+            return float(math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low))))
+        return float(self.low + u * (self.high - self.low))
+
+
+@dataclass(frozen=True)
 class _Entry:
     factory: Callable[..., Objective]
-    defaults: dict[str, float]
+    params: dict[str, Param]
 
 
 _LOSSES: dict[str, _Entry] = {}
 
+OPTIMISER_PARAMS: dict[str, Param] = {
+    "lr": Param(1e-3, 1e-4, 3e-3, log=True),
+    "weight_decay": Param(0.0, 1e-6, 1e-2, log=True),
+}
+"""AdamW's learning rate and decoupled weight decay (0 by default, tunable by a study)."""
 
-def _register(
-    name: str, **defaults: float
-) -> Callable[[Callable[..., Objective]], Callable[..., Objective]]:
-    """Add a loss factory to the registry under ``name`` with its parameter defaults."""
+
+def _register(name: str, **params: Param) -> Callable[[Callable[..., Objective]], Callable[..., Objective]]:
+    """Add a loss factory to the registry under ``name`` with its tunable parameters."""
 
     def add(factory: Callable[..., Objective]) -> Callable[..., Objective]:
-        _LOSSES[name] = _Entry(factory, dict(defaults))
+        _LOSSES[name] = _Entry(factory, dict(params))
         return factory
 
     return add
@@ -213,6 +251,8 @@ class SemiHardTriplet(Objective):
 
     def compute(self, embeddings: Tensor | None, labels: Tensor, logits: Tensor | None) -> Tensor:
         triplets = self.miner(embeddings, labels)
+        # a collapsed embedding mines nothing and reads 0: the count is what shows it
+        self.stats = {"mined_triplets": float(triplets[0].numel())}
         if triplets[0].numel() == 0:
             return _zero_like(embeddings)
         return self.loss(embeddings, labels, triplets)
@@ -238,6 +278,7 @@ class SupCon(Objective):
         positive = (labels[:, None] == labels[None, :]) & ~self_mask
         n_positive = positive.sum(dim=1)
         anchors = n_positive > 0
+        self.stats = {"positives_per_anchor": float(n_positive.float().mean())}
         if not bool(anchors.any()):
             return _zero_like(embeddings)
         z = F.normalize(embeddings, dim=1)
@@ -284,7 +325,9 @@ class CrossEntropyPlusMetric(Objective):
 
     def compute(self, embeddings: Tensor | None, labels: Tensor, logits: Tensor | None) -> Tensor:
         ce = self.ce.compute(None, labels, logits)
-        return ce + self.weight * self.metric.compute(embeddings, labels, None)
+        total = ce + self.weight * self.metric.compute(embeddings, labels, None)
+        self.stats = dict(self.metric.stats)
+        return total
 
 
 @_register("ce")
@@ -292,32 +335,37 @@ def _ce() -> Objective:
     return CrossEntropy()
 
 
-@_register("contrastive", margin=CONTRASTIVE_MARGIN)
+_MARGIN_RANGE = (0.05, 1.0)
+_TEMPERATURE_RANGE = (0.05, 1.0)
+_WEIGHT = Param(HYBRID_WEIGHT, 0.01, 1.0, log=True)
+
+
+@_register("contrastive", margin=Param(CONTRASTIVE_MARGIN, 0.5, 1.5))
 def _contrastive(margin: float) -> Objective:
     return HadsellContrastive(margin=margin)
 
 
-@_register("triplet", margin=TRIPLET_MARGIN)
+@_register("triplet", margin=Param(TRIPLET_MARGIN, *_MARGIN_RANGE, log=True))
 def _triplet(margin: float) -> Objective:
     return SemiHardTriplet(margin=margin)
 
 
-@_register("supcon", temperature=SUPCON_TEMPERATURE)
+@_register("supcon", temperature=Param(SUPCON_TEMPERATURE, *_TEMPERATURE_RANGE, log=True))
 def _supcon(temperature: float) -> Objective:
     return SupCon(temperature=temperature)
 
 
-@_register("simclr", temperature=SIMCLR_TEMPERATURE)
+@_register("simclr", temperature=Param(SIMCLR_TEMPERATURE, *_TEMPERATURE_RANGE, log=True))
 def _simclr(temperature: float) -> Objective:
     return NTXent(temperature=temperature)
 
 
-@_register("ce+supcon", weight=HYBRID_WEIGHT, temperature=SUPCON_TEMPERATURE)
+@_register("ce+supcon", weight=_WEIGHT, temperature=Param(SUPCON_TEMPERATURE, *_TEMPERATURE_RANGE, log=True))
 def _ce_supcon(weight: float, temperature: float) -> Objective:
     return CrossEntropyPlusMetric(SupCon(temperature=temperature), weight=weight)
 
 
-@_register("ce+triplet", weight=HYBRID_WEIGHT, margin=TRIPLET_MARGIN)
+@_register("ce+triplet", weight=_WEIGHT, margin=Param(TRIPLET_MARGIN, *_MARGIN_RANGE, log=True))
 def _ce_triplet(weight: float, margin: float) -> Objective:
     return CrossEntropyPlusMetric(SemiHardTriplet(margin=margin), weight=weight)
 
@@ -327,12 +375,87 @@ def names() -> list[str]:
     return list(_LOSSES)
 
 
-def build(name: str, **params: float) -> Objective:
+def params(name: str) -> dict[str, Param]:
+    """The tunable parameters of loss ``name`` (without the optimiser's), by name."""
+    if name not in _LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose from {', '.join(_LOSSES)}")
+    return dict(_LOSSES[name].params)
+
+
+def check_params(name: str, values: dict[str, float]) -> dict[str, float]:
+    """Validate loss parameters; return them as floats.
+
+    Raises:
+        ValueError: unknown loss, a parameter the loss does not take, or a value that is not a
+            positive finite number.
+    """
+    known = params(name)
+    checked = {}
+    for key, value in values.items():
+        if key not in known:
+            takes = ", ".join(known) or "none"
+            raise ValueError(f"loss {name!r} takes no parameter {key!r} (it takes: {takes})")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"loss {name!r}: parameter {key!r} must be a positive finite number, got {value!r}")
+        checked[key] = float(value)
+    return checked
+
+
+def parse_params(name: str, items: Iterable[str], flag: str = "--loss-param") -> dict[str, float]:
+    """Parse ``KEY=VALUE`` strings (the command line's ``--loss-param``) for loss ``name``.
+
+    Raises:
+        ValueError: a malformed item, a repeated key, or what :func:`check_params` refuses; the
+            message names ``flag`` and the key.
+    """
+    found: dict[str, float] = {}
+    for item in items:
+        key, sep, text = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"{flag} {item!r}: expected KEY=VALUE")
+        if key in found:
+            raise ValueError(f"{flag} {key}: given twice")
+        try:
+            found[key] = float(text)
+        except ValueError:
+            raise ValueError(f"{flag} {key}: {text!r} is not a number") from None
+    try:
+        return check_params(name, found)
+    except ValueError as error:
+        raise ValueError(f"{flag}: {error}") from None
+
+
+def _unit(*key: object) -> float:
+    """A uniform number in [0, 1) from ``key`` alone (no global RNG state)."""
+    digest = hashlib.sha256(":".join(map(str, key)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def draw_params(name: str, draw: int, seed: int = 0) -> dict[str, float]:
+    """One tuning draw for loss ``name``: its parameters and the optimiser's.
+
+    Draw 0 is the defaults (a budget of 1 trains the defaults). Draw ``k > 0`` takes each
+    parameter from its tuning range with its own seed ``(seed, k, parameter)``, so adding a
+    parameter does not move the others.
+
+    Returns:
+        ``{parameter: value}``, the optimiser's (``lr``, ``weight_decay``) included.
+    """
+    if draw < 0:
+        raise ValueError(f"draw must be >= 0, got {draw}")
+    space = {**OPTIMISER_PARAMS, **params(name)}
+    if draw == 0:
+        return {key: p.default for key, p in space.items()}
+    return {key: p.draw(_unit(seed, draw, key)) for key, p in space.items()}
+
+
+def build(name: str, **values: float) -> Objective:
     """Build a loss by name.
 
     Args:
         name: One of :func:`names`.
-        **params: ``margin`` (contrastive, triplet, ce+triplet), ``temperature`` (supcon,
+        **values: ``margin`` (contrastive, triplet, ce+triplet), ``temperature`` (supcon,
             simclr, ce+supcon), ``weight`` (hybrids); each a positive finite number.
 
     Returns:
@@ -341,22 +464,5 @@ def build(name: str, **params: float) -> Objective:
     Raises:
         ValueError: Unknown loss, a parameter the loss does not take, or a bad value.
     """
-    if name not in _LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose from {', '.join(_LOSSES)}")
-    entry = _LOSSES[name]
-    values = dict(entry.defaults)
-    for key, value in params.items():
-        if key not in entry.defaults:
-            takes = ", ".join(entry.defaults) or "none"
-            raise ValueError(f"loss {name!r} takes no parameter {key!r} (it takes: {takes})")
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, numbers.Real)
-            or not math.isfinite(value)
-            or value <= 0
-        ):
-            raise ValueError(
-                f"loss {name!r}: parameter {key!r} must be a positive finite number, got {value!r}"
-            )
-        values[key] = float(value)
-    return entry.factory(**values)
+    resolved = {key: p.default for key, p in params(name).items()} | check_params(name, values)
+    return _LOSSES[name].factory(**resolved)

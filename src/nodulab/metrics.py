@@ -2,10 +2,21 @@
 
 Malignant (label 1) is the positive class; a sample is called malignant when
 P(malignant) >= 0.5. A run folder (``nodulab.train``) holds ``config.json`` (with its ``run_format``),
-``model.safetensors`` (``models.save_model``) and ``readouts.safetensors``
-(``readouts.Readouts.save``); ``evaluate_run`` scores every split of a
-dataset except ``train`` with the model's own head (if any), the linear probe and the kNN
-readout, and writes the long table ``metrics.csv`` (split, classifier, metric, value).
+``model.safetensors`` (``models.save_model``), ``readouts.safetensors`` and
+``readouts_init.safetensors`` (``readouts.Readouts.save``). ``evaluate_run`` scores every split
+of a dataset except ``train`` and ``val_balanced`` with every classifier the run has:
+
+- ``head``: the model's own head (losses that have one);
+- ``probe``, ``knn``: the frozen encoder's readouts fitted on ``train``;
+- ``dfr``: a probe fitted on ``val_balanced`` (a feature-quality oracle: it sees the confound
+  groups balanced), when the dataset had that split;
+- ``probe_init``, ``knn_init``: the same readouts on the untrained encoder of the same seed,
+  the control for what the input alone gives away.
+
+It writes the long table ``metrics.csv`` (split, classifier, metric, value) and
+``evaluation.json`` (the dataset scored, by manifest hash; the threshold rule; the thread count).
+The run's own folder holds the evaluation of the dataset it was trained on; another dataset of
+the same image geometry is scored into a folder of its own (``out``).
 """
 
 from __future__ import annotations
@@ -19,25 +30,33 @@ import pandas as pd
 import torch
 from rich.table import Table
 
-from nodulab.data import float_text, load_manifest, load_split, write_atomically
-from nodulab.models import load_model
+from nodulab import __version__
+from nodulab.data import dump_json, float_text, load_manifest, load_split, sha256_file, staged, write_atomically
+from nodulab.models import build_model, load_model, state_sha256
 from nodulab.readouts import extract, load_readouts
+from nodulab.scenarios import BALANCED_SPLIT
 
 METRICS = ("accuracy", "sensitivity", "specificity", "balanced_accuracy", "auc")
-CLASSIFIERS = ("head", "probe", "knn")
+CLASSIFIERS = ("head", "probe", "knn", "dfr", "probe_init", "knn_init")
 COLUMNS = ("split", "classifier", "metric", "value")
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 READOUTS_FILE = "readouts.safetensors"
+READOUTS_INIT_FILE = "readouts_init.safetensors"
 METRICS_FILE = "metrics.csv"
+EVALUATION_FILE = "evaluation.json"
 THRESHOLD = 0.5
+UNSCORED_SPLITS = ("train", BALANCED_SPLIT)
+"""Never scored: ``train`` fits the readouts, ``val_balanced`` fits ``dfr``."""
 HEADERS = {"accuracy": "acc", "sensitivity": "sens", "specificity": "spec", "balanced_accuracy": "bal acc",
            "auc": "AUC"}  # fmt: skip
 """Short column headers of ``metrics_table`` (the table fits 80 columns)."""
 
 
-RUN_FORMAT = 1
-"""Version of a run folder's layout (written by ``train``); ``evaluate`` refuses another."""
+RUN_FORMAT = 2
+"""Version of a run folder's layout (written by ``train``); ``evaluate`` refuses another.
+2: ``readouts_init.safetensors``, ``dfr`` in the readouts, ``threads`` and ``init_sha256`` in
+``config.json``."""
 
 
 class RunError(ValueError):
@@ -101,12 +120,24 @@ def read_run_format(path: Path) -> object:
         return None
 
 
-def _check_run_format(path: Path) -> None:
+def read_run_config(path: Path) -> dict:
+    """A run's ``config.json``, checked to be of this run format.
+
+    Raises:
+        RunError: unreadable, not a run config, or another run format.
+    """
     found = read_run_format(path)
     if found is None:
         raise RunError(f"{path}: not a run config (unreadable JSON)")
     if found != RUN_FORMAT:
         raise RunError(f"{path}: run format {found!r}, this nodulab reads {RUN_FORMAT}")
+    record = json.loads(Path(path).read_text(encoding="utf-8"))
+    try:
+        dataset, config = record["dataset"], record["config"]
+        _ = (dataset["image"], dataset["manifest_sha256"], config["seed"], record["threads"])
+    except (KeyError, TypeError) as error:
+        raise RunError(f"{path}: incomplete run config (missing {error})") from None
+    return record
 
 
 def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
@@ -115,52 +146,124 @@ def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
                                                     float_format=float_text))  # fmt: skip
 
 
+def _check_dataset(record: dict, manifest: dict, data_dir: Path) -> bool:
+    """Refuse a dataset of another image geometry; say whether it is the run's own dataset."""
+    trained, found = record["dataset"]["image"], manifest.get("image", {})
+    for key in ("dim", "size", "pixel_mm"):
+        if found.get(key) != trained.get(key):
+            raise RunError(f"DATA_DIR {data_dir}: image {key} is {found.get(key)!r}, the run was trained "
+                           f"on {trained.get(key)!r} (geometry must match)")  # fmt: skip
+    return sha256_file(data_dir / "dataset.json") == record["dataset"]["manifest_sha256"]
+
+
+def _init_model(record: dict, model_architecture: dict, device: torch.device | str) -> torch.nn.Module:
+    """The run's untrained encoder, rebuilt from its seed and checked against ``init_sha256``."""
+    model = build_model(**model_architecture, seed=int(record["config"]["seed"]))
+    if record.get("init_sha256") != state_sha256(model):
+        raise RunError("the untrained encoder rebuilt from the run's seed differs from the one it was trained "
+                       "from (another torch version?); its _init controls cannot be scored")  # fmt: skip
+    return model.to(device).eval()
+
+
+def _scores(model: torch.nn.Module, readouts: object, images: np.ndarray, *, suffix: str, batch_size: int,
+            device: torch.device | str) -> dict[str, np.ndarray]:  # fmt: skip
+    """P(malignant) of every classifier of one encoder: its head (if any) and its readouts."""
+    out = extract(model, images, batch_size=batch_size, device=device)
+    scores = {"head": out["head"]} if "head" in out and not suffix else {}
+    scores.update(readouts.predict(out["features"]))
+    return {name + suffix: p for name, p in scores.items()}
+
+
 def evaluate_run(
-    run_dir: Path, data_dir: Path, *, device: torch.device | str = "cpu", batch_size: int = 256
+    run_dir: Path,
+    data_dir: Path,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    out: Path | None = None,
+    force: bool = False,
 ) -> pd.DataFrame:
-    """Score a trained run on every split of a dataset except ``train``.
+    """Score a trained run on every split of a dataset except ``train`` and ``val_balanced``.
+
+    The thread count is set to the run's (``config.json``) while scoring, so CPU numbers are
+    bit-identical to those of any other evaluation of the same run.
 
     Args:
-        run_dir: holds ``config.json`` (this run format), ``model.safetensors`` and
-            ``readouts.safetensors``; ``metrics.csv`` is written (replaced) there, atomically.
-        data_dir: dataset folder.
+        run_dir: holds ``config.json`` (this run format), ``model.safetensors``,
+            ``readouts.safetensors`` and ``readouts_init.safetensors``.
+        data_dir: dataset folder, of the same image geometry as the run's.
         device: where the network runs.
         batch_size: images per forward pass.
+        out: where ``metrics.csv`` and ``evaluation.json`` go. Default: the run folder, allowed
+            only for the dataset the run was trained on (same manifest hash); another dataset
+            needs a folder of its own, created atomically.
+        force: replace an existing ``out`` folder.
 
     Returns:
         Long frame with columns ``split, classifier, metric, value``; splits ``val`` first, then
-        the others by name; classifiers ``head`` (only if the model has one), ``probe``, ``knn``;
-        metrics ``METRICS``.
+        the others by name; classifiers in ``CLASSIFIERS`` order, those the run has; metrics
+        ``METRICS``.
 
     Raises:
-        RunError: a run file is missing, unreadable or of another run format (a
-            ``ValueError``; ``DatasetError`` for the dataset).
+        RunError: a run file is missing, unreadable or of another run format, the dataset's
+            geometry differs, or another dataset would overwrite the run's own evaluation
+            (a ``ValueError``; ``DatasetError`` for the dataset).
     """
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     if not run_dir.is_dir():
         raise RunError(f"run folder {run_dir} does not exist")
-    paths = [_require(run_dir / name) for name in (CONFIG_FILE, MODEL_FILE, READOUTS_FILE)]
-    _check_run_format(paths[0])
+    paths = [_require(run_dir / name) for name in (CONFIG_FILE, MODEL_FILE, READOUTS_FILE, READOUTS_INIT_FILE)]
+    record = read_run_config(paths[0])
     manifest = load_manifest(data_dir)
+    own = _check_dataset(record, manifest, data_dir)
+    if out is None and not own:
+        raise RunError(f"DATA_DIR {data_dir} is not the dataset this run was trained on: pass --out FOLDER "
+                       "(the run folder keeps the evaluation of its own dataset)")  # fmt: skip
+    if out is not None and Path(out).exists() and not force:
+        raise RunError(f"--out {out} already exists (use --force to replace it)")
     try:
-        model, _ = load_model(paths[1], device=device)
-        readouts = load_readouts(paths[2])
+        model, architecture = load_model(paths[1], device=device)
+        readouts, readouts_init = load_readouts(paths[2]), load_readouts(paths[3])
     except ValueError as error:  # not safetensors, not ours, another checkpoint format
         raise RunError(str(error)) from None
-    rows = []
-    splits = sorted((name for name in manifest["splits"] if name != "train"), key=lambda s: (s != "val", s))
-    for split in splits:
-        images, _, factors = load_split(data_dir, split)
-        labels = factors["label"].to_numpy(dtype=np.int64)
-        out = extract(model, images, batch_size=batch_size, device=device)
-        scores = {"head": out["head"]} if "head" in out else {}
-        scores.update(readouts.predict(out["features"]))
-        for classifier in CLASSIFIERS:
-            if classifier in scores:
-                for metric, value in binary_metrics(labels, scores[classifier]).items():
-                    rows.append((split, classifier, metric, float(value)))
+    architecture = architecture["architecture"]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(record["threads"]))
+    try:
+        init = _init_model(record, architecture, device)
+        rows = []
+        splits = sorted((s for s in manifest["splits"] if s not in UNSCORED_SPLITS), key=lambda s: (s != "val", s))
+        for split in splits:
+            images, _, factors = load_split(data_dir, split)
+            labels = factors["label"].to_numpy(dtype=np.int64)
+            scores = _scores(model, readouts, images, suffix="", batch_size=batch_size, device=device)
+            scores |= _scores(init, readouts_init, images, suffix="_init", batch_size=batch_size, device=device)
+            for classifier in CLASSIFIERS:
+                if classifier in scores:
+                    for metric, value in binary_metrics(labels, scores[classifier]).items():
+                        rows.append((split, classifier, metric, float(value)))
+    finally:
+        torch.set_num_threads(previous)
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
-    _write_csv_atomic(frame, run_dir / METRICS_FILE)
+    evaluation = {
+        "nodulab_version": __version__,
+        "run_format": RUN_FORMAT,
+        "dataset": {"manifest_sha256": sha256_file(data_dir / "dataset.json"), "trained_on": own,
+                    "scenario": manifest.get("scenario", {}).get("name"), "seed": manifest.get("seed"),
+                    "image": manifest.get("image")},  # fmt: skip
+        "splits": splits,
+        "classifiers": list(dict.fromkeys(frame["classifier"])),
+        "threshold": {"rule": "fixed", "value": THRESHOLD},
+        "threads": int(record["threads"]),
+        "device": str(device),
+    }
+    if out is None:
+        _write_csv_atomic(frame, run_dir / METRICS_FILE)
+        write_atomically(run_dir / EVALUATION_FILE, lambda tmp: Path(tmp).write_text(dump_json(evaluation)))
+    else:
+        with staged(Path(out), force=force) as tmp:
+            _write_csv_atomic(frame, tmp / METRICS_FILE)
+            (tmp / EVALUATION_FILE).write_text(dump_json(evaluation))
     return frame
 
 

@@ -267,6 +267,21 @@ def freeze(model: NoduleNet, frozen: bool = True) -> NoduleNet:
     return model.train(model.training)
 
 
+def state_sha256(model: nn.Module) -> str:
+    """Hex sha256 of a network's parameters and buffers (names, dtypes, shapes, bytes; sorted).
+
+    Identifies initial weights that are rebuilt from a seed instead of stored.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of scalar parameters (all, or only those with ``requires_grad``)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

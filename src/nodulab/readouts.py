@@ -10,8 +10,16 @@ train features:
   toward the smaller C. ``val`` shares the training distribution, so a val-chosen C may favour
   shortcuts as much as training does; it is the same rule for every loss, and the test splits
   are never read.
-- **kNN**: cosine similarity, k = 20 by default; P(malignant) is the malignant fraction among
+  C values whose fit stopped at the iteration limit are recorded; a warning is raised only
+  when the chosen C did (separable features at a large C never converge: that is expected).
+- **kNN**: cosine similarity, k = 21 by default and always odd (the largest odd number up to
+  ``min(k, N)``), so the two classes never tie; P(malignant) is the malignant fraction among
   the k most similar train samples, ties in similarity broken by the lower train index.
+- **DFR** (``fit_dfr``): Deep Feature Reweighting (Kirichenko et al. 2022), a logistic probe
+  fitted on a group-balanced held-out split (``val_balanced``), C chosen by stratified 5-fold
+  cross-validation inside that split. It sees the confound groups balanced, so it measures what
+  the features contain apart from what the head uses: a feature-quality oracle, not the
+  model's own behaviour.
 
 ``Readouts`` are saved as safetensors (arrays) with JSON metadata, never pickled.
 """
@@ -33,10 +41,11 @@ from nodulab.data import hu_to_input, write_atomically
 from nodulab.models import NoduleNet, read_record
 
 READOUTS_FORMAT = "nodulab-readouts/1"
-KNN_K = 20
+KNN_K = 21
 PROBE_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 PROBE_MAX_ITER = 5000
 SCALE_FLOOR = 1e-6
+DFR_FOLDS = 5
 NORM_EPS = 1e-12
 _METADATA_KEY = "nodulab"
 _QUERY_BLOCK = 1024
@@ -157,7 +166,43 @@ def knn_neighbours(bank: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+def odd_k(k: int, n: int) -> int:
+    """The kNN's k: the largest odd number up to ``min(k, n)``, so two classes never tie."""
+    k = min(int(k), int(n))
+    if k < 1:
+        raise ValueError(f"knn: need k >= 1 and a non-empty bank, got k={k}, n={n}")
+    return k if k % 2 else k - 1 if k > 1 else 1
+
+
+def _linear_p(features: np.ndarray, mean: np.ndarray, scale: np.ndarray, coef: np.ndarray,
+              intercept: float) -> np.ndarray:  # fmt: skip
+    """P(malignant) of a logistic probe on standardised features, ``(M,)`` float64."""
+    z = (np.asarray(features, dtype=np.float64) - mean) / scale
+    return expit(z @ coef + intercept)
+
+
 # ----------------------------------------------------------------------------- readouts
+@dataclass
+class LinearProbe:
+    """A logistic probe on standardised features (used for ``dfr``).
+
+    Attributes:
+        coef: ``(E,)`` weights. intercept: bias. mean, scale: ``(E,)`` standardisation.
+        c: the chosen inverse regularisation strength. converged: whether its fit converged.
+    """
+
+    coef: np.ndarray
+    intercept: float
+    mean: np.ndarray
+    scale: np.ndarray
+    c: float
+    converged: bool = True
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """P(malignant), ``(M,)`` float64."""
+        return _linear_p(features, self.mean, self.scale, self.coef, self.intercept)
+
+
 @dataclass
 class Readouts:
     """A fitted linear probe and kNN classifier on one encoder's features.
@@ -171,6 +216,8 @@ class Readouts:
         knn_labels: ``(N,)`` train labels (1 = malignant).
         knn_k: neighbours per query (at most N).
         probe_val_scores: ``(C, val balanced accuracy)`` for every C tried.
+        probe_not_converged: the C values whose fit stopped at the iteration limit.
+        dfr: the DFR probe fitted on ``val_balanced``, or None when the dataset has none.
     """
 
     probe_coef: np.ndarray
@@ -182,11 +229,12 @@ class Readouts:
     knn_labels: np.ndarray
     knn_k: int
     probe_val_scores: list[tuple[float, float]] = field(default_factory=list)
+    probe_not_converged: list[float] = field(default_factory=list)
+    dfr: LinearProbe | None = None
 
     def predict_probe(self, features: np.ndarray) -> np.ndarray:
         """Linear-probe P(malignant); ``features`` ``(M, E)`` -> ``(M,)`` float64."""
-        z = (np.asarray(features, dtype=np.float64) - self.probe_mean) / self.probe_scale
-        return expit(z @ self.probe_coef + self.probe_intercept)
+        return _linear_p(features, self.probe_mean, self.probe_scale, self.probe_coef, self.probe_intercept)
 
     def predict_knn(self, features: np.ndarray) -> np.ndarray:
         """kNN P(malignant): malignant fraction of the k nearest train samples, ``(M,)``."""
@@ -194,18 +242,21 @@ class Readouts:
         return (self.knn_labels[neighbours] == 1).mean(axis=1, dtype=np.float64)
 
     def predict(self, features: np.ndarray) -> dict[str, np.ndarray]:
-        """Both readouts.
+        """Every readout: probe, kNN, and DFR when fitted.
 
         Args:
             features: ``(M, E)`` encoder features (``extract(...)["features"]``).
 
         Returns:
-            ``{"probe": (M,), "knn": (M,)}`` P(malignant), float64.
+            ``{"probe": (M,), "knn": (M,)}`` (plus ``"dfr"``) P(malignant), float64.
         """
         features = np.asarray(features)
         if features.ndim != 2 or features.shape[1] != len(self.probe_coef):
             raise ValueError(f"readouts: expected features (M, {len(self.probe_coef)}), got {features.shape}")
-        return {"probe": self.predict_probe(features), "knn": self.predict_knn(features)}
+        out = {"probe": self.predict_probe(features), "knn": self.predict_knn(features)}
+        if self.dfr is not None:
+            out["dfr"] = self.dfr.predict(features)
+        return out
 
     def save(self, path: Path | str) -> None:
         """Write a safetensors file (arrays) with JSON metadata; atomic (temp file + rename)."""
@@ -221,8 +272,14 @@ class Readouts:
             "probe_intercept": float(self.probe_intercept),
             "probe_c": float(self.probe_c),
             "probe_val_scores": [[float(c), float(s)] for c, s in self.probe_val_scores],
+            "probe_not_converged": [float(c) for c in self.probe_not_converged],
             "knn_k": int(self.knn_k),
         }
+        if self.dfr is not None:
+            for name in ("coef", "mean", "scale"):
+                tensors[f"dfr_{name}"] = np.ascontiguousarray(getattr(self.dfr, name), dtype=np.float64)
+            record["dfr"] = {"intercept": float(self.dfr.intercept), "c": float(self.dfr.c),
+                             "converged": bool(self.dfr.converged)}  # fmt: skip
         metadata = {_METADATA_KEY: json.dumps(record, sort_keys=True)}
         write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -235,6 +292,10 @@ def load_readouts(path: Path | str) -> Readouts:
     """
     record = read_record(path, READOUTS_FORMAT, "readouts file")
     arrays = load_file(str(path))
+    dfr = None
+    if "dfr" in record:
+        dfr = LinearProbe(arrays["dfr_coef"], float(record["dfr"]["intercept"]), arrays["dfr_mean"],
+                          arrays["dfr_scale"], float(record["dfr"]["c"]), bool(record["dfr"]["converged"]))  # fmt: skip
     return Readouts(
         probe_coef=arrays["probe_coef"],
         probe_intercept=float(record["probe_intercept"]),
@@ -245,7 +306,16 @@ def load_readouts(path: Path | str) -> Readouts:
         knn_labels=arrays["knn_labels"],
         knn_k=int(record["knn_k"]),
         probe_val_scores=[(float(c), float(s)) for c, s in record["probe_val_scores"]],
+        probe_not_converged=[float(c) for c in record.get("probe_not_converged", [])],
+        dfr=dfr,
     )
+
+
+def _balanced_accuracy(labels: np.ndarray, p_malignant: np.ndarray) -> float:
+    """Balanced accuracy at the 0.5 threshold (``metrics.THRESHOLD``), both classes present."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    return float(balanced_accuracy_score(labels, (p_malignant >= 0.5).astype(np.int64)))
 
 
 def _check_labelled(features: np.ndarray, labels: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -259,18 +329,19 @@ def _check_labelled(features: np.ndarray, labels: np.ndarray, name: str) -> tupl
     return x, y
 
 
-def _fit_probe(x: np.ndarray, y: np.ndarray, c: float, seed: int) -> tuple[np.ndarray, float]:
-    """Logistic regression on standardised train features; ``(coef (E,), intercept)``."""
+def _fit_probe(x: np.ndarray, y: np.ndarray, c: float, seed: int) -> tuple[np.ndarray, float, bool]:
+    """Logistic regression on standardised train features; ``(coef (E,), intercept, converged)``."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
     probe = LogisticRegression(C=c, solver="lbfgs", max_iter=PROBE_MAX_ITER, random_state=seed)
     with warnings.catch_warnings():
         # separable features with a large C have their optimum at infinity: lbfgs stops at
-        # max_iter with a classifier that already separates, which is all a probe needs
+        # max_iter with a classifier that already separates; recorded, warned only if chosen
         warnings.simplefilter("ignore", ConvergenceWarning)
         probe.fit(x, y)
-    return probe.coef_[0].astype(np.float64), float(probe.intercept_[0])
+    converged = int(np.max(probe.n_iter_)) < PROBE_MAX_ITER
+    return probe.coef_[0].astype(np.float64), float(probe.intercept_[0]), converged
 
 
 def fit_readouts(
@@ -303,8 +374,6 @@ def fit_readouts(
     Returns:
         The fitted ``Readouts``.
     """
-    from nodulab.metrics import binary_metrics  # scoring lives in metrics
-
     x_train, y_train = _check_labelled(train_features, train_labels, "train")
     x_val, y_val = _check_labelled(val_features, val_labels, "val")
     if x_val.shape[1] != x_train.shape[1]:
@@ -317,15 +386,20 @@ def fit_readouts(
     scale = np.maximum(x_train.std(axis=0), SCALE_FLOOR)
     standardised = (x_train - mean) / scale
     scores: list[tuple[float, float]] = []
+    not_converged: list[float] = []
     best: tuple[float, float, np.ndarray, float] | None = None  # (score, C, coef, intercept)
     for c in sorted(float(c) for c in cs):  # ascending: a strict ">" keeps the smaller C on ties
-        coef, intercept = _fit_probe(standardised, y_train, c, seed)
-        p_val = expit(((x_val - mean) / scale) @ coef + intercept)
-        score = binary_metrics(y_val, p_val)["balanced_accuracy"]
+        coef, intercept, converged = _fit_probe(standardised, y_train, c, seed)
+        if not converged:
+            not_converged.append(c)
+        score = _balanced_accuracy(y_val, _linear_p(x_val, mean, scale, coef, intercept))
         scores.append((c, score))
         if best is None or score > best[0]:
             best = (score, c, coef, intercept)
     assert best is not None
+    if best[1] in not_converged:
+        warnings.warn(f"linear probe: the chosen C = {best[1]:g} stopped at the iteration limit "
+                      f"({PROBE_MAX_ITER})", stacklevel=2)  # fmt: skip
     return Readouts(
         probe_coef=best[2],
         probe_intercept=best[3],
@@ -334,6 +408,51 @@ def fit_readouts(
         probe_c=best[1],
         knn_bank=l2_normalise(x_train).astype(np.float32),
         knn_labels=y_train,
-        knn_k=min(int(knn_k), len(x_train)),
+        knn_k=odd_k(knn_k, len(x_train)),
         probe_val_scores=scores,
+        probe_not_converged=not_converged,
     )
+
+
+def fit_dfr(
+    features: np.ndarray, labels: np.ndarray, *, cs: Sequence[float] = PROBE_CS, seed: int = 0
+) -> LinearProbe:
+    """Deep Feature Reweighting: a logistic probe fitted on a group-balanced split.
+
+    Features are standardised on that split; C is chosen from ``cs`` by stratified
+    ``DFR_FOLDS``-fold cross-validation (balanced accuracy, ties toward the smaller C) inside
+    the same split (the same lbfgs fit as the train probe), then refitted on all of it. Fit it on ``val_balanced`` only:
+    never on a split it is scored on.
+
+    Args:
+        features: ``(N, E)`` frozen-encoder features of the balanced split.
+        labels: ``(N,)`` 0/1, both classes with at least ``DFR_FOLDS`` samples each.
+        cs: the C values tried. seed: seeds the fold assignment and the solver.
+
+    Returns:
+        The fitted :class:`LinearProbe`.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    x, y = _check_labelled(features, labels, "dfr")
+    if np.bincount(y, minlength=2).min() < DFR_FOLDS:
+        raise ValueError(f"fit_dfr: each class needs at least {DFR_FOLDS} samples for {DFR_FOLDS}-fold CV")
+    mean = x.mean(axis=0)
+    scale = np.maximum(x.std(axis=0), SCALE_FLOOR)
+    z = (x - mean) / scale
+    folds = list(StratifiedKFold(DFR_FOLDS, shuffle=True, random_state=seed).split(z, y))
+    best: tuple[float, float] | None = None  # (mean held-out balanced accuracy, C)
+    for c in sorted(float(c) for c in cs):  # ascending: a strict ">" keeps the smaller C on ties
+        held_out = []
+        for fit_rows, score_rows in folds:
+            coef, intercept, _ = _fit_probe(z[fit_rows], y[fit_rows], c, seed)
+            held_out.append(_balanced_accuracy(y[score_rows], expit(z[score_rows] @ coef + intercept)))
+        score = float(np.mean(held_out))
+        if best is None or score > best[0]:
+            best = (score, c)
+    assert best is not None
+    coef, intercept, converged = _fit_probe(z, y, best[1], seed)
+    if not converged:
+        warnings.warn(f"dfr probe: the chosen C = {best[1]:g} stopped at the iteration limit ({PROBE_MAX_ITER})",
+                      stacklevel=2)  # fmt: skip
+    return LinearProbe(coef, intercept, mean, scale, best[1], converged)

@@ -30,6 +30,15 @@ NORMAL_SUPPORT_SD = 3.0
 """A normal is truncated to mu ± 3 sd (and the factor's range), so its support is exact."""
 
 _SPLIT_NAME = re.compile(r"^test_[A-Za-z0-9_-]+$")
+BALANCED_SPLIT = "val_balanced"
+"""Optional held-out split with every confound at agreement 0.5: fits the ``dfr`` readout only;
+never used for training, model selection or thresholds, and never scored."""
+BALANCED_AGREEMENT = 0.5
+
+
+def is_split_name(name: str) -> bool:
+    """The split naming rule: ``train``, ``val``, ``val_balanced`` or ``test_<letters, digits, _, ->``."""
+    return name in ("train", "val", BALANCED_SPLIT) or bool(_SPLIT_NAME.match(name))
 _MODEL = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
@@ -368,8 +377,8 @@ def _check_splits(s: Scenario) -> None:
     confounds = [c.factor for c in s.confounds]
     for name, split in s.splits.items():
         key = f"splits.{name}"
-        if name not in ("train", "val") and not _SPLIT_NAME.match(name):
-            raise ValueError(f"{key}: splits are train, val and test_<letters, digits, _, ->")
+        if not is_split_name(name):
+            raise ValueError(f"{key}: splits are train, val, {BALANCED_SPLIT} and test_<letters, digits, _, ->")
         if split.n < 1:
             raise ValueError(f"{key}.n: must be at least 1 (got {split.n})")
         rate = split.malignant_rate
@@ -377,6 +386,21 @@ def _check_splits(s: Scenario) -> None:
             raise ValueError(f"{key}.malignant_rate: {rate:g} is outside (0, 1)")
         _check_agreement(f"{key}.agreement", split.agreement, confounds)
         _check_factor_table(s, split.factors, f"{key}.factors")
+        if name == BALANCED_SPLIT:
+            _check_balanced(key, split, confounds)
+
+
+def _check_balanced(key: str, split: Split, confounds: list[str]) -> None:
+    """``val_balanced`` is the training distribution with every confound group balanced."""
+    table = split.agreement if isinstance(split.agreement, dict) else dict.fromkeys(confounds, split.agreement)
+    for confound, p in table.items():
+        if p != BALANCED_AGREEMENT:
+            where = f"{key}.agreement" + (f".{confound}" if isinstance(split.agreement, dict) else "")
+            raise ValueError(f"{where}: {BALANCED_SPLIT} balances every confound (agreement 0.5), got {p:g}")
+    if split.malignant_rate not in (None, 0.5):
+        raise ValueError(f"{key}.malignant_rate: {BALANCED_SPLIT} has balanced labels")
+    if split.factors:
+        raise ValueError(f"{key}.factors: {BALANCED_SPLIT} keeps the training distribution (no overrides)")
 
 
 def split_distributions(s: Scenario, split: str, name: str) -> list[object]:
