@@ -53,6 +53,11 @@ def _one_line_error(result, *fragments: str) -> None:
         ("zero epochs", ["--loss", "ce", "--epochs", "0"], "--epochs"),
         ("unknown views", ["--loss", "ce", "--views", "paint"], "--views"),
         ("unknown option", ["--loss", "ce", "--bogus"], "--bogus"),
+        ("unknown loss param", ["--loss", "supcon", "--loss-param", "margin=0.2"], "--loss-param"),
+        ("bad loss param", ["--loss", "supcon", "--loss-param", "temperature=abc"], "--loss-param temperature"),
+        ("no equals", ["--loss", "simclr", "--loss-param", "temperature"], "KEY=VALUE"),
+        ("negative weight decay", ["--loss", "ce", "--weight-decay", "-1"], "--weight-decay"),
+        ("diverging lr", ["--loss", "ce", "--lr", "1e30"], "training stopped"),
     ],
 )
 def test_train_bad_input_is_one_line_and_writes_nothing(
@@ -108,3 +113,29 @@ def test_train_then_evaluate_end_to_end(runner: CliRunner, dataset: Path, tmp_pa
     first = (run / "metrics.csv").read_bytes()
     assert runner.invoke(app, ["evaluate", str(run), str(dataset), "--device", "cpu"]).exit_code == 0
     assert (run / "metrics.csv").read_bytes() == first
+
+
+def test_evaluate_another_dataset_needs_its_own_folder(runner: CliRunner, dataset: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["train", str(dataset), "--loss", "ce", "--out", str(run), *FAST]).exit_code == 0
+    other = tmp_path / "other"
+    assert runner.invoke(app, ["generate", "clean", "--out", str(other), *TINY]).exit_code == 0
+    before = _tree(run)
+    _one_line_error(runner.invoke(app, ["evaluate", str(run), str(other), "--device", "cpu"]), "--out")
+    assert _tree(run) == before  # the run's own evaluation is never overwritten
+    result = runner.invoke(app, ["evaluate", str(run), str(other), "--device", "cpu", "--out", str(tmp_path / "ev")])
+    assert result.exit_code == 0, result.output
+    evaluation = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert evaluation["dataset"]["manifest_sha256"] == data.sha256_file(other / "dataset.json")
+    assert evaluation["dataset"]["trained_on"] is False
+    assert "dfr" in set(pd.read_csv(tmp_path / "ev" / "metrics.csv").classifier)  # fitted on the run's own data
+    clean_run = tmp_path / "clean-run"  # clean has no val_balanced: dfr is absent, not faked
+    assert runner.invoke(app, ["train", str(other), "--loss", "ce", "--out", str(clean_run), *FAST]).exit_code == 0
+    assert runner.invoke(app, ["evaluate", str(clean_run), str(other), "--device", "cpu"]).exit_code == 0
+    assert "dfr" not in set(pd.read_csv(clean_run / "metrics.csv").classifier)
+    wider = tmp_path / "wider"
+    assert runner.invoke(app, ["generate", "clean", "--out", str(wider), "--n", "16", "--size", "48",
+                               "--pixel-mm", "1.4"]).exit_code == 0  # fmt: skip
+    _one_line_error(runner.invoke(app, ["evaluate", str(run), str(wider), "--out", str(tmp_path / "w")]),
+                    "image size is 48", "geometry")  # fmt: skip
+    assert not (tmp_path / "w").exists() and _tree(run) == before

@@ -15,7 +15,7 @@ from sklearn.linear_model import LogisticRegression
 from nodulab import readouts as readouts_module
 from nodulab.metrics import binary_metrics
 from nodulab.models import build_model, freeze
-from nodulab.readouts import PROBE_CS, Readouts, extract, fit_readouts, knn_neighbours, load_readouts
+from nodulab.readouts import PROBE_CS, Readouts, extract, fit_dfr, fit_readouts, knn_neighbours, load_readouts
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -242,3 +242,63 @@ def test_predict_checks_the_feature_width() -> None:
     fitted = Readouts(np.zeros(3), 0.0, np.zeros(3), np.ones(3), 1.0, np.eye(3), np.array([0, 1, 1]), 1)
     with pytest.raises(ValueError, match="expected features"):
         fitted.predict(np.zeros((2, 4)))
+
+
+# ----------------------------------------------------------------------------- convergence, dfr
+def test_non_converged_cs_are_recorded_and_warned_only_when_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    x, y = _imbalanced_1d()
+    monkeypatch.setattr(readouts_module, "PROBE_MAX_ITER", 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the chosen C converged: no warning
+        fitted = fit_readouts(x, y, x, y)
+    assert fitted.probe_c not in fitted.probe_not_converged
+    assert 100.0 in fitted.probe_not_converged  # separable at a large C: stops at the limit
+    monkeypatch.setattr(readouts_module, "PROBE_MAX_ITER", 1)
+    with pytest.warns(UserWarning, match="chosen C = .* stopped at the iteration limit"):
+        stopped = fit_readouts(x, y, x, y)
+    assert stopped.probe_c in stopped.probe_not_converged
+
+
+def _grouped(n: int, seed: int, agreement: float) -> tuple[np.ndarray, np.ndarray]:
+    """Feature 0 = a weak label signal, feature 1 = a strong confound that agrees with the label."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    agrees = rng.random(n) < agreement
+    confound = np.where(agrees, y, 1 - y)
+    x = np.stack([y + 0.6 * rng.standard_normal(n), 3.0 * confound + 0.1 * rng.standard_normal(n),
+                  rng.standard_normal(n)], axis=1)  # fmt: skip
+    return x, y
+
+
+def test_dfr_on_a_balanced_split_reweights_away_from_the_confound() -> None:
+    """Kirichenko et al. 2022: a probe refitted on group-balanced data ignores the spurious feature."""
+    x_train, y_train = _grouped(400, 0, agreement=0.98)
+    x_balanced, y_balanced = _grouped(400, 1, agreement=0.5)
+    x_conflict, y_conflict = _grouped(400, 2, agreement=0.0)
+    shortcut = fit_readouts(x_train, y_train, x_train, y_train, knn_k=5)
+    dfr = fit_dfr(x_balanced, y_balanced, seed=0)
+    probe_score = binary_metrics(y_conflict, shortcut.predict_probe(x_conflict))["balanced_accuracy"]
+    dfr_score = binary_metrics(y_conflict, dfr.predict(x_conflict))["balanced_accuracy"]
+    assert probe_score < 0.3 < 0.7 < dfr_score
+    assert dfr.c in PROBE_CS and dfr.converged
+    assert fit_dfr(x_balanced, y_balanced, seed=0).coef.tolist() == dfr.coef.tolist()  # seeded
+
+
+def test_dfr_refuses_too_few_samples_per_class() -> None:
+    x, y = _grouped(8, 0, 0.5)
+    with pytest.raises(ValueError, match="at least 5 samples"):
+        fit_dfr(x, y)
+
+
+def test_readouts_with_dfr_round_trip(tmp_path: Path) -> None:
+    x, y = _grouped(60, 0, 0.5)
+    fitted = fit_readouts(x, y, x, y, knn_k=5)
+    fitted.dfr = fit_dfr(x, y)
+    fitted.save(tmp_path / "r.safetensors")
+    loaded = load_readouts(tmp_path / "r.safetensors")
+    assert loaded.dfr is not None and loaded.dfr.c == fitted.dfr.c
+    for name, p in fitted.predict(x).items():
+        np.testing.assert_array_equal(loaded.predict(x)[name], p)
+    assert set(loaded.predict(x)) == {"probe", "knn", "dfr"}

@@ -173,3 +173,133 @@ def test_resnet18_trains_end_to_end(tiny: Path, tmp_path: Path) -> None:
     config = json.loads((run / "config.json").read_text())
     assert config["config"]["encoder"] == "resnet18"
     assert np.isfinite(pd.read_csv(run / "history.csv").train_loss).all()
+
+
+# ----------------------------------------------------------------------------- protocol validity
+def test_loss_param_reaches_the_loss_by_its_formula(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[float, float, torch.Tensor, torch.Tensor]] = []
+    original = train._step_loss
+
+    def spy(model, objective, views, labels, index, device):
+        loss, out = original(model, objective, views, labels, index, device)
+        seen.append((objective.temperature, float(loss), out["projection"].detach(), labels.repeat(2)))
+        return loss, out
+
+    monkeypatch.setattr(train, "_step_loss", spy)
+    run = _run(tiny, tmp_path / "run", loss="supcon", loss_params={"temperature": 0.25})
+    assert json.loads((run / "config.json").read_text())["config"]["loss_params"] == {"temperature": 0.25}
+    temperature, value, embeddings, labels = seen[0]
+    assert temperature == 0.25
+    # the value is SupCon's formula at tau = 0.25 (an independent loop), not at the default 0.1
+    z = torch.nn.functional.normalize(embeddings.double(), dim=1)
+    def naive(tau: float) -> float:
+        terms = []
+        for i in range(len(z)):
+            others = [a for a in range(len(z)) if a != i]
+            log_denominator = torch.logsumexp(torch.stack([z[i] @ z[a] / tau for a in others]), 0)
+            positives = [p for p in others if labels[p] == labels[i]]
+            terms.append(-sum(float(z[i] @ z[p] / tau - log_denominator) for p in positives) / len(positives))
+        return sum(terms) / len(terms)
+    assert value == pytest.approx(naive(0.25), rel=1e-4)
+    assert value != pytest.approx(naive(0.1), rel=1e-2)
+
+
+@pytest.mark.parametrize("params, match", [({"margin": 0.3}, "takes no parameter 'margin'"),
+                                           ({"temperature": -1.0}, "positive finite")])  # fmt: skip
+def test_bad_loss_params_are_refused(tiny: Path, tmp_path: Path, params: dict, match: str) -> None:
+    with pytest.raises(train.TrainError, match=f"--loss-param.*{match}"):
+        _run(tiny, tmp_path / "run", loss="supcon", loss_params=params)
+    assert not (tmp_path / "run").exists()
+
+
+class _Constant(torch.nn.Module):
+    """A projector that maps every sample to the same point: a collapsed embedding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :4] * 0.0 + 1.0
+
+
+def test_triplet_warning_fires_on_a_collapsed_embedding(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = train.build_model
+
+    def collapsed(*args, **kw):
+        model = original(*args, **kw)
+        model.projector = _Constant()
+        return model
+
+    monkeypatch.setattr(train, "build_model", collapsed)
+    with pytest.warns(UserWarning, match="triplet loss stuck: 0.00 semi-hard triplets mined"):
+        run = train.train(tiny, tmp_path / "run", loss="triplet", epochs=1, batch_size=12, device="cpu")
+    history = pd.read_csv(run / "history.csv")
+    assert history.mined_triplets.tolist() == [0.0] and history.train_loss.tolist() == [0.0]
+    assert history.embedding_distance.tolist() == [0.0]  # the collapse warning's own number
+
+
+def test_threads_are_recorded_and_restored_by_evaluate(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nodulab import metrics
+
+    run = _run(tiny, tmp_path / "run", threads=2)
+    assert json.loads((run / "config.json").read_text())["threads"] == 2
+    assert torch.get_num_threads() == 1  # train restores the caller's count (one_thread fixture)
+    seen: list[int] = []
+    original = metrics.extract
+    monkeypatch.setattr(metrics, "extract", lambda *a, **kw: (seen.append(torch.get_num_threads()), original(*a, **kw))[1])
+    metrics.evaluate_run(run, tiny)
+    assert set(seen) == {2} and torch.get_num_threads() == 1
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert evaluation["threads"] == 2 and evaluation["threshold"] == {"rule": "fixed", "value": 0.5}
+
+
+def test_geometric_views_are_refused_for_a_geometric_confound(tmp_path: Path) -> None:
+    scenario = resolve(load_scenario("clean"), n=12, size=32, pixel_mm=1.4)
+    d = scenario.model_dump(mode="json", exclude_none=True)
+    d["factors"].pop("offset_x_mm", None)
+    d["confounds"] = [{"factor": "offset_x_mm", "malignant": {"uniform": [1, 3]}, "benign": {"uniform": [-3, -1]}}]
+    d["splits"] = {"train": {"n": 12, "agreement": 0.9}, "val": {"n": 12, "agreement": 0.9}}
+    from nodulab.scenarios import load_scenario_dict
+
+    root = data.generate(load_scenario_dict(d), tmp_path / "offset", seed=0)
+    for views in ("both", "augment"):
+        with pytest.raises(train.TrainError, match=f"--views {views}: .* offset_x_mm"):
+            _run(root, tmp_path / views, views=views)
+        assert not (tmp_path / views).exists()
+    assert (_run(root, tmp_path / "ok", views="rerender") / "model.safetensors").is_file()
+
+
+def test_best_val_selects_on_knn_for_every_loss(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # kNN is best at epoch 1, the head at epoch 2: a CE run must still follow the kNN
+    scores = iter([{"val_knn_balanced_accuracy": 0.9, "val_head_balanced_accuracy": 0.5},
+                   {"val_knn_balanced_accuracy": 0.6, "val_head_balanced_accuracy": 0.99}])  # fmt: skip
+    monkeypatch.setattr(train, "_validate", lambda *a: next(scores))
+    run = _run(tiny, tmp_path / "run", loss="ce", epochs=2, selection="best-val")
+    config = json.loads((run / "config.json").read_text())
+    assert config["selected_epoch"] == 1 and config["selection_score"] == "val_knn_balanced_accuracy"
+
+
+def test_schedule_warms_up_then_decays_to_zero() -> None:
+    optimiser = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = train._schedule(optimiser, 100, 0.05)
+    rates = []
+    for _ in range(100):
+        rates.append(optimiser.param_groups[0]["lr"])
+        optimiser.step()
+        scheduler.step()
+    assert rates[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert all(a >= b for a, b in zip(rates[4:], rates[5:])) and rates[-1] < 1e-3
+
+
+@pytest.mark.parametrize("split", ["val_balanced", "test_conflict"])
+def test_held_out_splits_are_refused_for_training_or_selection(tiny: Path, split: str) -> None:
+    with pytest.raises(train.TrainError, match=f"{split}.*never used for training or model selection"):
+        train.training_split(tiny, split)
+    assert len(train.training_split(tiny, "train").labels) == 24
+
+
+def test_rerendered_views_depend_on_the_run_seed(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    split = train._Split.load(tiny, "train")
+    index = torch.arange(6)
+    image = {"size": 32, "dim": 2}
+    def views(seed: int) -> torch.Tensor:
+        config = train.TrainConfig(str(tiny), "simclr", views="rerender", seed=seed)
+        return train._views(split, index, config, image, 0, torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(views(0), views(0)) and not torch.equal(views(0), views(1))

@@ -153,6 +153,22 @@ def _check_views(config: TrainConfig, scenario: dict) -> None:
                          "which this scenario's label or confounds use; use --views rerender")  # fmt: skip
 
 
+TRAINING_SPLITS = ("train", "val")
+"""The only splits training reads for fitting and model selection."""
+
+
+def training_split(root: Path, name: str) -> _Split:
+    """Load ``train`` or ``val`` for training, fitting readouts or selection; refuse any other split.
+
+    ``val_balanced`` fits ``dfr`` only and test splits are only scored: a run that trained or
+    selected on them would report numbers that mean nothing.
+    """
+    if name not in TRAINING_SPLITS:
+        raise TrainError(f"split {name!r} is never used for training or model selection "
+                         f"(only {', '.join(TRAINING_SPLITS)})")  # fmt: skip
+    return _Split.load(root, name)
+
+
 @dataclass
 class _Split:
     """One split held in memory: int16 HU images, labels, factor rows."""
@@ -267,6 +283,9 @@ def _validate(model: NoduleNet, train: _Split, val: _Split, config: TrainConfig,
     bank_index = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(config.seed))[:VAL_BANK]
     bank = extract(model, train.images[bank_index].numpy(), device=device)
     found = extract(model, val.images.numpy(), device=device)
+    if not (np.isfinite(bank["features"]).all() and np.isfinite(found["features"]).all()):
+        # a step can blow the weights up without a non-finite loss on that step
+        raise TrainingDiverged("the encoder's features are not finite after this epoch: training stopped")
     neighbours = knn_neighbours(bank["features"], found["features"], odd_k(config.knn_k, len(bank_index)))
     scores = {"knn": train.labels[bank_index].numpy()[neighbours].mean(axis=1, dtype=np.float64)}
     if "head" in found:
@@ -356,7 +375,7 @@ def train(
     check_run_dir(out, force)
     try:
         manifest = load_manifest(data_dir)
-        train_split, val_split = _Split.load(data_dir, "train"), _Split.load(data_dir, "val")
+        train_split, val_split = training_split(data_dir, "train"), training_split(data_dir, "val")
     except (DatasetError, OSError) as error:
         raise TrainError(f"DATA_DIR {data_dir}: {error}") from None
     _check_views(config, manifest.get("scenario", {}))
