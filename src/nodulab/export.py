@@ -13,9 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from nodulab.choices import EXPORT_FORMATS
 from nodulab.data import DatasetError, Progress, load_manifest, load_split, lung_window, staged
-
-EXPORT_FORMATS = ("medmnist", "nifti", "png")
 
 
 def to_uint8(hu: np.ndarray) -> np.ndarray:

@@ -29,14 +29,12 @@ import torch
 
 from nodulab import __version__, losses
 from nodulab.augment import augment_views, rerender_views
+from nodulab.choices import DEVICES, SELECTIONS, VIEWS
 from nodulab.data import DatasetError, hu_to_input, load_manifest, load_split, sha256_file, staged
 from nodulab.metrics import RUN_FORMAT, binary_metrics, read_run_format
 from nodulab.models import ENCODERS, NoduleNet, build_model, save_model
 from nodulab.readouts import KNN_K, extract, fit_readouts, knn_neighbours
 
-VIEWS = ("augment", "rerender")
-DEVICES = ("auto", "cpu", "cuda")
-SELECTIONS = ("last", "best-val")
 COLLAPSE_DISTANCE = 1e-2
 """Mean pairwise distance of L2-normalised embeddings below which a warning says they collapsed."""
 VAL_BANK = 2048
