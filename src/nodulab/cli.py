@@ -185,12 +185,14 @@ def generate(
 ) -> None:
     """Render a scenario into a dataset folder (images.npy, masks.npy, factors.csv, dataset.json)."""
     from nodulab import data
+    from nodulab.render import keep_freed_tensors_mapped
     from nodulab.scenarios import load_scenario, resolve
 
     resolved = resolve(load_scenario(scenario), n=n, dim=dim, size=size, pixel_mm=pixel_mm)
     if out.exists() and not force:
         raise data.DatasetError(f"--out {out} already exists (use --force to replace it)")
     total = sum(int(split.n) for split in resolved.splits.values())
+    keep_freed_tensors_mapped()  # opt in to glibc's faster setting for this bulk-rendering process
     with _progress() as bar:
         task = bar.add_task(f"rendering {resolved.name}", total=total)
         data.generate(resolved, out, seed=seed, force=force, progress=lambda k: bar.advance(task, k))
