@@ -16,13 +16,18 @@ in ``nodulab.export``.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import itertools
 import json
+import math
 import os
+import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,10 +37,11 @@ import pandas as pd
 import torch
 
 from nodulab import __version__
+from nodulab.factors import FACTOR_COLUMNS, FACTORS
 from nodulab.render import render
 from nodulab.rng import RNG_SCHEME
 from nodulab.sampling import sample_split
-from nodulab.scenarios import Scenario, scenario_to_dict
+from nodulab.scenarios import MAX_N, MAX_SIZE, MIN_SIZE, SPLIT_NAME_RULE, Scenario, is_split_name, scenario_to_dict
 
 MANIFEST = "dataset.json"
 FORMAT = "nodulab-dataset/1"
@@ -48,26 +54,194 @@ class DatasetError(ValueError):
     """A dataset folder is missing, malformed, or would be overwritten without ``force``."""
 
 
-# ----------------------------------------------------------------------------- atomic writes
-def write_atomically(path: Path | str, write: Callable[[str], Any]) -> None:
+# ----------------------------------------------------------------------------- safe writes
+class OutExists(DatasetError):
+    """``--out`` exists (or appeared while the command ran) and ``force`` was not given.
+
+    A caller that shares outputs between processes (a dataset cache) can catch it, wait for
+    :func:`is_complete` and then check the winner's hashes.
+    """
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path | str) -> None:
+    """Give a file or folder made by ``tempfile`` (0600 / 0700) the mode the umask asks for."""
+    base = 0o777 if Path(path).is_dir() else 0o666
+    os.chmod(path, base & ~_umask())
+
+
+def check_out(out: Path | str, inputs: Iterable[Path | str] = (), *, flag: str = "--out") -> Path:
+    """Refuse an output path that would replace or write into what a command reads.
+
+    ``out`` may not be the current folder, a parent of it or a filesystem root, and may not be,
+    contain or lie inside any of ``inputs`` (a dataset folder, a scenario file). Symlinks are
+    resolved on both sides, so a link cannot smuggle the output into an input.
+
+    Args:
+        out: the path a command will create or replace.
+        inputs: paths the command reads.
+        flag: the option named in the message.
+
+    Returns:
+        ``out`` resolved.
+
+    Raises:
+        DatasetError: with a one-line message naming the conflict.
+    """
+    target = Path(out).resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents or target == Path(target.anchor):
+        raise DatasetError(f"{flag} {out}: is the current folder or one of its parents; name a new folder")
+    for given in inputs:
+        source = Path(given).resolve()
+        if target == source or target in source.parents:
+            raise DatasetError(f"{flag} {out}: would replace the input {given}; choose another path")
+        if source in target.parents:
+            raise DatasetError(f"{flag} {out}: lies inside the input {given}; choose a path outside it")
+    return target
+
+
+def _inside(root: Path, path: Path) -> bool:
+    """Whether ``path`` (symlinks resolved) lies under ``root`` (symlinks resolved)."""
+    root, path = Path(root).resolve(), Path(path).resolve()
+    return path == root or root in path.parents
+
+
+def write_atomically(path: Path | str, write: Callable[[str], Any], *, exclusive: bool = False) -> None:
     """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place.
 
-    A reader never sees half a file, and a failed write leaves nothing behind.
+    A reader never sees half a file, and a failed write leaves nothing behind. The file gets the
+    mode the umask asks for.
+
+    Args:
+        path: the file to create or replace.
+        write: writes the whole file at the path it is given.
+        exclusive: fail with ``OutExists`` if ``path`` exists (checked at the rename).
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
+        follow_umask(tmp)
         write(tmp)
-        os.replace(tmp, path)
+        _fsync(Path(tmp))
+        if exclusive:
+            rename_no_replace(Path(tmp), path)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def rename_no_replace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``; raise ``OutExists`` if ``dst`` exists, atomically.
+
+    Uses Linux ``renameat2(RENAME_NOREPLACE)``; where that is missing, a file is hard-linked
+    (``link`` fails on an existing name) and a folder renamed (``rename`` fails onto a non-empty
+    folder, and a finished output is never empty).
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        code = libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+        error = ctypes.get_errno() if code != 0 else 0
+    except (AttributeError, OSError):
+        code, error = -1, errno.ENOSYS
+    if code == 0:
+        return
+    if error == errno.EEXIST:
+        raise OutExists(f"--out {dst} appeared while this command ran (use --force to replace it)")
+    if error not in (errno.ENOSYS, errno.EINVAL):
+        raise OSError(error, os.strerror(error), str(dst))
+    try:
+        if src.is_dir():
+            os.rename(src, dst)
+        else:
+            os.link(src, dst)
+            os.unlink(src)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise OutExists(f"--out {dst} appeared while this command ran (use --force to replace it)") from None
+        raise
+
+
+def is_complete(out: Path | str, *, dataset: bool = False) -> bool:
+    """Whether a ``staged`` output is in place (outputs appear by one rename, whole or not at all).
+
+    Args:
+        out: the output path.
+        dataset: ``out`` is a dataset folder, complete when its manifest (written last) is there.
+    """
+    out = Path(out)
+    return (out / MANIFEST).is_file() if dataset else out.is_file() or out.is_dir()
+
+
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40] or "host"
+
+
+def _scratch_prefix(kind: str, out: Path) -> str:
+    """``.tmp-<name>-<host>-<pid>-``: who owns a temporary sibling, so a later run can tidy up."""
+    return f".{kind}-{out.name}-{_HOST}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_scratch(out: Path) -> list[Path]:
+    """Remove temporary siblings of ``out`` left by dead processes of this host (kill -9, power loss).
+
+    Only names this module makes for this very ``out`` are touched (``.tmp-<name>-<host>-<pid>-*``
+    and ``.old-<name>-…``), and only when process ``pid`` no longer exists.
+
+    Returns:
+        The folders removed.
+    """
+    pattern = re.compile(rf"^\.(tmp|old)-{re.escape(out.name)}-{re.escape(_HOST)}-(\d+)-[A-Za-z0-9_]+$")
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for entry in out.parent.iterdir():
+        match = pattern.match(entry.name)
+        if match and int(match.group(2)) != os.getpid() and not _alive(int(match.group(2))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
 @contextmanager
 def staged(out: Path, *, force: bool = False, is_file: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder of ``out``; put the result in place only on success.
+
+    The rename into place is exclusive: if ``out`` appeared meanwhile (another process), this one
+    fails with ``OutExists`` unless ``force``. Temporary siblings of dead processes are removed
+    first; the new folder follows the umask; a full disk becomes a one-line ``DatasetError``.
 
     Args:
         out: final path (a folder, or a file when ``is_file``).
@@ -75,22 +249,28 @@ def staged(out: Path, *, force: bool = False, is_file: bool = False) -> Iterator
         is_file: the block writes ``tmp / out.name``, which becomes ``out``.
 
     Yields:
-        The temporary folder. On any exception it is removed, with any parents created for it.
+        The temporary folder. On any exception (SIGINT and SIGTERM included) it is removed, with
+        any parents created for it.
     """
     out = Path(out)
-    if out.exists() and not force:
-        raise DatasetError(f"--out {out} already exists (use --force to replace it)")
+    check_out(out)
+    if (out.exists() or out.is_symlink()) and not force:
+        raise OutExists(f"--out {out} already exists (use --force to replace it)")
     created = [p for p in reversed(out.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    remove_stale_scratch(out)
+    tmp = Path(tempfile.mkdtemp(prefix=_scratch_prefix("tmp", out), dir=out.parent))
     try:
+        follow_umask(tmp)
         yield tmp
-        _replace(tmp / out.name if is_file else tmp, out)
-    except BaseException:
+        _replace(tmp / out.name if is_file else tmp, out, force=force)
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
         for parent in reversed(created):
             if parent.exists() and not any(parent.iterdir()):
                 parent.rmdir()
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            raise DatasetError(f"--out {out}: no space left on the device; nothing was written") from None
         raise
     if is_file:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -103,20 +283,38 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _replace(src: Path, out: Path) -> None:
-    """Rename ``src`` to ``out``; an existing ``out`` is moved aside first and deleted last."""
-    if not out.exists() and not out.is_symlink():
-        os.rename(src, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".old-{out.name}-", dir=out.parent)) / out.name
-    os.rename(out, old)
-    try:
-        os.rename(src, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    finally:
+def _replace(src: Path, out: Path, *, force: bool) -> None:
+    """Rename ``src`` to ``out`` without ever replacing an ``out`` that appeared meanwhile.
+
+    With ``force`` an existing ``out`` is moved aside first and deleted last (restored if the
+    rename fails); without it, an ``out`` that appeared raises ``OutExists``.
+    """
+    for _ in range(8):
+        try:
+            rename_no_replace(src, out)
+            return
+        except OutExists:
+            if not force:
+                raise
+        old = Path(tempfile.mkdtemp(prefix=_scratch_prefix("old", out), dir=out.parent)) / out.name
+        try:
+            os.rename(out, old)
+        except FileNotFoundError:  # another process moved it first: try again
+            _remove(old.parent)
+            continue
+        try:
+            rename_no_replace(src, out)
+        except BaseException:
+            try:
+                rename_no_replace(old, out)  # put the previous output back
+            except OSError:
+                pass  # it stays in the .old-* sibling rather than being deleted
+            else:
+                _remove(old.parent)
+            raise
         _remove(old.parent)
+        return
+    raise OutExists(f"--out {out} keeps being replaced by another process")
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -170,17 +368,35 @@ def cell_counts(frame: pd.DataFrame) -> list[dict[str, int]]:
 
 
 # ----------------------------------------------------------------------------- generate
-def _allocate(path: Path, dtype: type, shape: tuple[int, ...]) -> None:
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-    del array  # the header is written; the body stays sparse until filled
+class _ArrayFile:
+    """An ``.npy`` file written front to back with plain writes (no memory map).
 
+    A full disk then raises ``OSError(ENOSPC)`` at the write, where a writable memory map would
+    die with SIGBUS. The bytes are those of ``np.lib.format.open_memmap``: a version 1.0 header,
+    then the C-order body.
+    """
 
-def _fill(path: Path, start: int, block: np.ndarray) -> None:
-    # Re-mapping per chunk releases the written pages, so resident memory stays one chunk.
-    array = np.load(path, mmap_mode="r+")
-    array[start : start + len(block)] = block
-    array.flush()
-    del array
+    def __init__(self, path: Path, dtype: type, shape: tuple[int, ...]) -> None:
+        self.path, self.dtype, self.shape = path, np.dtype(dtype), shape
+        self.file = open(path, "xb")
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(self.file, header)
+        self.rows = 0
+
+    def append(self, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block, dtype=self.dtype)
+        self.file.write(block.tobytes())
+        self.rows += len(block)
+
+    def close(self) -> None:
+        """Flush, fsync and close; the row count must match the header."""
+        try:
+            if self.rows != self.shape[0]:
+                raise DatasetError(f"{self.path.name}: wrote {self.rows} rows, header says {self.shape[0]}")
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        finally:
+            self.file.close()
 
 
 def _write_split(
@@ -189,14 +405,20 @@ def _write_split(
     """Render one split chunk by chunk into ``folder``; return its manifest entry."""
     folder.mkdir()
     shape = (len(frame),) + (size,) * dim
-    for name, dtype in ARRAYS.items():
-        _allocate(folder / f"{name}.npy", dtype, shape)
-    for start in range(0, len(frame), chunk):
-        images, masks = render(frame.iloc[start : start + chunk], size=size, dim=dim)
-        _fill(folder / "images.npy", start, images)
-        _fill(folder / "masks.npy", start, masks)
-        if progress is not None:
-            progress(len(images))
+    files = {name: _ArrayFile(folder / f"{name}.npy", dtype, shape) for name, dtype in ARRAYS.items()}
+    try:
+        for start in range(0, len(frame), chunk):
+            images, masks = render(frame.iloc[start : start + chunk], size=size, dim=dim)
+            files["images"].append(images)
+            files["masks"].append(masks)
+            if progress is not None:
+                progress(len(images))
+        for file in files.values():
+            file.close()
+    except BaseException:
+        for file in files.values():
+            file.file.close()  # release the handles; staged removes the folder
+        raise
     write_factors(frame, folder / "factors.csv")
     entry: dict[str, Any] = {"n": len(frame), "cells": cell_counts(frame)}
     for name, dtype in ARRAYS.items():
@@ -205,6 +427,30 @@ def _write_split(
                        "dtype": np.dtype(dtype).name, "sha256": sha256_file(file)}  # fmt: skip
     entry["factors"] = {"file": f"{folder.name}/factors.csv", "sha256": sha256_file(folder / "factors.csv")}
     return entry
+
+
+FACTOR_BYTES_PER_ROW = 400
+"""Generous size of one ``factors.csv`` row, for the free-space check."""
+
+
+def bytes_needed(scenario: Scenario) -> int:
+    """Bytes a dataset of ``scenario`` takes on disk (arrays exactly, factor tables roughly)."""
+    pixels = int(scenario.image.size) ** int(scenario.image.dim)
+    itemsize = sum(np.dtype(t).itemsize for t in ARRAYS.values())
+    return sum(int(split.n) * (pixels * itemsize + FACTOR_BYTES_PER_ROW) for split in scenario.splits.values())
+
+
+def check_free_space(out: Path, needed: int) -> None:
+    """Refuse to start when the filesystem of ``out`` has less than ``needed`` bytes free.
+
+    Raises:
+        DatasetError: with both sizes in MiB.
+    """
+    existing = next(p for p in (Path(out).absolute(), *Path(out).absolute().parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise DatasetError(f"--out {out}: the dataset needs {math.ceil(needed / 2**20):,} MiB, "
+                           f"only {free // 2**20:,} MiB free there")  # fmt: skip
 
 
 def generate(
@@ -230,12 +476,15 @@ def generate(
         ``out``.
 
     Raises:
-        DatasetError: ``out`` exists and ``force`` is false, or ``chunk`` < 1.
+        DatasetError: ``out`` exists and ``force`` is false (``OutExists``), ``out`` is the
+            current folder or a parent of it, the disk lacks the space the arrays need, or
+            ``chunk`` < 1.
     """
     if chunk < 1:
         raise DatasetError(f"chunk must be >= 1, got {chunk}")
     out = Path(out)
     size, dim = int(scenario.image.size), int(scenario.image.dim)
+    check_free_space(out, bytes_needed(scenario))
     with staged(out, force=force) as tmp:
         splits = {}
         for name in scenario.splits:
@@ -251,15 +500,16 @@ def generate(
             "splits": splits,
         }
         (tmp / MANIFEST).write_text(dump_json(manifest), encoding="utf-8")
+        _fsync(tmp / MANIFEST)
     return out
 
 
 # ----------------------------------------------------------------------------- load
-def load_manifest(root: Path) -> dict[str, Any]:
-    """Read ``dataset.json`` of a dataset folder.
+def read_manifest(root: Path) -> dict[str, Any]:
+    """Read ``dataset.json`` of a dataset folder, unchecked (see :func:`check_manifest`).
 
     Raises:
-        DatasetError: the folder or its manifest is missing or unreadable.
+        DatasetError: the folder or its manifest is missing, unreadable, or not a JSON object.
     """
     path = Path(root) / MANIFEST
     if not Path(root).is_dir():
@@ -268,26 +518,179 @@ def load_manifest(root: Path) -> dict[str, Any]:
         raise DatasetError(f"DIR {root} is not a nodulab dataset ({MANIFEST} missing)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise DatasetError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DatasetError(f"{path}: format is not {FORMAT}")
+    if not isinstance(manifest, dict):
+        raise DatasetError(f"{path}: not a JSON object")
     return manifest
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_entry(where: str, split: str, entry: object, image: dict[str, Any]) -> None:
+    """One split's manifest entry: counts, and file names that are exactly ``<split>/<file>``."""
+    if not isinstance(entry, dict):
+        raise DatasetError(f"{where}: splits.{split} is not an object")
+    n = entry.get("n")
+    if not _is_int(n) or not 0 <= n <= MAX_N:
+        raise DatasetError(f"{where}: splits.{split}.n must be an integer in 0..{MAX_N:,} (got {n!r})")
+    expected_shape = [n] + [image["size"]] * image["dim"]
+    for key, dtype in (*ARRAYS.items(), ("factors", None)):
+        item = entry.get(key)
+        if not isinstance(item, dict):
+            raise DatasetError(f"{where}: splits.{split}.{key} is missing")
+        name = f"{split}/{key}.npy" if dtype is not None else f"{split}/factors.csv"
+        if item.get("file") != name:
+            raise DatasetError(f"{where}: splits.{split}.{key}.file must be {name!r} (got {item.get('file')!r})")
+        digest = item.get("sha256")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise DatasetError(f"{where}: splits.{split}.{key}.sha256 is not a sha256 digest")
+        if dtype is not None and (item.get("shape") != expected_shape or item.get("dtype") != np.dtype(dtype).name):
+            raise DatasetError(f"{where}: splits.{split}.{key} must be {np.dtype(dtype).name} of shape "
+                               f"{expected_shape} (got {item.get('dtype')!r} {item.get('shape')!r})")  # fmt: skip
+    if not isinstance(entry.get("cells"), list):
+        raise DatasetError(f"{where}: splits.{split}.cells is missing")
+
+
+def check_manifest(manifest: dict[str, Any], where: str = MANIFEST) -> dict[str, Any]:
+    """Check a manifest's structure before any path or number in it is used.
+
+    Split names follow the scenario rule; every file named is exactly ``<split>/images.npy``,
+    ``<split>/masks.npy`` or ``<split>/factors.csv``, so nothing in a manifest steers a path.
+
+    Returns:
+        ``manifest``.
+
+    Raises:
+        DatasetError: naming the first bad field.
+    """
+    if manifest.get("format") != FORMAT:
+        raise DatasetError(f"{where}: format is not {FORMAT}")
+    image = manifest.get("image")
+    if not isinstance(image, dict) or image.get("dim") not in (2, 3) or not _is_int(image.get("dim")):
+        raise DatasetError(f"{where}: image.dim must be 2 or 3")
+    size, pixel_mm = image.get("size"), image.get("pixel_mm")
+    if not _is_int(size) or not MIN_SIZE <= size <= MAX_SIZE[image["dim"]]:
+        raise DatasetError(f"{where}: image.size must be an integer in {MIN_SIZE}..{MAX_SIZE[image['dim']]}")
+    if not isinstance(pixel_mm, (int, float)) or isinstance(pixel_mm, bool) or not 0 < pixel_mm < math.inf:
+        raise DatasetError(f"{where}: image.pixel_mm must be a positive number")
+    if not isinstance(manifest.get("scenario"), dict):
+        raise DatasetError(f"{where}: scenario is missing")
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        raise DatasetError(f"{where}: splits is missing or empty")
+    for split, entry in splits.items():
+        if not is_split_name(split):
+            raise DatasetError(f"{where}: split name {split!r} is not allowed ({SPLIT_NAME_RULE})")
+        _check_entry(where, split, entry, image)
+    return manifest
+
+
+def load_manifest(root: Path) -> dict[str, Any]:
+    """Read and check ``dataset.json`` of a dataset folder.
+
+    Raises:
+        DatasetError: the folder or its manifest is missing, unreadable or malformed.
+    """
+    return check_manifest(read_manifest(root), str(Path(root) / MANIFEST))
+
+
+def _open_array(root: Path, split: str, name: str, dtype: type, shape: list[int]) -> np.ndarray:
+    """Memory-map ``root/split/name.npy`` after checking its header and its exact length.
+
+    Object arrays are never loaded (no pickle); a truncated or padded file is refused.
+    """
+    path = Path(root) / split / f"{name}.npy"
+    where = f"{split}/{name}.npy"
+    if not path.is_file() or not _inside(root, path):
+        raise DatasetError(f"{where}: missing, or not a regular file inside the dataset")
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)  # fmt: skip
+            if read_header is None:
+                raise DatasetError(f"{where}: unsupported .npy version {version}")
+            found_shape, fortran, found_dtype = read_header(f)
+            offset = f.tell()
+    except ValueError as e:  # bad magic, bad header, object dtype header ...
+        raise DatasetError(f"{where}: not a readable .npy file ({' '.join(str(e).split())})") from None
+    if found_dtype != np.dtype(dtype) or fortran or list(found_shape) != list(shape):
+        raise DatasetError(f"{where}: holds {found_dtype} {list(found_shape)}"
+                           f"{' (Fortran order)' if fortran else ''}; the manifest says {np.dtype(dtype).name} {shape}")  # fmt: skip
+    expected = offset + math.prod(shape) * np.dtype(dtype).itemsize
+    actual = path.stat().st_size
+    if actual != expected:
+        raise DatasetError(f"{where}: {actual} bytes, expected {expected} (truncated or corrupt)")
+    if math.prod(shape) == 0:
+        return np.zeros(shape, dtype=dtype)
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def check_factors(frame: pd.DataFrame, n: int, where: str) -> pd.DataFrame:
+    """Check a factor table: row count, ``index``, required columns, values of the right kind.
+
+    Returns:
+        ``frame`` (unchanged).
+
+    Raises:
+        DatasetError: naming the first bad column and row.
+    """
+    if len(frame) != n:
+        raise DatasetError(f"{where}: {len(frame)} rows, the manifest says {n}")
+    missing = [c for c in ("index", *FACTOR_COLUMNS, "seed") if c not in frame.columns]
+    if missing:
+        raise DatasetError(f"{where}: required columns missing: {', '.join(missing)}")
+    binary = ["label", *cell_columns(frame)]
+    for column in frame.columns:
+        factor = FACTORS.get(column)
+        if factor is not None and not factor.numeric:
+            bad = ~frame[column].isin(factor.choices)
+        else:
+            values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
+            bad = ~np.isfinite(values)
+            if column in binary:
+                bad |= ~np.isin(values, (0, 1))
+            elif factor is not None:
+                bad |= (values < factor.low) | (values > factor.high)
+            if column in ("index", "seed") or (factor is not None and factor.kind == "int"):
+                bad |= np.isfinite(values) & (values != np.round(values))
+        if np.any(bad):
+            row = int(np.flatnonzero(np.asarray(bad))[0])
+            raise DatasetError(f"{where}: column {column!r}, row {row}: bad value {frame[column].iloc[row]!r}")
+    if not np.array_equal(frame["index"].to_numpy(), np.arange(n)):
+        raise DatasetError(f"{where}: column 'index' is not 0..{n - 1}")
+    return frame
+
+
 def load_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    """Open one split read-only.
+    """Open one split read-only, after checking it against its manifest.
+
+    The one loader every command goes through: it checks the manifest, each array's dtype, shape
+    and exact byte length (no pickle, no truncated file), and the factor table's row count,
+    columns and values, so nothing trains or exports on a malformed dataset.
 
     Returns:
         ``(images, masks, factors)``: int16 and uint8 memory maps, and the factor table.
+
+    Raises:
+        DatasetError: with a one-line message naming the split, file and problem.
     """
     manifest = load_manifest(root)
     if split not in manifest["splits"]:
         raise DatasetError(f"split {split!r} not in dataset (have {', '.join(manifest['splits'])})")
-    folder = Path(root) / split
-    images = np.load(folder / "images.npy", mmap_mode="r")
-    masks = np.load(folder / "masks.npy", mmap_mode="r")
-    return images, masks, read_factors(folder / "factors.csv")
+    entry = manifest["splits"][split]
+    images, masks = (_open_array(root, split, name, dtype, entry[name]["shape"]) for name, dtype in ARRAYS.items())
+    path = Path(root) / split / "factors.csv"
+    if not path.is_file() or not _inside(root, path):
+        raise DatasetError(f"{split}/factors.csv: missing, or not a regular file inside the dataset")
+    try:
+        frame = read_factors(path)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise DatasetError(f"{split}/factors.csv: unreadable ({' '.join(str(e).split())})") from None
+    return images, masks, check_factors(frame, entry["n"], f"{split}/factors.csv")
 
 
 # ----------------------------------------------------------------------------- torch
