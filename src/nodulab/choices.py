@@ -13,4 +13,6 @@ VIEWS = ("augment", "rerender")
 DEVICES = ("auto", "cpu", "cuda")
 SELECTIONS = ("last", "best-val")
 EXPORT_FORMATS = ("medmnist", "nifti", "png")
+MAX_N = 1_000_000
+"""Largest sample count of one split (scenario ``n`` and ``--n``); ``scenarios.MAX_N`` is this."""
 LOSS_NAMES = ("ce", "contrastive", "triplet", "supcon", "simclr", "ce+supcon", "ce+triplet")

@@ -24,7 +24,7 @@ try:  # typer >= 0.20 vendors click
 except ImportError:  # pragma: no cover - older typer depends on click
     from click.exceptions import ClickException
 
-from nodulab.choices import DEVICES, ENCODERS, EXPORT_FORMATS, LOSS_NAMES, SELECTIONS, VIEWS
+from nodulab.choices import DEVICES, ENCODERS, EXPORT_FORMATS, LOSS_NAMES, MAX_N, SELECTIONS, VIEWS
 
 if TYPE_CHECKING:  # torch, sklearn, matplotlib and pandas load inside the commands that need them
     from rich.progress import Progress
@@ -177,7 +177,7 @@ def generate(
     scenario: Annotated[str, typer.Argument(help="Preset name (`nodulab scenarios`) or a TOML file.")],
     out: Annotated[Path, typer.Option("--out", help="Dataset folder to create.")],
     seed: Annotated[int, typer.Option(min=0, help="Dataset seed; same scenario + seed = same bytes.")] = 0,
-    n: Annotated[int | None, typer.Option("--n", min=1, help="Samples in every split.")] = None,
+    n: Annotated[int | None, typer.Option("--n", min=1, max=MAX_N, help=f"Samples in every split (at most {MAX_N:,}).")] = None,
     dim: Annotated[int | None, typer.Option(min=2, max=3, help="2 (patches) or 3 (volumes).")] = None,
     size: Annotated[int | None, typer.Option(min=1, help="Pixels per side.")] = None,
     pixel_mm: Annotated[float | None, typer.Option("--pixel-mm", help="Isotropic spacing in mm.")] = None,
@@ -189,6 +189,7 @@ def generate(
     from nodulab.scenarios import load_scenario, resolve
 
     resolved = resolve(load_scenario(scenario), n=n, dim=dim, size=size, pixel_mm=pixel_mm)
+    data.check_out(out, [scenario] if Path(scenario).is_file() else [])
     if out.exists() and not force:
         raise data.DatasetError(f"--out {out} already exists (use --force to replace it)")
     total = sum(int(split.n) for split in resolved.splits.values())
@@ -221,15 +222,16 @@ def validate(
 @app.command()
 def gallery(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="Dataset folder.")],
-    out: Annotated[Path, typer.Option("--out", help="PNG file to write.")],
+    out: Annotated[Path, typer.Option("--out", help="PNG file to write (name ends in .png).")],
     per_cell: Annotated[int, typer.Option("--per-cell", min=1, help="Samples per (label, agrees) cell.")] = 4,
     seed: Annotated[int, typer.Option(min=0, help="Picks which samples are shown.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
     """Draw a PNG gallery: one panel per split, one row per (label, agrees) cell."""
     from nodulab import report
 
-    report.gallery(directory, out, per_cell=per_cell, seed=seed)
-    console.print(f"wrote {out}")
+    written = report.gallery(directory, out, per_cell=per_cell, seed=seed, force=force)
+    console.print(f"wrote {written}")
 
 
 @app.command()

@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
+from nodulab.choices import MAX_N
 from nodulab.factors import FACTORS, Factor
 
 MAX_SIZE = {2: 2048, 3: 256}
@@ -29,8 +30,6 @@ PIXEL_MM_RANGE = (0.2, 3.0)
 NORMAL_SUPPORT_SD = 3.0
 """A normal is truncated to mu ± 3 sd (and the factor's range), so its support is exact."""
 
-MAX_N = 1_000_000
-"""Largest sample count of one split (``splits.<name>.n`` and ``--n``)."""
 MAX_SCENARIO_BYTES = 1 << 20
 """A scenario file larger than this (1 MiB) is refused before it is parsed."""
 SPLIT_NAME_RULE = "splits are train, val, val_balanced and test_<letters, digits, _, ->"

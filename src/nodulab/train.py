@@ -30,7 +30,7 @@ import torch
 from nodulab import __version__, losses
 from nodulab.augment import augment_views, rerender_views
 from nodulab.choices import DEVICES, SELECTIONS, VIEWS
-from nodulab.data import DatasetError, hu_to_input, load_manifest, load_split, sha256_file, staged
+from nodulab.data import DatasetError, check_out, hu_to_input, load_manifest, load_split, sha256_file, staged
 from nodulab.metrics import RUN_FORMAT, binary_metrics, read_run_format
 from nodulab.models import ENCODERS, NoduleNet, build_model, save_model
 from nodulab.readouts import KNN_K, extract, fit_readouts, knn_neighbours
@@ -262,6 +262,7 @@ def train(
     config = TrainConfig(str(data_dir), loss, encoder, epochs, batch_size, lr, seed, views,
                          resolve_device(device), selection)  # fmt: skip
     _check(config)
+    check_out(out, [data_dir])
     check_run_dir(out, force)
     try:
         manifest = load_manifest(data_dir)
