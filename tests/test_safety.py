@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from nodulab import data
+from nodulab import data, writing
 from nodulab.cli import app
 
 SMALL = ["--n", "8", "--size", "32", "--pixel-mm", "1.4"]
@@ -309,7 +309,7 @@ def test_stale_temp_folders_of_dead_processes_are_removed(tmp_path: Path, monkey
     monkeypatch.chdir(tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = data._HOST
+    host = writing._HOST
     stale = tmp_path / f".tmp-x-{host}-{dead.pid}-abc12345"
     live = tmp_path / f".tmp-x-{host}-{os.getppid()}-abc12345"
     other_out = tmp_path / f".tmp-xy-{host}-{dead.pid}-abc12345"
