@@ -23,6 +23,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_render.py
 	$(PY) benchmarks/bench_generate_memory.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_cli_startup.py
 
 clean:
 	rm -rf $(VENV) demo

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from monai.data import create_test_image_2d, create_test_image_3d
 
-from nodulab.render import prepare, render, render_tensor
+from nodulab.render import keep_freed_tensors_mapped, prepare, render, render_tensor
 from nodulab.sampling import sample_split
 from nodulab.scenarios import load_scenario, resolve
 
@@ -43,6 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    keep_freed_tensors_mapped()  # as `nodulab generate` does (render itself leaves malloc alone)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cuda={torch.cuda.is_available()}")
     print(f"{'case':10s} {'MONAI us/img':>13s} {'nodulab us/img':>15s} {'rate ratio':>11s} {'goal':>6s}")
     for name, dim, size, pixel_mm, batch, monai_call, goal in CASES:

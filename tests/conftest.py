@@ -53,3 +53,11 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def bulk_rendering_allocator() -> None:
+    """The suite renders in bulk, like ``nodulab generate``: opt in to glibc's faster setting."""
+    from nodulab.render import keep_freed_tensors_mapped
+
+    keep_freed_tensors_mapped()

@@ -219,3 +219,24 @@ def test_metrics_table_rows_are_split_by_classifier() -> None:
     console.print(table)
     text = console.export_text()
     assert "0.500" in text and "–" in text and "test_iid" in text
+
+
+def test_evaluate_run_refuses_another_geometry_and_guards_its_own_tables(dataset: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _make_run(dataset, run)
+    record = json.loads((run / "config.json").read_text())
+    record["dataset"]["image"]["dim"] = 3  # a 3D run evaluated on 2D data
+    (run / "config.json").write_text(json.dumps(record))
+    with pytest.raises(RunError, match="image dim is 2, the run was trained on 3"):
+        evaluate_run(run, dataset)
+    with pytest.raises(RunError, match="image dim"):
+        evaluate_run(run, dataset, out=tmp_path / "elsewhere")
+    assert not (run / "metrics.csv").exists() and not (tmp_path / "elsewhere").exists()
+    record["dataset"]["image"]["dim"] = 2
+    (run / "config.json").write_text(json.dumps(record))
+    for out in (run, tmp_path):  # the run folder itself, or a folder that holds it
+        with pytest.raises(RunError, match="would replace the run folder"):
+            evaluate_run(run, dataset, out=out, force=True)
+    assert {p.name for p in run.iterdir()} == RUN_FILES
+    evaluate_run(run, dataset, out=run / "again")  # a folder inside the run folder is where evaluations go
+    assert {p.name for p in (run / "again").iterdir()} == {"metrics.csv", "evaluation.json"}

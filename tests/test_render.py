@@ -281,3 +281,21 @@ def test_any_valid_row_renders_finite_values_in_range(row: dict, dim: int) -> No
     assert torch.isfinite(hu).all()
     assert hu.min() >= R.HU_MIN and hu.max() <= R.HU_MAX
     assert int(mask.max()) <= 3
+
+
+def test_render_leaves_the_allocator_alone(monkeypatch: pytest.MonkeyPatch, rows_2d: pd.DataFrame) -> None:
+    """``mallopt`` is process-wide: ``render`` must not call it; bulk renderers opt in."""
+    import nodulab.render as rendering
+
+    calls = []
+
+    def no_libc(*args: object, **kwargs: object) -> None:
+        calls.append(args)
+        raise OSError("no libc in this test")
+
+    monkeypatch.setattr(rendering.ctypes, "CDLL", no_libc)
+    rendering.keep_freed_tensors_mapped.cache_clear()
+    rendering.render(rows_2d.iloc[:2], size=32, dim=2)
+    assert calls == []
+    assert rendering.keep_freed_tensors_mapped() is False and len(calls) == 1
+    rendering.keep_freed_tensors_mapped.cache_clear()

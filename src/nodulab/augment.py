@@ -37,11 +37,12 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
+from nodulab.choices import VIEWS
 from nodulab.data import hu_to_input
 from nodulab.render import prepare, render_tensor
 from nodulab.rng import mix32
 
-VIEW_MODES = ("both", "augment", "rerender")
+VIEW_MODES = VIEWS
 """View modes for ``make_views``; ``"both"`` is the default for every loss."""
 GEOMETRIC_FACTORS = ("offset_x_mm", "offset_y_mm", "offset_z_mm", "rotation_deg")
 """Factors the geometric transform changes (flips and shifts move the lesion, turns rotate it)."""

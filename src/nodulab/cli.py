@@ -8,16 +8,15 @@ check fails.
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 from typer.core import TyperGroup
 
 try:  # typer >= 0.20 vendors click
@@ -25,13 +24,42 @@ try:  # typer >= 0.20 vendors click
 except ImportError:  # pragma: no cover - older typer depends on click
     from click.exceptions import ClickException
 
-from nodulab import data, export as exporting, losses, metrics, report, validate as validating
-from nodulab import train as training
-from nodulab.models import ENCODERS
-from nodulab.scenarios import ScenarioError, list_presets, load_scenario, resolve
+from nodulab.choices import (
+    DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_WEIGHT_DECAY, DEVICES, ENCODERS, EXPORT_FORMATS, LOSS_NAMES, MAX_N,
+    SELECTIONS, VIEWS,
+)
+
+if TYPE_CHECKING:  # torch, sklearn, matplotlib and pandas load inside the commands that need them
+    from rich.progress import Progress
 
 EXIT_INPUT = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 console = Console(highlight=False)
+
+_INPUT_ERRORS = (
+    ("nodulab.scenarios", "ScenarioError"),
+    ("nodulab.data", "DatasetError"),
+    ("nodulab.train", "TrainError"),
+    ("nodulab.metrics", "RunError"),
+)
+
+
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler: unwinds like Ctrl-C, so temporary folders are removed."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _is_input_error(error: BaseException) -> bool:
+    """Whether ``error`` is one of the library's input errors.
+
+    Only modules already imported can have raised one, so this never loads torch at start-up.
+    """
+    loaded = [getattr(sys.modules[m], name) for m, name in _INPUT_ERRORS if m in sys.modules]
+    return isinstance(error, (OSError, *loaded))
 
 
 def _fail(message: str) -> int:
@@ -52,16 +80,35 @@ class OneLineErrors(TyperGroup):
         **extra: Any,
     ) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
+        previous = _handle_sigterm()
         try:
             code = super().main(argv or ["--help"], prog_name, complete_var, standalone_mode=False, **extra)
         except ClickException as e:
             code = _fail(e.format_message())
-        except (ScenarioError, data.DatasetError, training.TrainError, metrics.RunError, OSError) as e:
+        except Terminated:
+            _fail("terminated (SIGTERM); nothing was left half-written")
+            code = EXIT_TERMINATED
+        except (ValueError, OSError) as e:
+            if not _is_input_error(e):
+                raise
             code = _fail(str(e))
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        if code == EXIT_INTERRUPTED:  # typer turns KeyboardInterrupt into exit 130, silently
+            _fail("interrupted; nothing was left half-written")
         code = code if isinstance(code, int) else 0
         if standalone_mode:
             sys.exit(code)
         return code
+
+
+def _handle_sigterm() -> Any:
+    """Make SIGTERM unwind like Ctrl-C (temporary folders removed); return the old handler."""
+    try:
+        return signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        return None
 
 
 app = typer.Typer(
@@ -77,14 +124,16 @@ def _choices(name: str, values: Sequence[str]) -> type[Enum]:
     return Enum(name, {v.replace("-", "_").replace("+", "_"): v for v in values}, type=str)
 
 
-ExportFormat = _choices("ExportFormat", exporting.EXPORT_FORMATS)
+ExportFormat = _choices("ExportFormat", EXPORT_FORMATS)
 Encoder = _choices("Encoder", ENCODERS)
-Views = _choices("Views", training.VIEWS)
-Device = _choices("Device", training.DEVICES)
-Selection = _choices("Selection", training.SELECTIONS)
+Views = _choices("Views", VIEWS)
+Device = _choices("Device", DEVICES)
+Selection = _choices("Selection", SELECTIONS)
 
 
 def _progress() -> Progress:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeRemainingColumn(), console=console, transient=True)  # fmt: skip
 
@@ -92,6 +141,10 @@ def _progress() -> Progress:
 @app.command()
 def scenarios() -> None:
     """List the preset scenarios."""
+    from rich.table import Table
+
+    from nodulab.scenarios import list_presets
+
     table = Table(title="preset scenarios", show_lines=False)
     table.add_column("name", style="bold")
     table.add_column("description")
@@ -100,8 +153,12 @@ def scenarios() -> None:
     console.print(table)
 
 
-def _summary(manifest: dict[str, Any]) -> Table:
-    """Per split: count, labels and the measured agreement of each confound."""
+def _summary(manifest: dict[str, Any]) -> Any:
+    """Per split: count, labels and the measured agreement of each confound (a rich Table)."""
+    from rich.table import Table
+
+    from nodulab import report
+
     image, splits = manifest["image"], manifest["splits"]
     confounds = [k for k in next(iter(splits.values()))["cells"][0] if k.startswith("agrees_")]
     title = (f"{manifest['scenario'].get('name', '')} · seed {manifest['seed']} · {image['dim']}D "
@@ -123,17 +180,23 @@ def generate(
     scenario: Annotated[str, typer.Argument(help="Preset name (`nodulab scenarios`) or a TOML file.")],
     out: Annotated[Path, typer.Option("--out", help="Dataset folder to create.")],
     seed: Annotated[int, typer.Option(min=0, help="Dataset seed; same scenario + seed = same bytes.")] = 0,
-    n: Annotated[int | None, typer.Option("--n", min=1, help="Samples in every split.")] = None,
+    n: Annotated[int | None, typer.Option("--n", min=1, max=MAX_N, help=f"Samples in every split (at most {MAX_N:,}).")] = None,
     dim: Annotated[int | None, typer.Option(min=2, max=3, help="2 (patches) or 3 (volumes).")] = None,
     size: Annotated[int | None, typer.Option(min=1, help="Pixels per side.")] = None,
     pixel_mm: Annotated[float | None, typer.Option("--pixel-mm", help="Isotropic spacing in mm.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
     """Render a scenario into a dataset folder (images.npy, masks.npy, factors.csv, dataset.json)."""
+    from nodulab import data
+    from nodulab.render import keep_freed_tensors_mapped
+    from nodulab.scenarios import load_scenario, resolve
+
     resolved = resolve(load_scenario(scenario), n=n, dim=dim, size=size, pixel_mm=pixel_mm)
+    data.check_out(out, [scenario] if Path(scenario).is_file() else [])
     if out.exists() and not force:
         raise data.DatasetError(f"--out {out} already exists (use --force to replace it)")
     total = sum(int(split.n) for split in resolved.splits.values())
+    keep_freed_tensors_mapped()  # opt in to glibc's faster setting for this bulk-rendering process
     with _progress() as bar:
         task = bar.add_task(f"rendering {resolved.name}", total=total)
         data.generate(resolved, out, seed=seed, force=force, progress=lambda k: bar.advance(task, k))
@@ -147,6 +210,8 @@ def validate(
     n_rerender: Annotated[int, typer.Option("--n-rerender", min=0, help="Rows re-rendered per split.")] = 16,
 ) -> None:
     """Re-check a dataset: hashes, re-render, label balance, confound agreement, diameters."""
+    from nodulab import validate as validating
+
     result = validating.validate(directory, n_rerender=n_rerender)
     for check in result.checks:
         mark = "[green]✓[/green]" if check.ok else "[red]✗[/red]"
@@ -160,13 +225,16 @@ def validate(
 @app.command()
 def gallery(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="Dataset folder.")],
-    out: Annotated[Path, typer.Option("--out", help="PNG file to write.")],
+    out: Annotated[Path, typer.Option("--out", help="PNG file to write (name ends in .png).")],
     per_cell: Annotated[int, typer.Option("--per-cell", min=1, help="Samples per (label, agrees) cell.")] = 4,
     seed: Annotated[int, typer.Option(min=0, help="Picks which samples are shown.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
     """Draw a PNG gallery: one panel per split, one row per (label, agrees) cell."""
-    report.gallery(directory, out, per_cell=per_cell, seed=seed)
-    console.print(f"wrote {out}")
+    from nodulab import report
+
+    written = report.gallery(directory, out, per_cell=per_cell, seed=seed, force=force)
+    console.print(f"wrote {written}")
 
 
 @app.command()
@@ -177,6 +245,8 @@ def export(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
     """Export a dataset as a MedMNIST-style .npz, NIfTI volumes or PNG images."""
+    from nodulab import data, export as exporting
+
     manifest = data.load_manifest(directory)
     if out.exists() and not force:
         raise data.DatasetError(f"--out {out} already exists (use --force to replace it)")
@@ -220,14 +290,14 @@ LOSS_PARAM_HELP = (
 @app.command("train")
 def train_run(
     data_dir: Annotated[Path, typer.Argument(metavar="DATA_DIR", help="Dataset folder (train and val).")],
-    loss: Annotated[str, typer.Option("--loss", help=f"One of: {', '.join(losses.names())}.")],
+    loss: Annotated[str, typer.Option("--loss", help=f"One of: {', '.join(LOSS_NAMES)}.")],
     out: Annotated[Path, typer.Option("--out", help="Run folder to create.")],
     encoder: Annotated[Encoder, typer.Option(help="Encoder architecture.")] = Encoder.small_cnn,
-    epochs: Annotated[int, typer.Option(help="Epochs (>= 1); warm-up then cosine decay.")] = training.DEFAULT_EPOCHS,
+    epochs: Annotated[int, typer.Option(help="Epochs (>= 1); warm-up then cosine decay.")] = DEFAULT_EPOCHS,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per batch (2 views each).")] = 128,
-    lr: Annotated[float, typer.Option(help="AdamW peak learning rate.")] = losses.OPTIMISER_PARAMS["lr"].default,
+    lr: Annotated[float, typer.Option(help="AdamW peak learning rate.")] = DEFAULT_LR,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW decoupled weight decay.")] = (
-        losses.OPTIMISER_PARAMS["weight_decay"].default
+        DEFAULT_WEIGHT_DECAY
     ),
     loss_param: Annotated[list[str] | None, typer.Option("--loss-param", help=LOSS_PARAM_HELP)] = None,
     seed: Annotated[int, typer.Option(help="Seeds weights, batch order and views.")] = 0,
@@ -238,8 +308,11 @@ def train_run(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
 ) -> None:
     """Train one encoder with one loss, fit its readouts and their untrained controls, write the run folder."""
+    from nodulab import losses
+    from nodulab import train as training
+
     try:
-        params = losses.parse_params(loss, loss_param or []) if loss in losses.names() else {}
+        params = losses.parse_params(loss, loss_param or []) if loss in LOSS_NAMES else {}
     except ValueError as error:
         raise training.TrainError(str(error)) from None
     with _progress() as bar:
@@ -266,6 +339,9 @@ def evaluate(
     Classifiers: head, probe, knn (fitted on train), dfr (fitted on val_balanced: a feature-quality
     oracle), and probe_init, knn_init (the untrained encoder: what the input alone gives away).
     """
+    from nodulab import metrics
+    from nodulab import train as training
+
     frame = metrics.evaluate_run(run_dir, data_dir, device=training.resolve_device(device.value),
                                  batch_size=batch_size, out=out, force=force)  # fmt: skip
     console.print(metrics.metrics_table(frame, title=f"{run_dir} · threshold {metrics.THRESHOLD:g}"))

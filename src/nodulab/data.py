@@ -10,7 +10,8 @@ Layout of a dataset folder::
 Every writer works in a temporary sibling folder and renames it into place when complete, so a
 reader never sees half a dataset and a failed run leaves nothing behind. The manifest holds no
 timestamps and no absolute paths: the same scenario and seed give the same bytes.
-Re-measuring what was written lives in ``nodulab.validate``; MedMNIST-style, NIfTI and PNG copies
+How every output is written safely lives in ``nodulab.writing``; re-measuring what was written in
+``nodulab.validate``; MedMNIST-style, NIfTI and PNG copies
 in ``nodulab.export``.
 """
 
@@ -19,11 +20,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
+import re
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,23 @@ import pandas as pd
 import torch
 
 from nodulab import __version__
+from nodulab.factors import FACTOR_COLUMNS, FACTORS
 from nodulab.render import render
 from nodulab.rng import RNG_SCHEME
 from nodulab.sampling import sample_split
-from nodulab.scenarios import Scenario, scenario_to_dict
+from nodulab.scenarios import MAX_N, MAX_SIZE, MIN_SIZE, SPLIT_NAME_RULE, Scenario, is_split_name, scenario_to_dict
+from nodulab.writing import (  # re-exported: every writer in nodulab imports them from here
+    DatasetError,
+    OutExists,
+    check_out,
+    follow_umask,
+    fsync_file,
+    is_inside,
+    remove_stale_scratch,
+    rename_no_replace,
+    staged,
+    write_atomically,
+)
 
 MANIFEST = "dataset.json"
 FORMAT = "nodulab-dataset/1"
@@ -44,79 +58,16 @@ ARRAYS = {"images": np.int16, "masks": np.uint8}
 Progress = Callable[[int], Any]
 
 
-class DatasetError(ValueError):
-    """A dataset folder is missing, malformed, or would be overwritten without ``force``."""
-
-
-# ----------------------------------------------------------------------------- atomic writes
-def write_atomically(path: Path | str, write: Callable[[str], Any]) -> None:
-    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place.
-
-    A reader never sees half a file, and a failed write leaves nothing behind.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
-def staged(out: Path, *, force: bool = False, is_file: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder of ``out``; put the result in place only on success.
+def is_complete(out: Path | str, *, dataset: bool = False) -> bool:
+    """Whether a ``staged`` output is in place (outputs appear by one rename, whole or not at all).
 
     Args:
-        out: final path (a folder, or a file when ``is_file``).
-        force: replace an existing ``out`` (only after the new one is complete).
-        is_file: the block writes ``tmp / out.name``, which becomes ``out``.
-
-    Yields:
-        The temporary folder. On any exception it is removed, with any parents created for it.
+        out: the output path.
+        dataset: ``out`` is a dataset folder, complete when its manifest (written last) is there.
     """
     out = Path(out)
-    if out.exists() and not force:
-        raise DatasetError(f"--out {out} already exists (use --force to replace it)")
-    created = [p for p in reversed(out.parents) if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
-        yield tmp
-        _replace(tmp / out.name if is_file else tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for parent in reversed(created):
-            if parent.exists() and not any(parent.iterdir()):
-                parent.rmdir()
-        raise
-    if is_file:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return (out / MANIFEST).is_file() if dataset else out.is_file() or out.is_dir()
 
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-
-
-def _replace(src: Path, out: Path) -> None:
-    """Rename ``src`` to ``out``; an existing ``out`` is moved aside first and deleted last."""
-    if not out.exists() and not out.is_symlink():
-        os.rename(src, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".old-{out.name}-", dir=out.parent)) / out.name
-    os.rename(out, old)
-    try:
-        os.rename(src, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    finally:
-        _remove(old.parent)
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -170,17 +121,35 @@ def cell_counts(frame: pd.DataFrame) -> list[dict[str, int]]:
 
 
 # ----------------------------------------------------------------------------- generate
-def _allocate(path: Path, dtype: type, shape: tuple[int, ...]) -> None:
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-    del array  # the header is written; the body stays sparse until filled
+class _ArrayFile:
+    """An ``.npy`` file written front to back with plain writes (no memory map).
 
+    A full disk then raises ``OSError(ENOSPC)`` at the write, where a writable memory map would
+    die with SIGBUS. The bytes are those of ``np.lib.format.open_memmap``: a version 1.0 header,
+    then the C-order body.
+    """
 
-def _fill(path: Path, start: int, block: np.ndarray) -> None:
-    # Re-mapping per chunk releases the written pages, so resident memory stays one chunk.
-    array = np.load(path, mmap_mode="r+")
-    array[start : start + len(block)] = block
-    array.flush()
-    del array
+    def __init__(self, path: Path, dtype: type, shape: tuple[int, ...]) -> None:
+        self.path, self.dtype, self.shape = path, np.dtype(dtype), shape
+        self.file = open(path, "xb")
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(self.file, header)
+        self.rows = 0
+
+    def append(self, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block, dtype=self.dtype)
+        self.file.write(block.tobytes())
+        self.rows += len(block)
+
+    def close(self) -> None:
+        """Flush, fsync and close; the row count must match the header."""
+        try:
+            if self.rows != self.shape[0]:
+                raise DatasetError(f"{self.path.name}: wrote {self.rows} rows, header says {self.shape[0]}")
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        finally:
+            self.file.close()
 
 
 def _write_split(
@@ -189,14 +158,20 @@ def _write_split(
     """Render one split chunk by chunk into ``folder``; return its manifest entry."""
     folder.mkdir()
     shape = (len(frame),) + (size,) * dim
-    for name, dtype in ARRAYS.items():
-        _allocate(folder / f"{name}.npy", dtype, shape)
-    for start in range(0, len(frame), chunk):
-        images, masks = render(frame.iloc[start : start + chunk], size=size, dim=dim)
-        _fill(folder / "images.npy", start, images)
-        _fill(folder / "masks.npy", start, masks)
-        if progress is not None:
-            progress(len(images))
+    files = {name: _ArrayFile(folder / f"{name}.npy", dtype, shape) for name, dtype in ARRAYS.items()}
+    try:
+        for start in range(0, len(frame), chunk):
+            images, masks = render(frame.iloc[start : start + chunk], size=size, dim=dim)
+            files["images"].append(images)
+            files["masks"].append(masks)
+            if progress is not None:
+                progress(len(images))
+        for file in files.values():
+            file.close()
+    except BaseException:
+        for file in files.values():
+            file.file.close()  # release the handles; staged removes the folder
+        raise
     write_factors(frame, folder / "factors.csv")
     entry: dict[str, Any] = {"n": len(frame), "cells": cell_counts(frame)}
     for name, dtype in ARRAYS.items():
@@ -205,6 +180,30 @@ def _write_split(
                        "dtype": np.dtype(dtype).name, "sha256": sha256_file(file)}  # fmt: skip
     entry["factors"] = {"file": f"{folder.name}/factors.csv", "sha256": sha256_file(folder / "factors.csv")}
     return entry
+
+
+FACTOR_BYTES_PER_ROW = 400
+"""Generous size of one ``factors.csv`` row, for the free-space check."""
+
+
+def bytes_needed(scenario: Scenario) -> int:
+    """Bytes a dataset of ``scenario`` takes on disk (arrays exactly, factor tables roughly)."""
+    pixels = int(scenario.image.size) ** int(scenario.image.dim)
+    itemsize = sum(np.dtype(t).itemsize for t in ARRAYS.values())
+    return sum(int(split.n) * (pixels * itemsize + FACTOR_BYTES_PER_ROW) for split in scenario.splits.values())
+
+
+def check_free_space(out: Path, needed: int) -> None:
+    """Refuse to start when the filesystem of ``out`` has less than ``needed`` bytes free.
+
+    Raises:
+        DatasetError: with both sizes in MiB.
+    """
+    existing = next(p for p in (Path(out).absolute(), *Path(out).absolute().parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise DatasetError(f"--out {out}: the dataset needs {math.ceil(needed / 2**20):,} MiB, "
+                           f"only {free // 2**20:,} MiB free there")  # fmt: skip
 
 
 def generate(
@@ -230,12 +229,15 @@ def generate(
         ``out``.
 
     Raises:
-        DatasetError: ``out`` exists and ``force`` is false, or ``chunk`` < 1.
+        DatasetError: ``out`` exists and ``force`` is false (``OutExists``), ``out`` is the
+            current folder or a parent of it, the disk lacks the space the arrays need, or
+            ``chunk`` < 1.
     """
     if chunk < 1:
         raise DatasetError(f"chunk must be >= 1, got {chunk}")
     out = Path(out)
     size, dim = int(scenario.image.size), int(scenario.image.dim)
+    check_free_space(out, bytes_needed(scenario))
     with staged(out, force=force) as tmp:
         splits = {}
         for name in scenario.splits:
@@ -251,15 +253,16 @@ def generate(
             "splits": splits,
         }
         (tmp / MANIFEST).write_text(dump_json(manifest), encoding="utf-8")
+        fsync_file(tmp / MANIFEST)
     return out
 
 
 # ----------------------------------------------------------------------------- load
-def load_manifest(root: Path) -> dict[str, Any]:
-    """Read ``dataset.json`` of a dataset folder.
+def read_manifest(root: Path) -> dict[str, Any]:
+    """Read ``dataset.json`` of a dataset folder, unchecked (see :func:`check_manifest`).
 
     Raises:
-        DatasetError: the folder or its manifest is missing or unreadable.
+        DatasetError: the folder or its manifest is missing, unreadable, or not a JSON object.
     """
     path = Path(root) / MANIFEST
     if not Path(root).is_dir():
@@ -268,26 +271,179 @@ def load_manifest(root: Path) -> dict[str, Any]:
         raise DatasetError(f"DIR {root} is not a nodulab dataset ({MANIFEST} missing)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise DatasetError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DatasetError(f"{path}: format is not {FORMAT}")
+    if not isinstance(manifest, dict):
+        raise DatasetError(f"{path}: not a JSON object")
     return manifest
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_entry(where: str, split: str, entry: object, image: dict[str, Any]) -> None:
+    """One split's manifest entry: counts, and file names that are exactly ``<split>/<file>``."""
+    if not isinstance(entry, dict):
+        raise DatasetError(f"{where}: splits.{split} is not an object")
+    n = entry.get("n")
+    if not _is_int(n) or not 0 <= n <= MAX_N:
+        raise DatasetError(f"{where}: splits.{split}.n must be an integer in 0..{MAX_N:,} (got {n!r})")
+    expected_shape = [n] + [image["size"]] * image["dim"]
+    for key, dtype in (*ARRAYS.items(), ("factors", None)):
+        item = entry.get(key)
+        if not isinstance(item, dict):
+            raise DatasetError(f"{where}: splits.{split}.{key} is missing")
+        name = f"{split}/{key}.npy" if dtype is not None else f"{split}/factors.csv"
+        if item.get("file") != name:
+            raise DatasetError(f"{where}: splits.{split}.{key}.file must be {name!r} (got {item.get('file')!r})")
+        digest = item.get("sha256")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise DatasetError(f"{where}: splits.{split}.{key}.sha256 is not a sha256 digest")
+        if dtype is not None and (item.get("shape") != expected_shape or item.get("dtype") != np.dtype(dtype).name):
+            raise DatasetError(f"{where}: splits.{split}.{key} must be {np.dtype(dtype).name} of shape "
+                               f"{expected_shape} (got {item.get('dtype')!r} {item.get('shape')!r})")  # fmt: skip
+    if not isinstance(entry.get("cells"), list):
+        raise DatasetError(f"{where}: splits.{split}.cells is missing")
+
+
+def check_manifest(manifest: dict[str, Any], where: str = MANIFEST) -> dict[str, Any]:
+    """Check a manifest's structure before any path or number in it is used.
+
+    Split names follow the scenario rule; every file named is exactly ``<split>/images.npy``,
+    ``<split>/masks.npy`` or ``<split>/factors.csv``, so nothing in a manifest steers a path.
+
+    Returns:
+        ``manifest``.
+
+    Raises:
+        DatasetError: naming the first bad field.
+    """
+    if manifest.get("format") != FORMAT:
+        raise DatasetError(f"{where}: format is not {FORMAT}")
+    image = manifest.get("image")
+    if not isinstance(image, dict) or image.get("dim") not in (2, 3) or not _is_int(image.get("dim")):
+        raise DatasetError(f"{where}: image.dim must be 2 or 3")
+    size, pixel_mm = image.get("size"), image.get("pixel_mm")
+    if not _is_int(size) or not MIN_SIZE <= size <= MAX_SIZE[image["dim"]]:
+        raise DatasetError(f"{where}: image.size must be an integer in {MIN_SIZE}..{MAX_SIZE[image['dim']]}")
+    if not isinstance(pixel_mm, (int, float)) or isinstance(pixel_mm, bool) or not 0 < pixel_mm < math.inf:
+        raise DatasetError(f"{where}: image.pixel_mm must be a positive number")
+    if not isinstance(manifest.get("scenario"), dict):
+        raise DatasetError(f"{where}: scenario is missing")
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        raise DatasetError(f"{where}: splits is missing or empty")
+    for split, entry in splits.items():
+        if not is_split_name(split):
+            raise DatasetError(f"{where}: split name {split!r} is not allowed ({SPLIT_NAME_RULE})")
+        _check_entry(where, split, entry, image)
+    return manifest
+
+
+def load_manifest(root: Path) -> dict[str, Any]:
+    """Read and check ``dataset.json`` of a dataset folder.
+
+    Raises:
+        DatasetError: the folder or its manifest is missing, unreadable or malformed.
+    """
+    return check_manifest(read_manifest(root), str(Path(root) / MANIFEST))
+
+
+def _open_array(root: Path, split: str, name: str, dtype: type, shape: list[int]) -> np.ndarray:
+    """Memory-map ``root/split/name.npy`` after checking its header and its exact length.
+
+    Object arrays are never loaded (no pickle); a truncated or padded file is refused.
+    """
+    path = Path(root) / split / f"{name}.npy"
+    where = f"{split}/{name}.npy"
+    if not path.is_file() or not is_inside(root, path):
+        raise DatasetError(f"{where}: missing, or not a regular file inside the dataset")
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)  # fmt: skip
+            if read_header is None:
+                raise DatasetError(f"{where}: unsupported .npy version {version}")
+            found_shape, fortran, found_dtype = read_header(f)
+            offset = f.tell()
+    except ValueError as e:  # bad magic, bad header, object dtype header ...
+        raise DatasetError(f"{where}: not a readable .npy file ({' '.join(str(e).split())})") from None
+    if found_dtype != np.dtype(dtype) or fortran or list(found_shape) != list(shape):
+        raise DatasetError(f"{where}: holds {found_dtype} {list(found_shape)}"
+                           f"{' (Fortran order)' if fortran else ''}; the manifest says {np.dtype(dtype).name} {shape}")  # fmt: skip
+    expected = offset + math.prod(shape) * np.dtype(dtype).itemsize
+    actual = path.stat().st_size
+    if actual != expected:
+        raise DatasetError(f"{where}: {actual} bytes, expected {expected} (truncated or corrupt)")
+    if math.prod(shape) == 0:
+        return np.zeros(shape, dtype=dtype)
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def check_factors(frame: pd.DataFrame, n: int, where: str) -> pd.DataFrame:
+    """Check a factor table: row count, ``index``, required columns, values of the right kind.
+
+    Returns:
+        ``frame`` (unchanged).
+
+    Raises:
+        DatasetError: naming the first bad column and row.
+    """
+    if len(frame) != n:
+        raise DatasetError(f"{where}: {len(frame)} rows, the manifest says {n}")
+    missing = [c for c in ("index", *FACTOR_COLUMNS, "seed") if c not in frame.columns]
+    if missing:
+        raise DatasetError(f"{where}: required columns missing: {', '.join(missing)}")
+    binary = ["label", *cell_columns(frame)]
+    for column in frame.columns:
+        factor = FACTORS.get(column)
+        if factor is not None and not factor.numeric:
+            bad = ~frame[column].isin(factor.choices)
+        else:
+            values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
+            bad = ~np.isfinite(values)
+            if column in binary:
+                bad |= ~np.isin(values, (0, 1))
+            elif factor is not None:
+                bad |= (values < factor.low) | (values > factor.high)
+            if column in ("index", "seed") or (factor is not None and factor.kind == "int"):
+                bad |= np.isfinite(values) & (values != np.round(values))
+        if np.any(bad):
+            row = int(np.flatnonzero(np.asarray(bad))[0])
+            raise DatasetError(f"{where}: column {column!r}, row {row}: bad value {frame[column].iloc[row]!r}")
+    if not np.array_equal(frame["index"].to_numpy(), np.arange(n)):
+        raise DatasetError(f"{where}: column 'index' is not 0..{n - 1}")
+    return frame
+
+
 def load_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    """Open one split read-only.
+    """Open one split read-only, after checking it against its manifest.
+
+    The one loader every command goes through: it checks the manifest, each array's dtype, shape
+    and exact byte length (no pickle, no truncated file), and the factor table's row count,
+    columns and values, so nothing trains or exports on a malformed dataset.
 
     Returns:
         ``(images, masks, factors)``: int16 and uint8 memory maps, and the factor table.
+
+    Raises:
+        DatasetError: with a one-line message naming the split, file and problem.
     """
     manifest = load_manifest(root)
     if split not in manifest["splits"]:
         raise DatasetError(f"split {split!r} not in dataset (have {', '.join(manifest['splits'])})")
-    folder = Path(root) / split
-    images = np.load(folder / "images.npy", mmap_mode="r")
-    masks = np.load(folder / "masks.npy", mmap_mode="r")
-    return images, masks, read_factors(folder / "factors.csv")
+    entry = manifest["splits"][split]
+    images, masks = (_open_array(root, split, name, dtype, entry[name]["shape"]) for name, dtype in ARRAYS.items())
+    path = Path(root) / split / "factors.csv"
+    if not path.is_file() or not is_inside(root, path):
+        raise DatasetError(f"{split}/factors.csv: missing, or not a regular file inside the dataset")
+    try:
+        frame = read_factors(path)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise DatasetError(f"{split}/factors.csv: unreadable ({' '.join(str(e).split())})") from None
+    return images, masks, check_factors(frame, entry["n"], f"{split}/factors.csv")
 
 
 # ----------------------------------------------------------------------------- torch

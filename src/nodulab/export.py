@@ -13,9 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from nodulab.data import DatasetError, Progress, load_manifest, load_split, lung_window, staged
-
-EXPORT_FORMATS = ("medmnist", "nifti", "png")
+from nodulab.choices import EXPORT_FORMATS
+from nodulab.data import DatasetError, Progress, check_out, load_manifest, load_split, lung_window, staged
 
 
 def to_uint8(hu: np.ndarray) -> np.ndarray:
@@ -64,7 +63,10 @@ def _export_files(
     for split in manifest["splits"]:
         images, _, frame = load_split(root, split)
         spacing = frame["pixel_mm"].to_numpy(dtype=np.float64)
-        (target / split).mkdir()
+        folder = target / split
+        if folder.resolve().parent != target.resolve():  # split names are checked; never write elsewhere
+            raise DatasetError(f"split {split!r} would be written outside --out")
+        folder.mkdir()
         for i in range(len(images)):
             rel = f"{split}/{i:06d}." + ("nii.gz" if fmt == "nifti" else "png")
             if fmt == "nifti":
@@ -98,8 +100,9 @@ def export(root: Path, fmt: str, out: Path, *, force: bool = False, progress: Pr
     """
     if fmt not in EXPORT_FORMATS:
         raise DatasetError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
-    manifest = load_manifest(root)
     out = Path(out)
+    check_out(out, [root])
+    manifest = load_manifest(root)
     with staged(out, force=force, is_file=fmt == "medmnist") as tmp:
         if fmt == "medmnist":
             _export_medmnist(root, manifest, tmp / out.name, progress)

@@ -56,6 +56,8 @@ from pytorch_metric_learning.miners import TripletMarginMiner
 from pytorch_metric_learning.reducers import AvgNonZeroReducer
 from torch import Tensor
 
+from nodulab.choices import DEFAULT_LR, DEFAULT_WEIGHT_DECAY
+
 CONTRASTIVE_MARGIN = 1.0
 """Hadsell margin ``m`` on the Euclidean distance between unit vectors (range [0, 2])."""
 TRIPLET_MARGIN = 0.2
@@ -168,8 +170,8 @@ class _Entry:
 _LOSSES: dict[str, _Entry] = {}
 
 OPTIMISER_PARAMS: dict[str, Param] = {
-    "lr": Param(1e-3, 1e-4, 3e-3, log=True),
-    "weight_decay": Param(0.0, 1e-6, 1e-2, log=True),
+    "lr": Param(DEFAULT_LR, 1e-4, 3e-3, log=True),
+    "weight_decay": Param(DEFAULT_WEIGHT_DECAY, 1e-6, 1e-2, log=True),
 }
 """AdamW's learning rate and decoupled weight decay (0 by default, tunable by a study)."""
 

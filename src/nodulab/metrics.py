@@ -31,7 +31,9 @@ import torch
 from rich.table import Table
 
 from nodulab import __version__
-from nodulab.data import dump_json, float_text, load_manifest, load_split, sha256_file, staged, write_atomically
+from nodulab.data import (
+    check_out, dump_json, float_text, load_manifest, load_split, sha256_file, staged, write_atomically,
+)
 from nodulab.models import build_model, load_model, state_sha256
 from nodulab.readouts import extract, load_readouts
 from nodulab.scenarios import BALANCED_SPLIT
@@ -219,8 +221,12 @@ def evaluate_run(
     if out is None and not own:
         raise RunError(f"DATA_DIR {data_dir} is not the dataset this run was trained on: pass --out FOLDER "
                        "(the run folder keeps the evaluation of its own dataset)")  # fmt: skip
-    if out is not None and Path(out).exists() and not force:
-        raise RunError(f"--out {out} already exists (use --force to replace it)")
+    if out is not None:
+        target = check_out(out, [data_dir])  # a folder inside the run folder is fine: evaluations go there
+        if target == run_dir.resolve() or target in run_dir.resolve().parents:
+            raise RunError(f"--out {out}: would replace the run folder {run_dir}; choose a new folder")
+        if Path(out).exists() and not force:
+            raise RunError(f"--out {out} already exists (use --force to replace it)")
     try:
         model, architecture = load_model(paths[1], device=device)
         readouts, readouts_init = load_readouts(paths[2]), load_readouts(paths[3])

@@ -28,9 +28,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from nodulab.choices import ENCODERS
 from nodulab.data import write_atomically
 
-ENCODERS = ("small-cnn", "resnet18")
 STEMS = ("small", "imagenet")
 CHECKPOINT_FORMAT = "nodulab-model/1"
 SMALL_CNN_WIDTHS = (16, 32, 64, 128)

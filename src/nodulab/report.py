@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from nodulab.data import cell_columns, lung_window, load_manifest, load_split
+from nodulab.data import DatasetError, OutExists, cell_columns, check_out, load_manifest, load_split, lung_window, write_atomically
 
 LABEL_NAMES = ("benign", "malignant")
 ATTENUATION_TEXT = {"ground_glass": "ground glass", "part_solid": "part-solid"}
@@ -98,7 +98,7 @@ def _draw_split(fig: Figure, title: str, rows: list[Cell], cells: dict[Cell, np.
             ax.set_title(factor_caption(frame.iloc[chosen[c]]), fontsize=6.5)
 
 
-def gallery(root: Path, out_png: Path, *, per_cell: int = 4, seed: int = 0) -> Path:
+def gallery(root: Path, out_png: Path, *, per_cell: int = 4, seed: int = 0, force: bool = False) -> Path:
     """Draw a dataset gallery: one panel per split, one row per (label, agrees) cell.
 
     Images are shown in the lung window (WL -600, WW 1500); 3D samples by a 6 mm axial
@@ -108,10 +108,21 @@ def gallery(root: Path, out_png: Path, *, per_cell: int = 4, seed: int = 0) -> P
         root: dataset folder. out_png: PNG file to write.
         per_cell: samples shown per cell (fewer when a cell is smaller).
         seed: picks which samples are shown.
+        force: replace an existing ``out_png``.
 
     Returns:
-        ``out_png``.
+        ``out_png``, the file written (atomically; its name is never changed).
+
+    Raises:
+        DatasetError: ``out_png`` does not end in ``.png``, exists without ``force``
+            (``OutExists``), or lies inside the dataset.
     """
+    out_png = Path(out_png)
+    if out_png.suffix.lower() != ".png":
+        raise DatasetError(f"--out {out_png}: a gallery is a PNG file; name it *.png")
+    check_out(out_png, [root])
+    if (out_png.exists() or out_png.is_symlink()) and not force:
+        raise OutExists(f"--out {out_png} already exists (use --force to replace it)")
     manifest = load_manifest(root)
     splits = sorted(manifest["splits"], key=lambda s: ({"train": 0, "val": 1}.get(s, 2), s))
     loaded = {s: load_split(root, s) for s in splits}
@@ -136,7 +147,7 @@ def gallery(root: Path, out_png: Path, *, per_cell: int = 4, seed: int = 0) -> P
         rng = np.random.default_rng([seed, k])
         title = f"{split} (n={len(frame)})"
         _draw_split(panel, title, rows, cells[split], images, frame, confounds, per_cell, rng)
-    out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110, metadata={"Software": None})
+    write_atomically(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None}),
+                     exclusive=not force)  # fmt: skip
     return out_png

@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
+from nodulab.choices import MAX_N
 from nodulab.factors import FACTORS, Factor
 
 MAX_SIZE = {2: 2048, 3: 256}
@@ -29,16 +30,14 @@ PIXEL_MM_RANGE = (0.2, 3.0)
 NORMAL_SUPPORT_SD = 3.0
 """A normal is truncated to mu ± 3 sd (and the factor's range), so its support is exact."""
 
-_SPLIT_NAME = re.compile(r"^test_[A-Za-z0-9_-]+$")
+MAX_SCENARIO_BYTES = 1 << 20
+"""A scenario file larger than this (1 MiB) is refused before it is parsed."""
+SPLIT_NAME_RULE = "splits are train, val, val_balanced and test_<letters, digits, _, ->"
+_SPLIT_NAME = re.compile(r"^(train|val|val_balanced|test_[A-Za-z0-9_-]+)$")
 BALANCED_SPLIT = "val_balanced"
 """Optional held-out split with every confound at agreement 0.5: fits the ``dfr`` readout only;
 never used for training, model selection or thresholds, and never scored."""
 BALANCED_AGREEMENT = 0.5
-
-
-def is_split_name(name: str) -> bool:
-    """The split naming rule: ``train``, ``val``, ``val_balanced`` or ``test_<letters, digits, _, ->``."""
-    return name in ("train", "val", BALANCED_SPLIT) or bool(_SPLIT_NAME.match(name))
 _MODEL = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
@@ -67,6 +66,11 @@ class Normal(BaseModel):
 
     model_config = _MODEL
     normal: tuple[float, float]
+
+
+def is_split_name(name: object) -> bool:
+    """Whether ``name`` is a valid split name (scenarios and dataset manifests share the rule)."""
+    return isinstance(name, str) and _SPLIT_NAME.fullmatch(name) is not None
 
 
 def _is_number(v: object) -> bool:
@@ -115,8 +119,8 @@ def _parse_dist(v: object) -> object:
     weights = v.get("weights")
     if weights is not None:
         weights = [float(w) for w in _numbers(weights, "weights", len(values))]
-        if min(weights) < 0 or sum(weights) <= 0:
-            raise ValueError(f"weights must be >= 0 with a positive sum (got {weights})")
+        if min(weights) < 0 or not 0 < sum(weights) < math.inf:  # the sampler divides by the sum
+            raise ValueError(f"weights must be >= 0 with a positive, finite sum (got {weights})")
     return Choice(choice=tuple(values), weights=None if weights is None else tuple(weights))
 
 
@@ -378,9 +382,9 @@ def _check_splits(s: Scenario) -> None:
     for name, split in s.splits.items():
         key = f"splits.{name}"
         if not is_split_name(name):
-            raise ValueError(f"{key}: splits are train, val, {BALANCED_SPLIT} and test_<letters, digits, _, ->")
-        if split.n < 1:
-            raise ValueError(f"{key}.n: must be at least 1 (got {split.n})")
+            raise ValueError(f"{key}: {SPLIT_NAME_RULE}")
+        if not 1 <= split.n <= MAX_N:
+            raise ValueError(f"{key}.n: must be between 1 and {MAX_N:,} (got {split.n})")
         rate = split.malignant_rate
         if rate is not None and not 0.0 < rate < 1.0:
             raise ValueError(f"{key}.malignant_rate: {rate:g} is outside (0, 1)")
@@ -548,6 +552,18 @@ def _parse_toml(text: bytes, where: str) -> dict:
         raise ScenarioError(" ".join(f"{where}: unreadable TOML: {err}".split())) from None
 
 
+def _read_limited(path: Path) -> bytes:
+    """The bytes of a scenario file, refused beyond ``MAX_SCENARIO_BYTES`` (read no further)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(MAX_SCENARIO_BYTES + 1)
+    except OSError as err:
+        raise ScenarioError(f"{path}: cannot read ({err.strerror})") from None
+    if len(text) > MAX_SCENARIO_BYTES:
+        raise ScenarioError(f"{path}: larger than {MAX_SCENARIO_BYTES // 1024} KiB; not a scenario file")
+    return text
+
+
 def load_scenario(
     name_or_path: str | Path,
     *,
@@ -576,6 +592,6 @@ def load_scenario(
             raise ScenarioError(
                 f"{text}: unknown preset (presets: {', '.join(preset_names())}; or a .toml path)"
             )
-        d = _parse_toml(path.read_bytes(), str(path))
+        d = _parse_toml(_read_limited(path), str(path))
         d.setdefault("name", path.stem)
     return load_scenario_dict(_with_overrides(d, n, dim, size, pixel_mm))

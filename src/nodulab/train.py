@@ -34,19 +34,14 @@ import pandas as pd
 import torch
 
 from nodulab import __version__, losses
-from nodulab.augment import VIEW_MODES, geometric_conflicts, make_views
-from nodulab.data import DatasetError, hu_to_input, load_manifest, load_split, sha256_file, staged
+from nodulab.augment import geometric_conflicts, make_views
+from nodulab.choices import DEFAULT_EPOCHS, DEVICES, SELECTIONS, VIEWS
+from nodulab.data import DatasetError, check_out, hu_to_input, load_manifest, load_split, sha256_file, staged
 from nodulab.metrics import RUN_FORMAT, binary_metrics, read_run_format
 from nodulab.models import ENCODERS, NoduleNet, build_model, save_model, state_sha256
 from nodulab.readouts import KNN_K, Readouts, extract, fit_dfr, fit_readouts, knn_neighbours, odd_k
 from nodulab.scenarios import BALANCED_SPLIT
 
-VIEWS = VIEW_MODES
-DEVICES = ("auto", "cpu", "cuda")
-SELECTIONS = ("last", "best-val")
-DEFAULT_EPOCHS = 30
-"""Default epochs: every loss's training loss changes by < 2% over its last 20% of epochs on
-``size-confound`` at 32 px, n = 2,000 (README: Training and evaluation)."""
 WARMUP_FRACTION = 0.05
 """Share of the steps (at least one) with a linear learning-rate warm-up before cosine decay."""
 COLLAPSE_DISTANCE = 1e-2
@@ -372,6 +367,7 @@ def train(
                          torch.get_num_threads() if threads is None else int(threads),
                          loss_params=dict(loss_params or {}))  # fmt: skip
     _check(config)
+    check_out(out, [data_dir])
     check_run_dir(out, force)
     try:
         manifest = load_manifest(data_dir)

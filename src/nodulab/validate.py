@@ -18,15 +18,17 @@ import pandas as pd
 
 from nodulab.data import (
     ARRAYS,
+    DatasetError,
     cell_columns,
     cell_counts,
-    load_manifest,
+    check_manifest,
     load_split,
+    read_manifest,
     sha256_file,
 )
 from nodulab.render import render
 from nodulab.rng import RNG_SCHEME
-from nodulab.scenarios import load_scenario_dict
+from nodulab.scenarios import ScenarioError, load_scenario_dict
 
 @dataclass(frozen=True)
 class Check:
@@ -184,18 +186,35 @@ def validate(root: Path, *, n_rerender: int = 16) -> ValidationReport:
     Returns:
         A ``ValidationReport``.
 
+    A malformed manifest, scenario, array or factor table is reported as a failed check, never
+    raised.
+
     Raises:
-        DatasetError: ``root`` is not a dataset folder.
+        DatasetError: ``root`` is not a dataset folder (no readable ``dataset.json``).
     """
-    manifest = load_manifest(root)
-    scenario = load_scenario_dict(manifest["scenario"])
+    manifest = read_manifest(root)
     report = ValidationReport()
+    try:
+        check_manifest(manifest)
+    except DatasetError as error:
+        report.add("manifest", False, str(error))
+        return report
+    try:
+        scenario = load_scenario_dict(manifest["scenario"])
+        specs = {name: scenario.splits.get(name) for name in manifest["splits"]}
+    except ScenarioError as error:
+        report.add("scenario", False, str(error))
+        specs = dict.fromkeys(manifest["splits"])
     scheme = manifest.get("rng_scheme")
     report.add("rng scheme", scheme == RNG_SCHEME, f"dataset {scheme}, installed {RNG_SCHEME}")
     for split, entry in manifest["splits"].items():
         if not _check_files(report, root, split, entry):
             continue
-        images, masks, frame = load_split(root, split)
+        try:
+            images, masks, frame = load_split(root, split)
+        except DatasetError as error:
+            report.add(f"{split}: readable", False, str(error))
+            continue
         expected = entry["images"]["shape"]
         shape_ok = list(images.shape) == expected == list(masks.shape) and len(frame) == expected[0]
         report.add(f"{split}: shapes", shape_ok, f"images {tuple(images.shape)}, {len(frame)} factor rows")
@@ -203,7 +222,10 @@ def validate(root: Path, *, n_rerender: int = 16) -> ValidationReport:
             continue
         _check_cells(report, split, frame, entry)
         _check_rerender(report, split, (images, masks), frame, manifest["image"], n_rerender)
-        _check_labels(report, split, frame, scenario.splits[split])
-        _check_agreement(report, split, frame, scenario.splits[split])
+        if specs[split] is None:
+            report.add(f"{split}: scenario", False, "split not in the manifest's scenario")
+        else:
+            _check_labels(report, split, frame, specs[split])
+            _check_agreement(report, split, frame, specs[split])
         _check_diameter(report, split, masks, frame)
     return report
