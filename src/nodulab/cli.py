@@ -41,7 +41,7 @@ _INPUT_ERRORS = (
     ("nodulab.scenarios", "ScenarioError"),
     ("nodulab.data", "DatasetError"),
     ("nodulab.train", "TrainError"),
-    ("nodulab.metrics", "RunError"),
+    ("nodulab.runs", "RunError"),
 )
 
 

@@ -21,7 +21,6 @@ the same image geometry is scored into a folder of its own (``out``).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -34,17 +33,11 @@ from nodulab import __version__
 from nodulab.data import (
     check_out, dump_json, float_text, load_manifest, load_split, sha256_file, staged, write_atomically,
 )
-from nodulab.models import build_model, load_model, state_sha256
-from nodulab.readouts import extract, load_readouts
+from nodulab.runs import RUN_FORMAT, RunError, load_run, run_threads
 from nodulab.scenarios import BALANCED_SPLIT
 
 METRICS = ("accuracy", "sensitivity", "specificity", "balanced_accuracy", "auc")
-CLASSIFIERS = ("head", "probe", "knn", "dfr", "probe_init", "knn_init")
 COLUMNS = ("split", "classifier", "metric", "value")
-CONFIG_FILE = "config.json"
-MODEL_FILE = "model.safetensors"
-READOUTS_FILE = "readouts.safetensors"
-READOUTS_INIT_FILE = "readouts_init.safetensors"
 METRICS_FILE = "metrics.csv"
 EVALUATION_FILE = "evaluation.json"
 THRESHOLD = 0.5
@@ -53,16 +46,6 @@ UNSCORED_SPLITS = ("train", BALANCED_SPLIT)
 HEADERS = {"accuracy": "acc", "sensitivity": "sens", "specificity": "spec", "balanced_accuracy": "bal acc",
            "auc": "AUC"}  # fmt: skip
 """Short column headers of ``metrics_table`` (the table fits 80 columns)."""
-
-
-RUN_FORMAT = 2
-"""Version of a run folder's layout (written by ``train``); ``evaluate`` refuses another.
-2: ``readouts_init.safetensors``, ``dfr`` in the readouts, ``threads`` and ``init_sha256`` in
-``config.json``."""
-
-
-class RunError(ValueError):
-    """A run folder is missing, incomplete, unreadable or of another run format."""
 
 
 def _ratio(numerator: int, denominator: int) -> float:
@@ -108,72 +91,10 @@ def binary_metrics(
     }
 
 
-def _require(path: Path) -> Path:
-    if not path.is_file():
-        raise RunError(f"run folder {path.parent}: {path.name} is missing")
-    return path
-
-
-def read_run_format(path: Path) -> object:
-    """The ``run_format`` recorded in a run's ``config.json``; ``None`` if it cannot be read."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8")).get("run_format")
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        return None
-
-
-def read_run_config(path: Path) -> dict:
-    """A run's ``config.json``, checked to be of this run format.
-
-    Raises:
-        RunError: unreadable, not a run config, or another run format.
-    """
-    found = read_run_format(path)
-    if found is None:
-        raise RunError(f"{path}: not a run config (unreadable JSON)")
-    if found != RUN_FORMAT:
-        raise RunError(f"{path}: run format {found!r}, this nodulab reads {RUN_FORMAT}")
-    record = json.loads(Path(path).read_text(encoding="utf-8"))
-    try:
-        dataset, config = record["dataset"], record["config"]
-        _ = (dataset["image"], dataset["manifest_sha256"], config["seed"], record["threads"])
-    except (KeyError, TypeError) as error:
-        raise RunError(f"{path}: incomplete run config (missing {error})") from None
-    return record
-
-
 def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
     """Write next to ``path`` and rename into place: a reader never sees half a table."""
     write_atomically(path, lambda tmp: frame.to_csv(tmp, index=False, lineterminator="\n", na_rep="nan",
                                                     float_format=float_text))  # fmt: skip
-
-
-def _check_dataset(record: dict, manifest: dict, data_dir: Path) -> bool:
-    """Refuse a dataset of another image geometry; say whether it is the run's own dataset."""
-    trained, found = record["dataset"]["image"], manifest.get("image", {})
-    for key in ("dim", "size", "pixel_mm"):
-        if found.get(key) != trained.get(key):
-            raise RunError(f"DATA_DIR {data_dir}: image {key} is {found.get(key)!r}, the run was trained "
-                           f"on {trained.get(key)!r} (geometry must match)")  # fmt: skip
-    return sha256_file(data_dir / "dataset.json") == record["dataset"]["manifest_sha256"]
-
-
-def _init_model(record: dict, model_architecture: dict, device: torch.device | str) -> torch.nn.Module:
-    """The run's untrained encoder, rebuilt from its seed and checked against ``init_sha256``."""
-    model = build_model(**model_architecture, seed=int(record["config"]["seed"]))
-    if record.get("init_sha256") != state_sha256(model):
-        raise RunError("the untrained encoder rebuilt from the run's seed differs from the one it was trained "
-                       "from (another torch version?); its _init controls cannot be scored")  # fmt: skip
-    return model.to(device).eval()
-
-
-def _scores(model: torch.nn.Module, readouts: object, images: np.ndarray, *, suffix: str, batch_size: int,
-            device: torch.device | str) -> dict[str, np.ndarray]:  # fmt: skip
-    """P(malignant) of every classifier of one encoder: its head (if any) and its readouts."""
-    out = extract(model, images, batch_size=batch_size, device=device)
-    scores = {"head": out["head"]} if "head" in out and not suffix else {}
-    scores.update(readouts.predict(out["features"]))
-    return {name + suffix: p for name, p in scores.items()}
 
 
 def evaluate_run(
@@ -212,12 +133,9 @@ def evaluate_run(
             (a ``ValueError``; ``DatasetError`` for the dataset).
     """
     run_dir, data_dir = Path(run_dir), Path(data_dir)
-    if not run_dir.is_dir():
-        raise RunError(f"run folder {run_dir} does not exist")
-    paths = [_require(run_dir / name) for name in (CONFIG_FILE, MODEL_FILE, READOUTS_FILE, READOUTS_INIT_FILE)]
-    record = read_run_config(paths[0])
+    run = load_run(run_dir, device=device)
     manifest = load_manifest(data_dir)
-    own = _check_dataset(record, manifest, data_dir)
+    own = run.check_dataset(manifest, data_dir)
     if out is None and not own:
         raise RunError(f"DATA_DIR {data_dir} is not the dataset this run was trained on: pass --out FOLDER "
                        "(the run folder keeps the evaluation of its own dataset)")  # fmt: skip
@@ -227,29 +145,15 @@ def evaluate_run(
             raise RunError(f"--out {out}: would replace the run folder {run_dir}; choose a new folder")
         if Path(out).exists() and not force:
             raise RunError(f"--out {out} already exists (use --force to replace it)")
-    try:
-        model, architecture = load_model(paths[1], device=device)
-        readouts, readouts_init = load_readouts(paths[2]), load_readouts(paths[3])
-    except ValueError as error:  # not safetensors, not ours, another checkpoint format
-        raise RunError(str(error)) from None
-    architecture = architecture["architecture"]
-    previous = torch.get_num_threads()
-    torch.set_num_threads(int(record["threads"]))
-    try:
-        init = _init_model(record, architecture, device)
-        rows = []
-        splits = sorted((s for s in manifest["splits"] if s not in UNSCORED_SPLITS), key=lambda s: (s != "val", s))
+    rows = []
+    splits = sorted((s for s in manifest["splits"] if s not in UNSCORED_SPLITS), key=lambda s: (s != "val", s))
+    with run_threads(run.threads):
         for split in splits:
             images, _, factors = load_split(data_dir, split)
             labels = factors["label"].to_numpy(dtype=np.int64)
-            scores = _scores(model, readouts, images, suffix="", batch_size=batch_size, device=device)
-            scores |= _scores(init, readouts_init, images, suffix="_init", batch_size=batch_size, device=device)
-            for classifier in CLASSIFIERS:
-                if classifier in scores:
-                    for metric, value in binary_metrics(labels, scores[classifier]).items():
-                        rows.append((split, classifier, metric, float(value)))
-    finally:
-        torch.set_num_threads(previous)
+            for classifier, p in run.predict(images, batch_size=batch_size).items():
+                for metric, value in binary_metrics(labels, p).items():
+                    rows.append((split, classifier, metric, float(value)))
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     evaluation = {
         "nodulab_version": __version__,
@@ -260,7 +164,7 @@ def evaluate_run(
         "splits": splits,
         "classifiers": list(dict.fromkeys(frame["classifier"])),
         "threshold": {"rule": "fixed", "value": THRESHOLD},
-        "threads": int(record["threads"]),
+        "threads": run.threads,
         "device": str(device),
     }
     if out is None:
