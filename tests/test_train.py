@@ -303,3 +303,16 @@ def test_rerendered_views_depend_on_the_run_seed(tiny: Path, monkeypatch: pytest
         config = train.TrainConfig(str(tiny), "simclr", views="rerender", seed=seed)
         return train._views(split, index, config, image, 0, torch.Generator().manual_seed(0), "cpu")
     assert torch.equal(views(0), views(0)) and not torch.equal(views(0), views(1))
+
+
+def test_a_hostile_manifest_scenario_is_a_one_line_error(tiny: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny, copy)
+    manifest = json.loads((copy / "dataset.json").read_text())
+    manifest["scenario"]["label"] = "shape"  # not a table
+    (copy / "dataset.json").write_text(json.dumps(manifest))
+    with pytest.raises(train.TrainError, match="dataset.json scenario: label") as info:
+        _run(copy, tmp_path / "run")
+    assert "\n" not in str(info.value) and not (tmp_path / "run").exists()

@@ -41,7 +41,7 @@ from nodulab.metrics import binary_metrics
 from nodulab.runs import RUN_FORMAT, read_run_format
 from nodulab.models import ENCODERS, NoduleNet, build_model, save_model, state_sha256
 from nodulab.readouts import KNN_K, Readouts, extract, fit_dfr, fit_readouts, knn_neighbours, odd_k
-from nodulab.scenarios import BALANCED_SPLIT
+from nodulab.scenarios import BALANCED_SPLIT, ScenarioError, load_scenario_dict
 
 WARMUP_FRACTION = 0.05
 """Share of the steps (at least one) with a linear learning-rate warm-up before cosine decay."""
@@ -140,10 +140,13 @@ def _check(config: TrainConfig) -> None:
         raise TrainError(f"--seed must be >= 0, got {config.seed}")
 
 
-def _check_views(config: TrainConfig, scenario: dict) -> None:
+def _check_views(config: TrainConfig, manifest: dict, data_dir: Path) -> None:
     """Refuse geometric views when the label or a confound is a factor the geometry changes."""
-    confounds = [c.get("factor", "") for c in scenario.get("confounds", []) if isinstance(c, dict)]
-    conflicts = geometric_conflicts(str(scenario.get("label", {}).get("factor", "")), confounds)
+    try:  # the manifest's scenario is untrusted input: validate it as a scenario file would be
+        scenario = load_scenario_dict(manifest["scenario"])
+    except ScenarioError as error:
+        raise TrainError(f"DATA_DIR {data_dir}: dataset.json scenario: {error}") from None
+    conflicts = geometric_conflicts(scenario.label.factor, [c.factor for c in scenario.confounds])
     if conflicts and config.views != "rerender":
         raise TrainError(f"--views {config.views}: flips, rotations and shifts change {', '.join(conflicts)}, "
                          "which this scenario's label or confounds use; use --views rerender")  # fmt: skip
@@ -375,7 +378,7 @@ def train(
         train_split, val_split = training_split(data_dir, "train"), training_split(data_dir, "val")
     except (DatasetError, OSError) as error:
         raise TrainError(f"DATA_DIR {data_dir}: {error}") from None
-    _check_views(config, manifest.get("scenario", {}))
+    _check_views(config, manifest, data_dir)
     for name, split in (("train", train_split), ("val", val_split)):
         if split.labels.unique().numel() < 2:
             raise TrainError(f"DATA_DIR {data_dir}: split {name} needs both classes")
