@@ -236,14 +236,14 @@ def test_triplet_warning_fires_on_a_collapsed_embedding(tiny: Path, tmp_path: Pa
 
 
 def test_threads_are_recorded_and_restored_by_evaluate(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from nodulab import metrics
+    from nodulab import metrics, runs
 
     run = _run(tiny, tmp_path / "run", threads=2)
     assert json.loads((run / "config.json").read_text())["threads"] == 2
     assert torch.get_num_threads() == 1  # train restores the caller's count (one_thread fixture)
     seen: list[int] = []
-    original = metrics.extract
-    monkeypatch.setattr(metrics, "extract", lambda *a, **kw: (seen.append(torch.get_num_threads()), original(*a, **kw))[1])
+    original = runs.extract  # LoadedRun.predict (runs.py) runs the networks since the runs.py split
+    monkeypatch.setattr(runs, "extract", lambda *a, **kw: (seen.append(torch.get_num_threads()), original(*a, **kw))[1])
     metrics.evaluate_run(run, tiny)
     assert set(seen) == {2} and torch.get_num_threads() == 1
     evaluation = json.loads((run / "evaluation.json").read_text())
