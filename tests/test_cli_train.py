@@ -101,18 +101,35 @@ def test_train_then_evaluate_end_to_end(runner: CliRunner, dataset: Path, tmp_pa
     assert {"config.json", "model.safetensors", "readouts.safetensors"} <= {p.name for p in run.iterdir()}
     result = runner.invoke(app, ["evaluate", str(run), str(dataset), "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert "bal acc" in result.stdout and "metrics.csv" in result.stdout
+    assert "bal acc" in result.stdout and "worst" in result.stdout and "metrics.csv" in result.stdout
     frame = pd.read_csv(run / "metrics.csv")
-    assert list(frame.columns) == ["split", "classifier", "metric", "value"]
+    assert list(frame.columns) == ["split", "classifier", "metric", "value", "ci_low", "ci_high"]
+    groups = pd.read_csv(run / "groups.csv")
+    assert list(groups.columns) == ["split", "classifier", "label", "group", "n", "accuracy"]
+    assert (groups.label == "any").sum() == len(frame) // len(METRICS)  # one worst group per split and classifier
     splits = set(data.load_manifest(dataset)["splits"]) - {"train", "val_balanced"}
     assert "val" in splits and any(s.startswith("test") for s in splits)
     classifiers = ("head", "probe", "knn", "dfr", "probe_init", "knn_init")
     expected = {(s, c, m) for s in splits for c in classifiers for m in METRICS}
     assert set(zip(frame.split, frame.classifier, frame.metric)) == expected and len(frame) == len(expected)
-    # a second evaluate replaces metrics.csv with the same numbers (deterministic on CPU)
-    first = (run / "metrics.csv").read_bytes()
+    # a second evaluate replaces metrics.csv with the same numbers and intervals (deterministic on CPU)
+    first = {name: (run / name).read_bytes() for name in ("metrics.csv", "groups.csv")}
     assert runner.invoke(app, ["evaluate", str(run), str(dataset), "--device", "cpu"]).exit_code == 0
-    assert (run / "metrics.csv").read_bytes() == first
+    assert {name: (run / name).read_bytes() for name in first} == first
+    chosen = runner.invoke(app, ["evaluate", str(run), str(dataset), "--device", "cpu", "--threshold", "val",
+                                 "--out", str(tmp_path / "val-threshold")])  # fmt: skip
+    assert chosen.exit_code == 0, chosen.output
+    assert "thresholds chosen on val" in " ".join(chosen.stdout.split())
+    rule = json.loads((tmp_path / "val-threshold" / "evaluation.json").read_text())["threshold"]
+    assert rule["rule"] == "val" and set(rule["values"]) == set(classifiers)
+    bad = runner.invoke(app, ["evaluate", str(run), str(dataset), "--threshold", "test_iid", "--out", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and not (tmp_path / "b").exists()
+
+
+def test_threshold_rules_of_the_cli_are_the_library_s() -> None:
+    from nodulab import cli, metrics
+
+    assert cli.THRESHOLD_RULES == metrics.THRESHOLD_RULES
 
 
 def test_evaluate_another_dataset_needs_its_own_folder(runner: CliRunner, dataset: Path, tmp_path: Path) -> None:

@@ -129,6 +129,9 @@ Encoder = _choices("Encoder", ENCODERS)
 Views = _choices("Views", VIEWS)
 Device = _choices("Device", DEVICES)
 Selection = _choices("Selection", SELECTIONS)
+THRESHOLD_RULES = ("fixed", "val")
+"""``metrics.THRESHOLD_RULES``, here so the CLI starts without torch (a test keeps the two equal)."""
+ThresholdRule = _choices("ThresholdRule", THRESHOLD_RULES)
 
 
 def _progress() -> Progress:
@@ -333,16 +336,36 @@ def evaluate(
         "Folder to create for the tables (needed when DATA_DIR is not the run's own dataset).")
     )] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out folder.")] = False,
+    threshold: Annotated[ThresholdRule, typer.Option(help=(
+        "fixed: 0.5. val: per classifier, the threshold of maximum balanced accuracy on val "
+        "(ties: nearest 0.5); never chosen on a test split.")
+    )] = ThresholdRule.fixed,
 ) -> None:
-    """Score a run on every split but train and val_balanced; write metrics.csv and evaluation.json.
+    """Score a run on every split but train and val_balanced; write metrics.csv, groups.csv, evaluation.json.
 
     Classifiers: head, probe, knn (fitted on train), dfr (fitted on val_balanced: a feature-quality
     oracle), and probe_init, knn_init (the untrained encoder: what the input alone gives away).
+    metrics.csv has a sample-level bootstrap 95% interval (ci_low, ci_high: the test samples
+    resampled, the model fixed; the variance between seeds is not in it). groups.csv has the
+    accuracy of every (label x agrees) cell and the worst group.
     """
+    import json
+
+    import pandas as pd
+
     from nodulab import metrics
     from nodulab import train as training
 
     frame = metrics.evaluate_run(run_dir, data_dir, device=training.resolve_device(device.value),
-                                 batch_size=batch_size, out=out, force=force)  # fmt: skip
-    console.print(metrics.metrics_table(frame, title=f"{run_dir} · threshold {metrics.THRESHOLD:g}"))
-    console.print(f"wrote {(out or run_dir) / metrics.METRICS_FILE}")
+                                 batch_size=batch_size, out=out, force=force, threshold=threshold.value)  # fmt: skip
+    folder = out or run_dir
+    groups = pd.read_csv(folder / metrics.GROUPS_FILE)
+    evaluation = json.loads((folder / metrics.EVALUATION_FILE).read_text(encoding="utf-8"))
+    rule = evaluation["threshold"]
+    if rule["rule"] == "fixed":
+        title = f"{run_dir} · threshold {rule['value']:g}"
+    else:
+        chosen = ", ".join(f"{c} {rule['values'][c]:.3g}" for c in evaluation["classifiers"])
+        title = f"{run_dir} · thresholds chosen on val: {chosen}"
+    console.print(metrics.metrics_table(frame, title=title, groups=groups))
+    console.print(f"wrote {folder / metrics.METRICS_FILE} (with sample-level 95% intervals), {metrics.GROUPS_FILE}")
