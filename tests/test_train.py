@@ -242,8 +242,10 @@ def test_threads_are_recorded_and_restored_by_evaluate(tiny: Path, tmp_path: Pat
     assert json.loads((run / "config.json").read_text())["threads"] == 2
     assert torch.get_num_threads() == 1  # train restores the caller's count (one_thread fixture)
     seen: list[int] = []
-    original = metrics.extract
-    monkeypatch.setattr(metrics, "extract", lambda *a, **kw: (seen.append(torch.get_num_threads()), original(*a, **kw))[1])
+    from nodulab import runs  # LoadedRun.predict calls extract (metrics goes through runs since the runs.py move)
+
+    original = runs.extract
+    monkeypatch.setattr(runs, "extract", lambda *a, **kw: (seen.append(torch.get_num_threads()), original(*a, **kw))[1])
     metrics.evaluate_run(run, tiny)
     assert set(seen) == {2} and torch.get_num_threads() == 1
     evaluation = json.loads((run / "evaluation.json").read_text())

@@ -125,6 +125,8 @@ def counterfactuals(rows: pd.DataFrame, predict: Predict, switches: Sequence[Swi
         ok = fits(switched, size, dim) if len(switched) else np.zeros(0, bool)
         planned.append((switch, where[ok], switched.iloc[np.flatnonzero(ok)], int((~ok).sum())))
     total, done = sum(len(s) for _, _, s, _ in planned), 0
+    if progress:
+        progress("reliance", 0, total)
 
     def tick(k: int) -> None:
         nonlocal done
@@ -190,7 +192,8 @@ def sweep_frame(split: str, rows: pd.DataFrame, predict: Predict, size: int, dim
                 progress: Progress | None = None) -> pd.DataFrame:  # fmt: skip
     """``sweep.csv`` rows: mean P(malignant) of the same rows re-rendered at each value.
 
-    Rows whose lesion would not fit the patch at a value are left out there (``n`` counts the rest).
+    Rows whose lesion would not fit the patch at a value are left out there (``n`` counts the rest;
+    ``mean_p`` is NaN where none fit).
     """
     plan = []
     for factor, values in sweeps.items():
@@ -198,14 +201,16 @@ def sweep_frame(split: str, rows: pd.DataFrame, predict: Predict, size: int, dim
             switched = rows.copy()
             switched[factor] = value
             plan.append((factor, value, switched[fits(switched, size, dim)]))
-    total, done, out = sum(len(s) for *_, s in plan), 0, []
+    total, done, found = sum(len(s) for *_, s in plan), 0, []
     for factor, value, switched in plan:
-        p = predict_rows(switched, predict, size, dim, device=device, chunk=chunk)
-        for classifier, values in p.items():
-            out.append((split, classifier, factor, float(value), float(np.mean(values)), len(switched)))
+        found.append((factor, value, predict_rows(switched, predict, size, dim, device=device, chunk=chunk),
+                      len(switched)))  # fmt: skip
         done += len(switched)
         if progress:
             progress("sweep", done, total)
+    classifiers = next((list(p) for *_, p, _ in found if p), [])
+    out = [(split, classifier, factor, float(value), float(np.mean(p[classifier])) if k else float("nan"), k)
+           for classifier in classifiers for factor, value, p, k in found]  # fmt: skip
     return pd.DataFrame(out, columns=list(SWEEP_COLUMNS))
 
 
@@ -228,11 +233,15 @@ def explain_split(split: str, rows: pd.DataFrame, images: np.ndarray | None, pre
     Returns:
         ``{"reliance", "cue", "sweep"}`` frames, and the counterfactuals behind them.
     """
+    if progress:
+        progress("predict", 0, len(rows))
     if images is None:
         base = predict_rows(rows, predict, size, dim, device=device, chunk=chunk)
-    else:
+    else:  # the stored images are these rows rendered: predict them, do not render them again
         parts = [predict(np.asarray(images[i : i + chunk])) for i in range(0, len(rows), chunk)]
         base = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+    if progress:
+        progress("predict", len(rows), len(rows))
     results = counterfactuals(rows, predict, switches, size, dim, device=device, chunk=chunk, progress=progress)
     tables = {"reliance": reliance_frame(split, base, results), "cue": cue_frame(split, base, results),
               "sweep": sweep_frame(split, rows.iloc[:sweep_rows], predict, size, dim, device=device, chunk=chunk,

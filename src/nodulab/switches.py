@@ -173,7 +173,8 @@ def confound_switches(s: Scenario, split: str, dataset_seed: int, split_n: int) 
                 in_malignant = (rows["label"].to_numpy() == 1) == (rows[f"agrees_{c.factor}"].to_numpy() == 1)
                 where = np.flatnonzero(in_malignant == (source == "malignant"))
                 switched = rows.iloc[where].copy()
-                switched[c.factor] = draws[target][rows["index"].to_numpy()[where]]
+                index = rows["index"].to_numpy() if "index" in rows else np.arange(len(rows))  # a fresh table: 0..n-1
+                switched[c.factor] = draws[target][index[where]]
                 return where, switched
 
             out.append(Switch(c.factor, "confound", describe(branches[source]), describe(branches[target]),
