@@ -9,7 +9,7 @@ in the same process:
 2. the bare cost: the same predictions of the stored images, and the same switched rows rendered
    and predicted in the same chunks (same batch size, same threads), with no bookkeeping.
 
-Goals (2-core CPU): reliance stage <= 2 minutes and <= 1.3x the bare cost. With CUDA available,
+Run it at the thread count you train with (``--threads``); both sides use it. Goals (2-core CPU): reliance stage <= 2 minutes and <= 1.3x the bare cost. With CUDA available,
 the same on the GPU.
 
     python benchmarks/bench_explain.py [--n 2000] [--n-train 512]
@@ -85,12 +85,16 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000, help=f"samples in {SPLIT}")
     parser.add_argument("--n-train", type=int, default=512, help="samples in train (val and val_balanced: half)")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1, help=(
+        "torch threads of the run (explain uses the run's). Default 1: on a shared 2-core machine two "
+        "OpenMP threads fighting other processes render 40x slower (measured 33 vs 1,560 rows/s)"))
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     keep_freed_tensors_mapped()  # as the explain command does
     with tempfile.TemporaryDirectory() as tmp:
         root = make_dataset(Path(tmp), args.n, args.n_train)
         run_dir = train(root, Path(tmp) / "run", loss="ce", epochs=1, batch_size=128, device="cpu",
-                        threads=torch.get_num_threads())  # fmt: skip
+                        threads=args.threads)  # fmt: skip
         print(f"{SPLIT}: {args.n} samples, 64x64, small-cnn, {torch.get_num_threads()} threads, batch {args.batch_size}")
         measure(run_dir, root, "cpu", args.batch_size)
         if torch.cuda.is_available():

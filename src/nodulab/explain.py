@@ -39,7 +39,7 @@ import pandas as pd
 from nodulab import __version__
 from nodulab.data import dump_json, float_text, load_manifest, load_split, sha256_file, staged
 from nodulab.render import render
-from nodulab.runs import RunError, load_run, run_threads
+from nodulab.runs import LoadedRun, RunError, load_run, run_threads
 from nodulab.scenarios import Scenario, load_scenario_dict
 from nodulab.switches import Switch, build_switches, fits
 
@@ -79,7 +79,7 @@ class Counterfactual:
 class ExplainContext:
     """What an extra table writer gets: the run, the dataset, the splits and the tables so far."""
 
-    run: Any  # nodulab.runs.LoadedRun
+    run: LoadedRun
     data_dir: Path
     manifest: dict[str, Any]
     scenario: Scenario
@@ -256,7 +256,7 @@ def _default_splits(manifest: dict[str, Any]) -> list[str]:
 
 
 def _check_inputs(run_dir: Path, data_dir: Path, splits: Sequence[str] | None, n: int | None,
-                  force: bool, device: str) -> tuple[Any, dict[str, Any], list[str]]:  # fmt: skip
+                  force: bool, device: str) -> tuple[LoadedRun, dict[str, Any], list[str]]:  # fmt: skip
     """Every refusal before any work (a one-line ``RunError``/``DatasetError``; nothing written)."""
     if n is not None and n < 1:
         raise RunError(f"--n must be at least 1 (got {n})")
