@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_generate_memory.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_cli_startup.py
+	$(PY) benchmarks/bench_explain.py
 
 clean:
 	rm -rf $(VENV) demo

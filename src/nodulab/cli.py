@@ -1,4 +1,4 @@
-"""Command line: ``nodulab scenarios | generate | validate | gallery | export | train | evaluate``.
+"""Command line: ``nodulab scenarios | generate | validate | gallery | export | train | evaluate | explain``.
 
 Every kind of bad input (unknown preset, bad TOML, invalid scenario, out-of-range flag, existing
 ``--out``, missing dataset, unknown loss, foreign run folder) ends the same way: one line
@@ -369,3 +369,36 @@ def evaluate(
         title = f"{run_dir} · thresholds chosen on val: {chosen}"
     console.print(metrics.metrics_table(frame, title=title, groups=groups))
     console.print(f"wrote {folder / metrics.METRICS_FILE} (with sample-level 95% intervals), {metrics.GROUPS_FILE}")
+
+
+@app.command()
+def explain(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Run folder of `nodulab train`.")],
+    data_dir: Annotated[Path, typer.Argument(metavar="DATA_DIR", help="The dataset the run was trained on.")],
+    splits: Annotated[list[str] | None, typer.Option("--splits", help=(
+        "Split to explain, repeatable or comma-separated (default: every test_* split).")
+    )] = None,
+    n: Annotated[int | None, typer.Option("--n", min=1, help="Explain the first N rows of each split.")] = None,
+    device: Annotated[Device, typer.Option(help="auto picks cuda when available.")] = Device.auto,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 256,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing RUN_DIR/explain.")] = False,
+) -> None:
+    """Counterfactual reliance, sweeps and the cue-reliance index; write RUN_DIR/explain/.
+
+    Each test sample is re-rendered with one factor switched (same seed) and every classifier asked
+    again: head (the loss's own), probe and knn (fitted on train), dfr (feature-quality oracle),
+    probe_init and knn_init (the untrained encoder: controls).
+    """
+    from nodulab import explain as explaining
+    from nodulab import train as training
+    from nodulab.render import keep_freed_tensors_mapped
+
+    chosen = [s for item in splits or [] for s in item.split(",") if s] or None
+    keep_freed_tensors_mapped()  # opt in to glibc's faster setting for this bulk-rendering process
+    with _progress() as bar:
+        tables = explaining.explain_run(run_dir, data_dir, splits=chosen, n=n,
+                                        device=training.resolve_device(device.value), batch_size=batch_size,
+                                        force=force, writers=explaining.EXTRA_WRITERS,
+                                        progress=_StageBars(bar))  # fmt: skip
+    console.print(explaining.reliance_table(tables["reliance"]))
+    console.print(f"wrote {run_dir / explaining.EXPLAIN_DIR}")
