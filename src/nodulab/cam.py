@@ -31,6 +31,7 @@ edges, not what the model learned.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -40,11 +41,14 @@ from matplotlib.figure import Figure
 from scipy.stats import spearmanr
 from torch import nn
 
-from nodulab.data import hu_to_input, load_split, lung_window
+from nodulab.data import float_text, hu_to_input, load_split, lung_window
 from nodulab.models import NoduleNet
 from nodulab.readouts import Readouts
 from nodulab.report import LABEL_NAMES, _axial_mip
 from nodulab.runs import LoadedRun, run_threads
+
+if TYPE_CHECKING:
+    from nodulab.explain import ExplainContext
 
 CAM_COLUMNS = ("split", "classifier", "region", "mass", "area_share")
 REGIONS = {"background": 0, "body": 1, "spicules": 2, "vessels": 3}
@@ -352,3 +356,20 @@ def cam_figure(run: LoadedRun, data_dir: Path | str, *, split: str, classifier: 
             ax.set_title(f"#{i} · {factors.iloc[i]['shape']}\n{float(factors.iloc[i]['diameter_mm']):.1f} mm",
                          fontsize=6.5)  # fmt: skip
     return fig
+
+
+CAM_ROWS = 256
+"""Rows of each explained split that Grad-CAM summarises (the first ones)."""
+
+
+def write_cam(context: ExplainContext, folder: Path) -> None:
+    """``explain`` writer: ``cam.csv`` (every explained split) and ``cam.png`` (the first one)."""
+    rows = min(context.n or CAM_ROWS, CAM_ROWS)
+    frame = pd.concat([cam_table(context.run, context.data_dir, split=s, n=rows) for s in context.splits],
+                      ignore_index=True)  # fmt: skip
+    frame.to_csv(folder / "cam.csv", index=False, lineterminator="\n", na_rep="nan", float_format=float_text)
+    cam_figure(context.run, context.data_dir, split=context.splits[0]).savefig(
+        folder / "cam.png", dpi=90, metadata={"Software": None})
+    context.tables["cam"] = frame
+    context.record["cam"] = {"rows_per_split": rows, "layer": cam_layer(context.run.model, tuple(
+        context.manifest["image"]["size"] for _ in range(context.manifest["image"]["dim"])))[0]}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -35,10 +36,13 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from nodulab.data import load_manifest, load_split
+from nodulab.data import float_text, load_manifest, load_split
 from nodulab.readouts import extract
 from nodulab.report import short_factor
 from nodulab.runs import LoadedRun, run_threads
+
+if TYPE_CHECKING:
+    from nodulab.explain import ExplainContext
 
 PROBE_COLUMNS = ("factor", "target", "metric", "score", "control")
 CONTROLS = ("trained", "random_init", "shuffled_labels")
@@ -294,3 +298,20 @@ def _scatter(fig: Figure, ax: Axes, xy: np.ndarray, values: pd.Series, column: s
     else:
         points = ax.scatter(xy[:, 0], xy[:, 1], s=6, c=values.to_numpy(dtype=float), cmap="viridis", linewidths=0)
         fig.colorbar(points, ax=ax, shrink=0.8).ax.tick_params(labelsize=6)
+
+
+EMBEDDING_ROWS = 1000
+"""Rows shown in ``embedding.png`` (the first ones of the first explained split)."""
+
+
+def write_probes(context: ExplainContext, folder: Path) -> None:
+    """``explain`` writer: ``probes.csv`` and ``embedding.png`` into ``folder``."""
+    frame = factor_probes(context.run, context.data_dir, n=context.n)
+    frame.to_csv(folder / "probes.csv", index=False, lineterminator="\n", float_format=float_text)
+    split = context.splits[0]
+    figure = embedding_figure(context.run, context.data_dir, split=split, n=min(context.n or EMBEDDING_ROWS,
+                                                                                 EMBEDDING_ROWS))  # fmt: skip
+    figure.savefig(folder / "embedding.png", dpi=90, metadata={"Software": None})
+    context.tables["probes"] = frame
+    context.record["probes"] = {"split": frame.attrs["split"], "controls": list(CONTROLS)}
+    context.record["embedding"] = {"split": split}

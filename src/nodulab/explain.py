@@ -20,10 +20,11 @@ one; ``probe`` otherwise), ``probe`` and ``knn`` (fitted on confounded ``train``
 feature-quality oracle) and the ``_init`` controls (the untrained encoder).
 
 The stage functions take ``predict`` (int16 HU images -> ``{classifier: P(malignant)}``), so a
-hand-built model can stand in for a network. More tables (probes, Grad-CAM, embeddings) plug in
-as ``Writer`` functions: ``explain_run(..., writers=[...])`` calls each with the
-``ExplainContext`` and the temporary folder, after the tables above are written; the CLI passes
-``EXTRA_WRITERS``.
+hand-built model can stand in for a network. More tables plug in as ``Writer`` functions:
+``explain_run(..., writers=[...])`` calls each with the ``ExplainContext`` and the temporary
+folder, after the tables above are written; the CLI passes ``EXTRA_WRITERS``: ``probes.csv`` and
+``embedding.png`` (``nodulab.decode.write_probes``), ``cam.csv`` and ``cam.png``
+(``nodulab.cam.write_cam``).
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ import numpy as np
 import pandas as pd
 
 from nodulab import __version__
+from nodulab.cam import write_cam
 from nodulab.data import dump_json, float_text, load_manifest, load_split, sha256_file, staged
 from nodulab.render import render
+from nodulab.decode import write_probes
 from nodulab.runs import LoadedRun, RunError, load_run, run_threads
 from nodulab.scenarios import Scenario, load_scenario_dict
 from nodulab.switches import Switch, build_switches, fits
@@ -93,9 +96,9 @@ class ExplainContext:
 
 
 Writer = Callable[[ExplainContext, Path], None]
-EXTRA_WRITERS: list[Writer] = []
-"""Writers of further tables (probes, Grad-CAM, embeddings): plain functions appended here by an
-explicit import in this module, called in order inside the temporary folder."""
+EXTRA_WRITERS: list[Writer] = [write_probes, write_cam]
+"""Writers of further tables, called in order inside the temporary folder: ``probes.csv`` and
+``embedding.png`` (``nodulab.decode``), ``cam.csv`` and ``cam.png`` (``nodulab.cam``)."""
 
 
 # ----------------------------------------------------------------------------- stages
