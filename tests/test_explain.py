@@ -317,7 +317,12 @@ def test_explain_command_writes_every_table_for_every_classifier(run: Path, data
     assert result.exit_code == 0, result.output
     assert "flip rate" in result.output
     folder = run / "explain"
-    assert {"reliance.csv", "sweep.csv", "sweep.png", "cue.csv", "explain.json"} <= set(_tree(folder))
+    assert set(_tree(folder)) == {"reliance.csv", "sweep.csv", "sweep.png", "cue.csv", "probes.csv", "cam.csv",
+                                  "cam.png", "embedding.png", "explain.json"}  # fmt: skip
+    assert list(pd.read_csv(folder / "probes.csv").columns) == ["factor", "target", "metric", "score", "control"]
+    cam = pd.read_csv(folder / "cam.csv")
+    assert list(cam.columns) == ["split", "classifier", "region", "mass", "area_share"]
+    assert set(cam["split"]) == {"test_conflict", "test_iid"} and "knn" not in set(cam["classifier"])
     reliance = pd.read_csv(folder / "reliance.csv")
     assert tuple(reliance.columns) == RELIANCE_COLUMNS
     assert list(dict.fromkeys(reliance["classifier"])) == list(CLASSIFIERS)
