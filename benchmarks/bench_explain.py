@@ -26,12 +26,12 @@ import numpy as np
 import torch
 
 from nodulab import data
-from nodulab.explain import CHUNK, explain_run
-from nodulab.render import keep_freed_tensors_mapped, render
+from nodulab.explanation import CHUNK, explain_run
+from nodulab.renderer import keep_freed_tensors_mapped, render
 from nodulab.runs import load_run, run_threads
 from nodulab.scenarios import load_scenario, load_scenario_dict, scenario_to_dict
 from nodulab.switches import build_switches, fits
-from nodulab.train import train
+from nodulab.training import train
 
 SPLIT = "test_conflict"
 

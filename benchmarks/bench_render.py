@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from monai.data import create_test_image_2d, create_test_image_3d
 
-from nodulab.render import keep_freed_tensors_mapped, prepare, render, render_tensor
+from nodulab.renderer import keep_freed_tensors_mapped, prepare, render, render_tensor
 from nodulab.sampling import sample_split
 from nodulab.scenarios import load_scenario, resolve
 

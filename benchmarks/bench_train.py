@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from nodulab import data, losses, train
+from nodulab import data, losses, training as train
 from nodulab.models import build_model
 from nodulab.scenarios import load_scenario, resolve
 

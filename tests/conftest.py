@@ -58,6 +58,6 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="session", autouse=True)
 def bulk_rendering_allocator() -> None:
     """The suite renders in bulk, like ``nodulab generate``: opt in to glibc's faster setting."""
-    from nodulab.render import keep_freed_tensors_mapped
+    from nodulab.renderer import keep_freed_tensors_mapped
 
     keep_freed_tensors_mapped()

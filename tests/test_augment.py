@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from nodulab.augment import apply_geometry, augment_views, draw_geometry, rerender_views, view_id
 from nodulab.data import hu_to_input
-from nodulab.render import REGION, render
+from nodulab.renderer import REGION, render
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,7 +15,7 @@ from nodulab import data
 from nodulab.cam import CAM_COLUMNS, REGIONS, SANITY_REGION, DecisionScore, cam_figure, cam_layer, cam_table, gradcam, region_mass
 from nodulab.models import build_model, freeze
 from nodulab.readouts import Readouts
-from nodulab.render import render
+from nodulab.renderer import render
 from nodulab.runs import LoadedRun
 from nodulab.scenarios import load_scenario, resolve
 

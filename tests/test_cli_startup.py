@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nodulab import choices, export, losses, models, train
+from nodulab import choices, export, losses, models, training as train
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 HEAVY = ("torch", "pytorch_metric_learning", "sklearn", "matplotlib", "pandas", "monai")

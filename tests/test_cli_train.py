@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from nodulab import data, train
+from nodulab import data, training as train
 from nodulab.cli import app
 from nodulab.metrics import METRICS
 

@@ -13,7 +13,7 @@ from nodulab import data
 from nodulab.decode import PROBE_COLUMNS, decodability, embedding_figure, factor_probes, probe_split, probe_targets
 from nodulab.models import build_model
 from nodulab.readouts import extract
-from nodulab.render import render
+from nodulab.renderer import render
 from nodulab.runs import LoadedRun
 from nodulab.scenarios import load_scenario, resolve
 

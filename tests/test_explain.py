@@ -1,4 +1,4 @@
-"""Counterfactual reliance, sweeps and the cue-reliance index (nodulab.explain, nodulab.switches).
+"""Counterfactual reliance, sweeps and the cue-reliance index (nodulab.explanation, nodulab.switches).
 
 Hand-built models stand in for networks: a diameter thresholder (bright area after an erosion, so
 thin spicules do not count), a spicule detector (bright pixels an opening removes) and a
@@ -16,14 +16,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from nodulab import data, train
+from nodulab import data, training as train
 from nodulab.cli import app
-from nodulab.explain import (
+from nodulab.explanation import (
     CUE_COLUMNS, RELIANCE_COLUMNS, SWEEP_COLUMNS, counterfactuals, explain_split, sweep_frame,
 )
 from nodulab.models import build_model, save_model, state_sha256
 from nodulab.readouts import fit_dfr, fit_readouts
-from nodulab.render import REGION, render
+from nodulab.renderer import REGION, render
 from nodulab.runs import CLASSIFIERS
 from nodulab.sampling import sample_split
 from nodulab.scenarios import Scenario, load_scenario, load_scenario_dict, resolve, scenario_to_dict

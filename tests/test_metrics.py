@@ -14,7 +14,7 @@ from rich.console import Console
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
-from nodulab import data, metrics, train
+from nodulab import data, metrics, training as train
 from nodulab.metrics import (
     BOOTSTRAP_DRAWS,
     METRICS,

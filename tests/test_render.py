@@ -14,9 +14,9 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull
 
 from conftest import make_rows
-from nodulab import render as R
+from nodulab import renderer as R
 from nodulab import rng
-from nodulab.render import REGION, render
+from nodulab.renderer import REGION, render
 
 
 def equivalent_diameter(mask: np.ndarray, pixel_mm: float) -> float:
@@ -285,7 +285,7 @@ def test_any_valid_row_renders_finite_values_in_range(row: dict, dim: int) -> No
 
 def test_render_leaves_the_allocator_alone(monkeypatch: pytest.MonkeyPatch, rows_2d: pd.DataFrame) -> None:
     """``mallopt`` is process-wide: ``render`` must not call it; bulk renderers opt in."""
-    import nodulab.render as rendering
+    import nodulab.renderer as rendering
 
     calls = []
 

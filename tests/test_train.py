@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nodulab import data, losses, train
+from nodulab import data, losses, training as train
 from nodulab.scenarios import load_scenario, resolve
 
 

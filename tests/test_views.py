@@ -29,7 +29,7 @@ from nodulab.augment import (
 )
 from nodulab.data import hu_to_input
 from nodulab.factors import FACTORS
-from nodulab.render import REGION, render
+from nodulab.renderer import REGION, render
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

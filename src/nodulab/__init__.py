@@ -1,1 +1,53 @@
+"""nodulab: synthetic lung-nodule CT with controlled factors; one encoder, many losses; what each learned.
+
+The main verbs, loaded on first use (``import nodulab`` stays fast and imports no torch)::
+
+    import nodulab
+    scenario = nodulab.load_scenario("size-confound", n=400, size=32, pixel_mm=1.4)
+    nodulab.generate(scenario, "data/sc")
+    run = nodulab.train("data/sc", "runs/ce", loss="ce", epochs=5)
+    nodulab.evaluate(run, "data/sc")                       # metrics.csv, groups.csv
+    tables = nodulab.explain(run, "data/sc", splits=["test_conflict"])   # reliance, sweep, cue, ...
+
+Modules are named after what they hold (``renderer``, ``training``, ``explanation``), never after
+a verb above, so importing a module never rebinds a verb.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_API = {
+    "render": ("nodulab.renderer", "render"),
+    "load_scenario": ("nodulab.scenarios", "load_scenario"),
+    "generate": ("nodulab.data", "generate"),
+    "load_split": ("nodulab.data", "load_split"),
+    "NoduleDataset": ("nodulab.data", "NoduleDataset"),
+    "train": ("nodulab.training", "train"),
+    "evaluate": ("nodulab.metrics", "evaluate_run"),
+    "load_run": ("nodulab.runs", "load_run"),
+    "explain": ("nodulab.explanation", "explain_run"),
+    "explain_split": ("nodulab.explanation", "explain_split"),
+    "factor_probes": ("nodulab.decode", "factor_probes"),
+    "cam_table": ("nodulab.cam", "cam_table"),
+    "gradcam": ("nodulab.cam", "gradcam"),
+}
+"""Public verb -> (module, attribute); each is imported on first access."""
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'nodulab' has no attribute {name!r}")
+    module, attribute = _API[name]
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

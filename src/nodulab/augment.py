@@ -39,7 +39,7 @@ import torch
 
 from nodulab.choices import VIEWS
 from nodulab.data import hu_to_input
-from nodulab.render import prepare, render_tensor
+from nodulab.renderer import prepare, render_tensor
 from nodulab.rng import mix32
 
 VIEW_MODES = VIEWS

@@ -48,7 +48,7 @@ from nodulab.report import LABEL_NAMES, _axial_mip
 from nodulab.runs import LoadedRun, run_threads
 
 if TYPE_CHECKING:
-    from nodulab.explain import ExplainContext
+    from nodulab.explanation import ExplainContext
 
 CAM_COLUMNS = ("split", "classifier", "region", "mass", "area_share")
 REGIONS = {"background": 0, "body": 1, "spicules": 2, "vessels": 3}

@@ -40,7 +40,7 @@ console = Console(highlight=False)
 _INPUT_ERRORS = (
     ("nodulab.scenarios", "ScenarioError"),
     ("nodulab.data", "DatasetError"),
-    ("nodulab.train", "TrainError"),
+    ("nodulab.training", "TrainError"),
     ("nodulab.runs", "RunError"),
 )
 
@@ -191,7 +191,7 @@ def generate(
 ) -> None:
     """Render a scenario into a dataset folder (images.npy, masks.npy, factors.csv, dataset.json)."""
     from nodulab import data
-    from nodulab.render import keep_freed_tensors_mapped
+    from nodulab.renderer import keep_freed_tensors_mapped
     from nodulab.scenarios import load_scenario, resolve
 
     resolved = resolve(load_scenario(scenario), n=n, dim=dim, size=size, pixel_mm=pixel_mm)
@@ -312,7 +312,7 @@ def train_run(
 ) -> None:
     """Train one encoder with one loss, fit its readouts and their untrained controls, write the run folder."""
     from nodulab import losses
-    from nodulab import train as training
+    from nodulab import training
 
     try:
         params = losses.parse_params(loss, loss_param or []) if loss in LOSS_NAMES else {}
@@ -354,7 +354,7 @@ def evaluate(
     import pandas as pd
 
     from nodulab import metrics
-    from nodulab import train as training
+    from nodulab import training
 
     frame = metrics.evaluate_run(run_dir, data_dir, device=training.resolve_device(device.value),
                                  batch_size=batch_size, out=out, force=force, threshold=threshold.value)  # fmt: skip
@@ -389,9 +389,9 @@ def explain(
     again: head (the loss's own), probe and knn (fitted on train), dfr (feature-quality oracle),
     probe_init and knn_init (the untrained encoder: controls).
     """
-    from nodulab import explain as explaining
-    from nodulab import train as training
-    from nodulab.render import keep_freed_tensors_mapped
+    from nodulab import explanation as explaining
+    from nodulab import training
+    from nodulab.renderer import keep_freed_tensors_mapped
 
     chosen = [s for item in splits or [] for s in item.split(",") if s] or None
     keep_freed_tensors_mapped()  # opt in to glibc's faster setting for this bulk-rendering process

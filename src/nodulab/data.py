@@ -34,7 +34,7 @@ import torch
 
 from nodulab import __version__
 from nodulab.factors import FACTOR_COLUMNS, FACTORS
-from nodulab.render import render
+from nodulab.renderer import render
 from nodulab.rng import RNG_SCHEME
 from nodulab.sampling import sample_split
 from nodulab.scenarios import MAX_N, MAX_SIZE, MIN_SIZE, SPLIT_NAME_RULE, Scenario, is_split_name, scenario_to_dict

@@ -42,7 +42,7 @@ from nodulab.report import short_factor
 from nodulab.runs import LoadedRun, run_threads
 
 if TYPE_CHECKING:
-    from nodulab.explain import ExplainContext
+    from nodulab.explanation import ExplainContext
 
 PROBE_COLUMNS = ("factor", "target", "metric", "score", "control")
 CONTROLS = ("trained", "random_init", "shuffled_labels")

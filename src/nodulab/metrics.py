@@ -1,7 +1,7 @@
 """Scoring a run (DESIGN §6): binary metrics per split and readout, ``metrics.csv``.
 
 Malignant (label 1) is the positive class; a sample is called malignant when
-P(malignant) >= 0.5. A run folder (``nodulab.train``) holds ``config.json`` (with its ``run_format``),
+P(malignant) >= 0.5. A run folder (``nodulab.training``) holds ``config.json`` (with its ``run_format``),
 ``model.safetensors`` (``models.save_model``), ``readouts.safetensors`` and
 ``readouts_init.safetensors`` (``readouts.Readouts.save``). ``evaluate_run`` scores every split
 of a dataset except ``train`` and ``val_balanced`` with every classifier the run has:

@@ -26,7 +26,7 @@ from nodulab.data import (
     read_manifest,
     sha256_file,
 )
-from nodulab.render import render
+from nodulab.renderer import render
 from nodulab.rng import RNG_SCHEME
 from nodulab.scenarios import ScenarioError, load_scenario_dict
 

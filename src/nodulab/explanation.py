@@ -40,7 +40,7 @@ import pandas as pd
 from nodulab import __version__
 from nodulab.cam import write_cam
 from nodulab.data import dump_json, float_text, load_manifest, load_split, sha256_file, staged
-from nodulab.render import render
+from nodulab.renderer import render
 from nodulab.decode import write_probes
 from nodulab.runs import LoadedRun, RunError, load_run, run_threads
 from nodulab.scenarios import Scenario, load_scenario_dict
