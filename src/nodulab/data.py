@@ -38,7 +38,7 @@ from nodulab.renderer import render
 from nodulab.rng import RNG_SCHEME
 from nodulab.sampling import sample_split
 from nodulab.scenarios import MAX_N, MAX_SIZE, MIN_SIZE, SPLIT_NAME_RULE, Scenario, is_split_name, scenario_to_dict
-from nodulab.writing import (  # re-exported: every writer in nodulab imports them from here
+from nodulab.writing import (  # noqa: F401 - re-exported: every writer in nodulab imports them from here
     DatasetError,
     OutExists,
     check_out,
