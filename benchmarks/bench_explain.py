@@ -4,7 +4,8 @@ Generates ``size-confound`` at 64x64 (a small train split, ``test_conflict`` of 
 trains a small-cnn for one epoch (the speed of explain does not depend on training quality), then
 in the same process:
 
-1. the whole ``explain_run`` on ``test_conflict`` (reliance, cue, sweep, plots), with the reliance
+1. the whole ``explain_run`` on ``test_conflict`` as the command runs it (reliance, cue, sweep,
+   probes, Grad-CAM, plots), with the reliance
    stage (the unswitched predictions plus every documented switch) timed from its progress events;
 2. the bare cost: the same predictions of the stored images, and the same switched rows rendered
    and predicted in the same chunks (same batch size, same threads), with no bookkeeping.
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from nodulab import data
-from nodulab.explanation import CHUNK, explain_run
+from nodulab.explanation import CHUNK, EXTRA_WRITERS, explain_run
 from nodulab.renderer import keep_freed_tensors_mapped, render
 from nodulab.runs import load_run, run_threads
 from nodulab.scenarios import load_scenario, load_scenario_dict, scenario_to_dict
@@ -73,7 +74,7 @@ def measure(run_dir: Path, root: Path, device: str, batch_size: int) -> None:
     events: list[tuple[str, float]] = []
     start = time.perf_counter()
     explain_run(run_dir, root, splits=[SPLIT], device=device, batch_size=batch_size, force=True,
-                progress=lambda stage, done, total: events.append((stage, time.perf_counter())))  # fmt: skip
+                writers=EXTRA_WRITERS, progress=lambda stage, done, total: events.append((stage, time.perf_counter())))  # fmt: skip
     whole = time.perf_counter() - start
     stamps = [t for stage, t in events if stage in ("predict", "reliance")]
     sweep = [t for stage, t in events if stage == "sweep"]
@@ -81,7 +82,7 @@ def measure(run_dir: Path, root: Path, device: str, batch_size: int) -> None:
     bare = (bare[0] + bare_cost(run, root, batch_size)) / 2
     print(f"[{device}] reliance stage {reliance:.1f} s (goal <= 120 s), bare renders + forward passes {bare:.1f} s, "
           f"ratio {reliance / bare:.2f}x (goal <= 1.3x); sweep {sweep[-1] - stamps[-1]:.1f} s; "
-          f"whole explain_run {whole:.1f} s")  # fmt: skip
+          f"whole explain_run (with probes, Grad-CAM, plots) {whole:.1f} s")  # fmt: skip
 
 
 def main() -> None:
