@@ -37,7 +37,7 @@ from nodulab import __version__, losses
 from nodulab.augment import geometric_conflicts, make_views
 from nodulab.choices import DEFAULT_EPOCHS, DEVICES, SELECTIONS, VIEWS
 from nodulab.data import DatasetError, check_out, hu_to_input, load_manifest, load_split, sha256_file, staged
-from nodulab.metrics import binary_metrics
+from nodulab.scoring import binary_metrics
 from nodulab.runs import RUN_FORMAT, read_run_format
 from nodulab.models import ENCODERS, NoduleNet, build_model, save_model, state_sha256
 from nodulab.readouts import KNN_K, Readouts, extract, fit_dfr, fit_readouts, knn_neighbours, odd_k
