@@ -38,7 +38,7 @@ from nodulab.augment import geometric_conflicts, make_views
 from nodulab.choices import DEFAULT_EPOCHS, DEVICES, SELECTIONS, VIEWS
 from nodulab.data import DatasetError, check_out, hu_to_input, load_manifest, load_split, sha256_file, staged
 from nodulab.scoring import binary_metrics
-from nodulab.runs import RUN_FORMAT, read_run_format
+from nodulab.runs import RUN_FORMAT, read_run_format, run_threads
 from nodulab.models import ENCODERS, NoduleNet, build_model, save_model, state_sha256
 from nodulab.readouts import KNN_K, Readouts, extract, fit_dfr, fit_readouts, knn_neighbours, odd_k
 from nodulab.scenarios import BALANCED_SPLIT, ScenarioError, load_scenario_dict
@@ -385,12 +385,8 @@ def train(
     if selection == "best-val":
         warnings.warn("--select best-val: val shares the training distribution, so the chosen "
                       "checkpoint favours shortcuts", stacklevel=2)  # fmt: skip
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
+    with run_threads(config.threads):
         return _train(config, manifest, data_dir, out, train_split, val_split, force, progress)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _train(config: TrainConfig, manifest: dict, data_dir: Path, out: Path, train_split: _Split, val_split: _Split,
