@@ -368,6 +368,8 @@ def evaluate(
         chosen = ", ".join(f"{c} {rule['values'][c]:.3g}" for c in evaluation["classifiers"])
         title = f"{run_dir} · thresholds chosen on val: {chosen}"
     console.print(metrics.metrics_table(frame, title=title, groups=groups))
+    console.print("head: the loss's own; probe, knn: fitted on train; dfr: feature-quality oracle (fitted on "
+                  "val_balanced); *_init: the untrained encoder (controls)", soft_wrap=True)  # fmt: skip
     console.print(f"wrote {folder / metrics.METRICS_FILE} (with sample-level 95% intervals), {metrics.GROUPS_FILE}")
 
 
