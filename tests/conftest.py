@@ -1,8 +1,10 @@
-"""Shared helpers: factor rows built directly (no scenario), for renderer tests."""
+"""Shared helpers: factor rows built directly (no scenario), file snapshots, the one-line-error check."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -61,3 +63,17 @@ def bulk_rendering_allocator() -> None:
     from nodulab.renderer import keep_freed_tensors_mapped
 
     keep_freed_tensors_mapped()
+
+
+def file_tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` by relative path, with its bytes (to show nothing changed)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_one_line_error(result: Any, *fragments: str, code: int = 2) -> None:
+    """A CLI result that printed exactly one line, ``error: ...`` containing ``fragments``."""
+    assert result.exit_code == code, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

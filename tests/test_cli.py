@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import file_tree
 from nodulab.cli import app
 from nodulab.scenarios import list_presets
 
@@ -48,9 +49,6 @@ def generate(runner: CliRunner, out: Path, *extra: str):
     return runner.invoke(app, ["generate", PRESET, "--out", str(out), *SMALL, *extra])
 
 
-def all_files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -82,7 +80,7 @@ def test_generate_is_byte_identical_for_the_same_seed(
     runner: CliRunner, dataset: Path, tmp_path: Path
 ) -> None:
     assert generate(runner, tmp_path / "again").exit_code == 0
-    assert all_files(tmp_path / "again") == all_files(dataset)
+    assert file_tree(tmp_path / "again") == file_tree(dataset)
 
 
 def test_generate_3d(runner: CliRunner, tmp_path: Path) -> None:
@@ -93,11 +91,11 @@ def test_generate_3d(runner: CliRunner, tmp_path: Path) -> None:
 
 
 def test_existing_out_is_refused_and_untouched(runner: CliRunner, dataset: Path) -> None:
-    before = all_files(dataset)
+    before = file_tree(dataset)
     result = generate(runner, dataset, "--seed", "3")
     assert result.exit_code == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and "--out" in result.stderr
-    assert all_files(dataset) == before
+    assert file_tree(dataset) == before
 
 
 def test_force_replaces(runner: CliRunner, tmp_path: Path) -> None:

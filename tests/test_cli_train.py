@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from conftest import assert_one_line_error, file_tree
 from nodulab import data, training as train
 from nodulab.cli import app
 from nodulab.metrics import METRICS
@@ -33,16 +34,6 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.mark.parametrize(
@@ -64,11 +55,11 @@ def test_train_bad_input_is_one_line_and_writes_nothing(
     runner: CliRunner, dataset: Path, tmp_path: Path, case: str, extra: list[str], fragment: str
 ) -> None:
     source = tmp_path / "nowhere" if case == "missing data" else dataset
-    before = _tree(dataset)
+    before = file_tree(dataset)
     options = [o for o in FAST if case != "zero epochs" or o not in ("--epochs", "1")]
     result = runner.invoke(app, ["train", str(source), "--out", str(tmp_path / "run"), *options, *extra])
-    _one_line_error(result, fragment)
-    assert list(tmp_path.iterdir()) == [] and _tree(dataset) == before
+    assert_one_line_error(result, fragment)
+    assert list(tmp_path.iterdir()) == [] and file_tree(dataset) == before
 
 
 def test_train_refuses_a_run_folder_of_another_format(
@@ -77,20 +68,20 @@ def test_train_refuses_a_run_folder_of_another_format(
     run = tmp_path / "old"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"run_format": 0}))
-    before = _tree(tmp_path)
+    before = file_tree(tmp_path)
     for force in ([], ["--force"]):
         result = runner.invoke(app, ["train", str(dataset), "--loss", "ce", "--out", str(run), *FAST, *force])
-        _one_line_error(result, "run format")
-        assert _tree(tmp_path) == before
+        assert_one_line_error(result, "run format")
+        assert file_tree(tmp_path) == before
 
 
 def test_evaluate_bad_input_is_one_line(runner: CliRunner, dataset: Path, tmp_path: Path) -> None:
     missing_run = runner.invoke(app, ["evaluate", str(tmp_path / "nowhere"), str(dataset)])
-    _one_line_error(missing_run, "does not exist")
+    assert_one_line_error(missing_run, "does not exist")
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"run_format": train.RUN_FORMAT}))
-    _one_line_error(runner.invoke(app, ["evaluate", str(run), str(dataset)]), "model.safetensors")
+    assert_one_line_error(runner.invoke(app, ["evaluate", str(run), str(dataset)]), "model.safetensors")
     assert [p.name for p in run.iterdir()] == ["config.json"]
 
 
@@ -137,9 +128,9 @@ def test_evaluate_another_dataset_needs_its_own_folder(runner: CliRunner, datase
     assert runner.invoke(app, ["train", str(dataset), "--loss", "ce", "--out", str(run), *FAST]).exit_code == 0
     other = tmp_path / "other"
     assert runner.invoke(app, ["generate", "clean", "--out", str(other), *TINY]).exit_code == 0
-    before = _tree(run)
-    _one_line_error(runner.invoke(app, ["evaluate", str(run), str(other), "--device", "cpu"]), "--out")
-    assert _tree(run) == before  # the run's own evaluation is never overwritten
+    before = file_tree(run)
+    assert_one_line_error(runner.invoke(app, ["evaluate", str(run), str(other), "--device", "cpu"]), "--out")
+    assert file_tree(run) == before  # the run's own evaluation is never overwritten
     result = runner.invoke(app, ["evaluate", str(run), str(other), "--device", "cpu", "--out", str(tmp_path / "ev")])
     assert result.exit_code == 0, result.output
     evaluation = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
@@ -153,6 +144,6 @@ def test_evaluate_another_dataset_needs_its_own_folder(runner: CliRunner, datase
     wider = tmp_path / "wider"
     assert runner.invoke(app, ["generate", "clean", "--out", str(wider), "--n", "16", "--size", "48",
                                "--pixel-mm", "1.4"]).exit_code == 0  # fmt: skip
-    _one_line_error(runner.invoke(app, ["evaluate", str(run), str(wider), "--out", str(tmp_path / "w")]),
+    assert_one_line_error(runner.invoke(app, ["evaluate", str(run), str(wider), "--out", str(tmp_path / "w")]),
                     "image size is 48", "geometry")  # fmt: skip
-    assert not (tmp_path / "w").exists() and _tree(run) == before
+    assert not (tmp_path / "w").exists() and file_tree(run) == before

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import file_tree
 from nodulab import data, export, validate
 from nodulab.sampling import sample_split
 from nodulab.scenarios import load_scenario, resolve
@@ -29,9 +30,6 @@ def small_scenario(dim: int = 2, **overrides):
         geometry.update(size=16, pixel_mm=2.8)  # same field of view, 4096 voxels per sample
     return resolve(load_scenario("size-confound"), **geometry)
 
-
-def all_files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def flip_byte(path: Path, offset_from_end: int = 100) -> None:
@@ -96,9 +94,9 @@ def test_manifest_is_canonical_without_paths_or_timestamps(dataset: Path) -> Non
 
 def test_same_seed_same_bytes_whatever_the_chunk(tmp_path: Path, dataset: Path) -> None:
     again = data.generate(small_scenario(), tmp_path / "again", seed=0, chunk=3)
-    assert all_files(again) == all_files(dataset)
+    assert file_tree(again) == file_tree(dataset)
     other = data.generate(small_scenario(), tmp_path / "other", seed=1)
-    assert all_files(other)["train/images.npy"] != all_files(dataset)["train/images.npy"]
+    assert file_tree(other)["train/images.npy"] != file_tree(dataset)["train/images.npy"]
 
 
 def test_existing_out_refused_then_replaced_with_force(tmp_path: Path) -> None:

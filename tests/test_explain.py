@@ -16,6 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import file_tree
 from nodulab import data, training as train
 from nodulab.cli import app
 from nodulab.explanation import (
@@ -307,9 +308,6 @@ def run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
-def _tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
 
 def test_explain_command_writes_every_table_for_every_classifier(run: Path, dataset: Path) -> None:
     args = ["explain", str(run), str(dataset), "--splits", "test_conflict,test_iid", "--n", "6", "--device", "cpu"]
@@ -317,7 +315,7 @@ def test_explain_command_writes_every_table_for_every_classifier(run: Path, data
     assert result.exit_code == 0, result.output
     assert "flip rate" in result.output
     folder = run / "explain"
-    assert set(_tree(folder)) == {"reliance.csv", "sweep.csv", "sweep.png", "cue.csv", "probes.csv", "cam.csv",
+    assert set(file_tree(folder)) == {"reliance.csv", "sweep.csv", "sweep.png", "cue.csv", "probes.csv", "cam.csv",
                                   "cam.png", "embedding.png", "explain.json"}  # fmt: skip
     assert list(pd.read_csv(folder / "probes.csv").columns) == ["factor", "target", "metric", "score", "control"]
     cam = pd.read_csv(folder / "cam.csv")
@@ -329,17 +327,17 @@ def test_explain_command_writes_every_table_for_every_classifier(run: Path, data
     assert set(reliance["split"]) == {"test_conflict", "test_iid"} and (reliance["n"] <= 6).all()
     for name in ("sweep.csv", "cue.csv"):
         assert set(pd.read_csv(folder / name)["classifier"]) == set(CLASSIFIERS)
-    first = _tree(folder)
+    first = file_tree(folder)
     again = CliRunner().invoke(app, [*args, "--force"])
     assert again.exit_code == 0, again.output
-    assert _tree(folder) == first  # same inputs, same bytes (CPU, the run's thread count)
+    assert file_tree(folder) == first  # same inputs, same bytes (CPU, the run's thread count)
 
 
 @pytest.mark.parametrize("case", ["no model", "other size", "unknown split", "n zero", "exists"])
 def test_explain_bad_input_is_one_line_and_writes_nothing(case: str, run: Path, dataset: Path, tmp_path: Path) -> None:
     target = tmp_path / "run"
     target.mkdir()
-    for name, content in _tree(run).items():
+    for name, content in file_tree(run).items():
         if not name.startswith("explain/"):
             (target / name).write_bytes(content)
     args, fragment = ["--splits", "test_conflict", "--n", "2"], {
@@ -358,10 +356,10 @@ def test_explain_bad_input_is_one_line_and_writes_nothing(case: str, run: Path, 
     elif case == "exists":
         (target / "explain").mkdir()
         (target / "explain" / "keep.txt").write_text("mine")
-    before = _tree(target)
+    before = file_tree(target)
     result = CliRunner().invoke(app, ["explain", str(target), str(data_dir), *args])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
-    assert _tree(target) == before and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+    assert file_tree(target) == before and sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["run"] + (["other"] if case == "other size" else []))

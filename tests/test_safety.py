@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import assert_one_line_error, file_tree
 from nodulab import data, writing
 from nodulab.cli import app
 
@@ -45,20 +46,10 @@ def base(original: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
     return Path(shutil.copytree(original, tmp_path / "base"))
 
 
-def tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
 
 def invoke(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])
 
-
-def one_line_error(result, code: int = 2, *fragments: str) -> None:
-    assert result.exit_code == code, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def no_scratch(folder: Path) -> None:
@@ -83,9 +74,9 @@ def no_scratch(folder: Path) -> None:
          "gallery-inside-data", "generate-cwd", "generate-parent", "generate-dotdot-cwd"],  # fmt: skip
 )
 def test_out_never_replaces_or_enters_an_input(base: Path, command: list[str]) -> None:
-    before = tree(base.parent)
-    one_line_error(invoke(*command))
-    assert tree(base.parent) == before
+    before = file_tree(base.parent)
+    assert_one_line_error(invoke(*command))
+    assert file_tree(base.parent) == before
     no_scratch(base.parent)
 
 
@@ -93,9 +84,9 @@ def test_train_refuses_out_that_contains_the_dataset(base: Path, tmp_path: Path)
     par = tmp_path / "par"
     par.mkdir()
     shutil.move(base, par / "ds")
-    before = tree(par)
-    one_line_error(invoke("train", "par/ds", *FAST, "--out", "par", "--force"), 2, "would replace the input")
-    assert tree(par) == before
+    before = file_tree(par)
+    assert_one_line_error(invoke("train", "par/ds", *FAST, "--out", "par", "--force"), "would replace the input")
+    assert file_tree(par) == before
 
 
 def test_generate_refuses_out_holding_its_scenario_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -104,17 +95,17 @@ def test_generate_refuses_out_holding_its_scenario_file(tmp_path: Path, monkeypa
     proj.mkdir()
     (proj / "my.toml").write_text((Path(SRC) / "nodulab/presets/clean.toml").read_text())
     (proj / "notes.txt").write_text("keep me")
-    before = tree(proj)
-    one_line_error(invoke("generate", "proj/my.toml", *SMALL, "--out", "proj", "--force"), 2, "my.toml")
-    assert tree(proj) == before
+    before = file_tree(proj)
+    assert_one_line_error(invoke("generate", "proj/my.toml", *SMALL, "--out", "proj", "--force"), "my.toml")
+    assert file_tree(proj) == before
     assert invoke("generate", "proj/my.toml", *SMALL, "--out", "proj/data").exit_code == 0  # beside it is fine
 
 
 def test_a_symlink_cannot_smuggle_out_into_an_input(base: Path, tmp_path: Path) -> None:
     (tmp_path / "link").symlink_to(base / "train")
-    before = tree(base)
-    one_line_error(invoke("export", "base", "--format", "png", "--out", "link/x"), 2, "inside the input")
-    assert tree(base) == before
+    before = file_tree(base)
+    assert_one_line_error(invoke("export", "base", "--format", "png", "--out", "link/x"), "inside the input")
+    assert file_tree(base) == before
 
 
 # ----------------------------------------------------------------------------- hostile manifests
@@ -143,11 +134,11 @@ HOSTILE = {
 @pytest.mark.parametrize("case", list(HOSTILE))
 def test_hostile_manifest_is_refused_everywhere(base: Path, tmp_path: Path, case: str) -> None:
     _edit_manifest(base, HOSTILE[case])
-    before = tree(tmp_path)
+    before = file_tree(tmp_path)
     for command in (["export", "base", "--format", "png", "--out", "exp/x"],
                     ["gallery", "base", "--out", "g.png"], ["train", "base", *FAST, "--out", "run"]):  # fmt: skip
-        one_line_error(invoke(*command))
-        assert tree(tmp_path) == before, command
+        assert_one_line_error(invoke(*command))
+        assert file_tree(tmp_path) == before, command
     result = invoke("validate", "base")
     assert result.exit_code == 1 and "✗ manifest" in result.output, result.output
 
@@ -191,11 +182,11 @@ BAD_DATA = {
 @pytest.mark.parametrize("case", list(BAD_DATA))
 def test_bad_data_gives_one_line_and_validate_reports_it(base: Path, tmp_path: Path, case: str) -> None:
     BAD_DATA[case](base)
-    before = tree(tmp_path)
+    before = file_tree(tmp_path)
     for command in (["export", "base", "--format", "medmnist", "--out", "x.npz"],
                     ["gallery", "base", "--out", "g.png"], ["train", "base", *FAST, "--out", "run"]):  # fmt: skip
-        one_line_error(invoke(*command), 2, "val")
-        assert tree(tmp_path) == before, command
+        assert_one_line_error(invoke(*command), "val")
+        assert file_tree(tmp_path) == before, command
     result = invoke("validate", "base", "--n-rerender", "2")
     assert result.exit_code == 1 and "✗ val:" in result.output, result.output
     assert "Traceback" not in result.output
@@ -218,8 +209,8 @@ def _scenario(tmp_path: Path, extra: str = "", n: int = 8) -> Path:
 
 def test_huge_n_is_refused_before_anything_is_allocated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    one_line_error(invoke("generate", "clean", "--n", str(10**12), "--out", "x"), 2, "--n")
-    one_line_error(invoke("generate", str(_scenario(tmp_path, n=10**12)), "--out", "x"), 2, "splits.train.n")
+    assert_one_line_error(invoke("generate", "clean", "--n", str(10**12), "--out", "x"), "--n")
+    assert_one_line_error(invoke("generate", str(_scenario(tmp_path, n=10**12)), "--out", "x"), "splits.train.n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.toml"]
     assert "1,000,000" in invoke("generate", "--help").output.replace("\n", " ")
 
@@ -228,20 +219,20 @@ def test_overflowing_choice_weights_are_refused(tmp_path: Path, monkeypatch: pyt
     monkeypatch.chdir(tmp_path)
     path = _scenario(tmp_path)
     path.write_text(path.read_text().replace("[factors]", "[factors]\nsolid_fraction = { choice = [0.3, 0.5], weights = [1e308, 1e308] }"))
-    one_line_error(invoke("generate", str(path), *SMALL, "--out", "x"), 2, "weights")
+    assert_one_line_error(invoke("generate", str(path), *SMALL, "--out", "x"), "weights")
 
 
 def test_scenario_file_over_1_mib_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     path = _scenario(tmp_path)
     path.write_text(path.read_text() + "#" * (1 << 20) + "\n")
-    one_line_error(invoke("generate", str(path), *SMALL, "--out", "x"), 2, "KiB")
+    assert_one_line_error(invoke("generate", str(path), *SMALL, "--out", "x"), "KiB")
 
 
 def test_disk_space_is_checked_before_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(data.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**6, 10**6 - 1000, 1000))
-    one_line_error(invoke("generate", "clean", *SMALL, "--out", "x"), 2, "MiB")
+    assert_one_line_error(invoke("generate", "clean", *SMALL, "--out", "x"), "MiB")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -254,7 +245,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path, monkeypatch: p
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(data._ArrayFile, "append", full)
-    one_line_error(invoke("generate", "clean", *SMALL, "--out", "sub/x"), 2, "no space left")
+    assert_one_line_error(invoke("generate", "clean", *SMALL, "--out", "sub/x"), "no space left")
     assert calls and list(tmp_path.iterdir()) == []
 
 
@@ -271,11 +262,11 @@ def test_arrays_are_written_without_a_memory_map(tmp_path: Path, monkeypatch: py
 
 # ----------------------------------------------------------------------------- gallery
 def test_gallery_writes_only_png_never_overwrites_and_names_what_it_wrote(base: Path, tmp_path: Path) -> None:
-    one_line_error(invoke("gallery", "base", "--out", "g.xyz"), 2, ".png")
-    one_line_error(invoke("gallery", "base", "--out", "gal"), 2, ".png")
+    assert_one_line_error(invoke("gallery", "base", "--out", "g.xyz"), ".png")
+    assert_one_line_error(invoke("gallery", "base", "--out", "gal"), ".png")
     assert not (tmp_path / "g.xyz").exists() and not (tmp_path / "gal.png").exists()
     (tmp_path / "g.png").write_bytes(b"precious")
-    one_line_error(invoke("gallery", "base", "--out", "g.png"), 2, "already exists")
+    assert_one_line_error(invoke("gallery", "base", "--out", "g.png"), "already exists")
     assert (tmp_path / "g.png").read_bytes() == b"precious"
     result = invoke("gallery", "base", "--out", "g.png", "--force")
     assert result.exit_code == 0 and "wrote g.png" in result.output
@@ -298,7 +289,7 @@ def test_rename_into_place_is_exclusive(tmp_path: Path) -> None:
 
     with pytest.raises(data.OutExists, match="appeared"):
         data.generate(scenario, out, progress=other_process_wins)
-    assert tree(out) == {"winner": b"first"}
+    assert file_tree(out) == {"winner": b"first"}
     no_scratch(tmp_path)
     data.generate(scenario, out, force=True, progress=other_process_wins)
     assert data.is_complete(out, dataset=True) and not (out / "winner").exists()

@@ -41,7 +41,7 @@ from matplotlib.figure import Figure
 from scipy.stats import spearmanr
 from torch import nn
 
-from nodulab.data import float_text, hu_to_input, load_split, lung_window
+from nodulab.data import write_table, hu_to_input, load_split, lung_window
 from nodulab.models import NoduleNet
 from nodulab.readouts import Readouts
 from nodulab.report import LABEL_NAMES, _axial_mip
@@ -367,7 +367,7 @@ def write_cam(context: ExplainContext, folder: Path) -> None:
     rows = min(context.n or CAM_ROWS, CAM_ROWS)
     frame = pd.concat([cam_table(context.run, context.data_dir, split=s, n=rows) for s in context.splits],
                       ignore_index=True)  # fmt: skip
-    frame.to_csv(folder / "cam.csv", index=False, lineterminator="\n", na_rep="nan", float_format=float_text)
+    write_table(frame, folder / "cam.csv")
     cam_figure(context.run, context.data_dir, split=context.splits[0]).savefig(
         folder / "cam.png", dpi=90, metadata={"Software": None})
     context.tables["cam"] = frame

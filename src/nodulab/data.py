@@ -96,6 +96,11 @@ def write_factors(frame: pd.DataFrame, path: Path) -> None:
     table.to_csv(path, index=False, float_format=float_text, lineterminator="\n")
 
 
+def write_table(frame: pd.DataFrame, path: Path | str) -> None:
+    """Write a result table (metrics, groups, explain tables): no index, exact floats, NaN as ``nan``."""
+    frame.to_csv(path, index=False, lineterminator="\n", na_rep="nan", float_format=float_text)
+
+
 def read_factors(path: Path) -> pd.DataFrame:
     """Read ``factors.csv`` exactly (floats round-trip; ``repr`` always writes a '.' or 'e')."""
     exact = {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}

@@ -36,7 +36,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from nodulab.data import float_text, load_manifest, load_split
+from nodulab.data import write_table, load_manifest, load_split
 from nodulab.readouts import extract
 from nodulab.report import short_factor
 from nodulab.runs import LoadedRun, run_threads
@@ -307,7 +307,7 @@ EMBEDDING_ROWS = 1000
 def write_probes(context: ExplainContext, folder: Path) -> None:
     """``explain`` writer: ``probes.csv`` and ``embedding.png`` into ``folder``."""
     frame = factor_probes(context.run, context.data_dir, n=context.n)
-    frame.to_csv(folder / "probes.csv", index=False, lineterminator="\n", float_format=float_text)
+    write_table(frame, folder / "probes.csv")
     split = context.splits[0]
     figure = embedding_figure(context.run, context.data_dir, split=split, n=min(context.n or EMBEDDING_ROWS,
                                                                                  EMBEDDING_ROWS))  # fmt: skip

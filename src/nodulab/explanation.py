@@ -39,7 +39,7 @@ import pandas as pd
 
 from nodulab import __version__
 from nodulab.cam import write_cam
-from nodulab.data import dump_json, float_text, load_manifest, load_split, sha256_file, staged
+from nodulab.data import dump_json, load_manifest, load_split, sha256_file, staged, write_table
 from nodulab.renderer import render
 from nodulab.decode import write_probes
 from nodulab.runs import LoadedRun, RunError, load_run, run_threads
@@ -358,8 +358,7 @@ def explain_run(
 
 def _write_tables(tables: dict[str, pd.DataFrame], folder: Path) -> None:
     for key in ("reliance", "sweep", "cue"):
-        tables[key].to_csv(folder / f"{key}.csv", index=False, lineterminator="\n", na_rep="nan",
-                           float_format=float_text)  # fmt: skip
+        write_table(tables[key], folder / f"{key}.csv")
     sweep_figure(tables["sweep"]).savefig(folder / "sweep.png", dpi=100, metadata={"Software": None})
 
 

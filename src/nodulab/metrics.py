@@ -49,7 +49,7 @@ from nodulab.data import (
     cell_columns,
     check_out,
     dump_json,
-    float_text,
+    write_table,
     load_manifest,
     load_split,
     sha256_file,
@@ -163,8 +163,7 @@ def group_rows(factors: pd.DataFrame, predicted: np.ndarray) -> list[tuple[str, 
 
 def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
     """Write next to ``path`` and rename into place: a reader never sees half a table."""
-    write_atomically(path, lambda tmp: frame.to_csv(tmp, index=False, lineterminator="\n", na_rep="nan",
-                                                    float_format=float_text))  # fmt: skip
+    write_atomically(path, lambda tmp: write_table(frame, tmp))
 
 
 def evaluate_run(
