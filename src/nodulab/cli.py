@@ -1,4 +1,5 @@
-"""Command line: ``nodulab scenarios | generate | validate | gallery | export | train | evaluate | explain``.
+"""Command line: ``nodulab scenarios | generate | validate | gallery | export | train | evaluate | explain |
+studies | study | report``.
 
 Every kind of bad input (unknown preset, bad TOML, invalid scenario, out-of-range flag, existing
 ``--out``, missing dataset, unknown loss, foreign run folder) ends the same way: one line
@@ -42,6 +43,9 @@ _INPUT_ERRORS = (
     ("nodulab.data", "DatasetError"),
     ("nodulab.training", "TrainError"),
     ("nodulab.runs", "RunError"),
+    ("nodulab.studies", "StudyError"),
+    ("nodulab.study", "StudyRunError"),
+    ("nodulab.store", "StoreError"),
 )
 
 
@@ -132,6 +136,9 @@ Selection = _choices("Selection", SELECTIONS)
 THRESHOLD_RULES = ("fixed", "val")
 """``metrics.THRESHOLD_RULES``, here so the CLI starts without torch (a test keeps the two equal)."""
 ThresholdRule = _choices("ThresholdRule", THRESHOLD_RULES)
+EXECUTORS = ("local", "ray")
+"""``study.EXECUTORS``, here so the CLI starts without torch (a test keeps the two equal)."""
+Executor = _choices("Executor", EXECUTORS)
 
 
 def _progress() -> Progress:
@@ -404,3 +411,78 @@ def explain(
                                         progress=_StageBars(bar))  # fmt: skip
     console.print(explaining.reliance_table(tables["reliance"]))
     console.print(f"wrote {run_dir / explaining.EXPLAIN_DIR}")
+
+
+@app.command("studies")
+def list_studies() -> None:
+    """List the preset studies."""
+    from rich.table import Table
+
+    from nodulab.studies import list_presets
+
+    table = Table(title="preset studies")
+    table.add_column("name", style="bold")
+    table.add_column("description")
+    for name, description in list_presets():
+        table.add_row(name, description)
+    console.print(table)
+
+
+def _run_line(result: Any) -> str:
+    s = result.spec
+    where = f"{s.scenario} · {s.loss} · seed {s.seed} · draw {s.draw}"
+    if result.status != "done":
+        return f"[red]✗[/red] {where}: failed: {result.reason}"
+    seconds = sum(result.timings.values())
+    return f"[green]✓[/green] {where}: val kNN bal acc {result.score:.3f} · {seconds:.0f} s"
+
+
+@app.command("study")
+def run_study(
+    study: Annotated[str, typer.Argument(metavar="STUDY", help="Preset name (`nodulab studies`) or a study TOML file.")],
+    out: Annotated[Path, typer.Option("--out", help="Study folder: created, or resumed when it holds this study.")],
+    executor: Annotated[Executor, typer.Option(help=(
+        "local: this machine. ray: one Ray task per run on the cluster RAY_ADDRESS names (else a local one).")
+    )] = Executor.local,
+    jobs: Annotated[int, typer.Option("--jobs", min=1, help=(
+        "Local runs at once (each keeps the study's thread count).")
+    )] = 1,
+    device: Annotated[Device, typer.Option(help="auto picks cuda when available.")] = Device.auto,
+    cache: Annotated[Path | None, typer.Option("--cache", help=(
+        "Dataset cache, named by content; may be shared by studies (default: OUT/datasets).")
+    )] = None,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Run again the runs recorded as failed.")] = False,
+) -> None:
+    """Run a study: datasets, every (scenario, loss, seed, draw), evaluate, explain, store, report.
+
+    Resumable: run the same command again after a crash or kill and it continues where it stopped
+    (a recorded run is never redone). Results: OUT/results.sqlite, OUT/*.csv, OUT/report.html.
+    """
+    from nodulab import study as studying
+    from nodulab import training
+    from nodulab.renderer import keep_freed_tensors_mapped
+    from nodulab.studies import load_study
+
+    chosen = load_study(study)
+    resolved_device = training.resolve_device(device.value)
+    keep_freed_tensors_mapped()
+    with _progress() as bar:
+        datasets = bar.add_task("datasets", total=None)
+        grid = bar.add_task("grid", total=None, visible=False)
+        stages = _StageBars(bar)
+
+        def on_result(result: Any, done: int, total: int) -> None:
+            bar.update(grid, completed=done, total=total, visible=True)
+            for task in stages.tasks.values():
+                bar.remove_task(task)
+            stages.tasks.clear()
+            bar.console.print(_run_line(result), soft_wrap=True)
+
+        summary = studying.run_study(
+            chosen, out, executor=executor.value, jobs=jobs, device=resolved_device, cache=cache,
+            retry_failed=retry_failed, on_dataset=lambda name, k: bar.update(datasets, advance=k, description=f"rendering {name}"),
+            on_result=on_result, progress=stages,
+        )  # fmt: skip
+    console.print(f"{summary.planned} runs: {summary.skipped} already recorded, {summary.done} done, "
+                  f"{summary.failed} failed · {summary.wall_seconds:.0f} s")  # fmt: skip
+    console.print(f"wrote {Path(out) / 'results.sqlite'}, the CSVs and {Path(out) / 'report.html'}")

@@ -445,7 +445,7 @@ def _check_field_of_view(s: Scenario, split: str) -> None:
 
 
 # ----------------------------------------------------------------------------- loading
-def _one_line(err: ValidationError) -> str:
+def one_line(err: ValidationError) -> str:
     """The first pydantic error as ``"<loc>: <msg>"`` on one line."""
     e = err.errors()[0]
     loc = ".".join(str(part) for part in e["loc"])
@@ -470,7 +470,7 @@ def load_scenario_dict(d: dict) -> Scenario:
     try:
         return Scenario.model_validate(d)
     except ValidationError as err:
-        raise ScenarioError(_one_line(err)) from None
+        raise ScenarioError(one_line(err)) from None
 
 
 def _raw_dict(s: Scenario) -> dict:

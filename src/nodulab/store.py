@@ -5,7 +5,7 @@ Tables (every result table starts with ``run_id``; the run's own columns follow,
     meta      key, value                      format, study name, the study's sha256 and config
     datasets  scenario, key, manifest_sha256, manifest, gallery (PNG)
     runs      run_id, scenario, loss, seed, draw, selected, config (JSON), status (done | failed),
-              reason, score (the selection score), train_s, evaluate_s, explain_s, finished
+              reason, warnings, score (the selection score), train_s, evaluate_s, explain_s, finished
     metrics   run_id, split, classifier, metric, value, ci_low, ci_high
     groups    run_id, split, classifier, label, group, n, accuracy
     reliance  run_id, split, classifier, factor, kind, value_from, value_to, n, flip_rate, delta_p
@@ -41,7 +41,7 @@ RUN_KEYS = ("run_id", "scenario", "loss", "seed", "draw", "selected")
 RUN_COLUMNS = {
     "run_id": "TEXT PRIMARY KEY", "scenario": "TEXT NOT NULL", "loss": "TEXT NOT NULL",
     "seed": "INTEGER NOT NULL", "draw": "INTEGER NOT NULL", "selected": "INTEGER NOT NULL DEFAULT 0",
-    "config": "TEXT NOT NULL", "status": "TEXT NOT NULL", "reason": "TEXT NOT NULL DEFAULT ''",
+    "config": "TEXT NOT NULL", "status": "TEXT NOT NULL", "reason": "TEXT NOT NULL DEFAULT ''", "warnings": "TEXT NOT NULL DEFAULT ''",
     "score": "REAL", "train_s": "REAL", "evaluate_s": "REAL", "explain_s": "REAL", "finished": "TEXT",
 }  # fmt: skip
 TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -170,6 +170,11 @@ class Store:
         """run_ids recorded, done or failed: a resumed study never redoes them."""
         return {row[0] for row in self._db.execute("SELECT run_id FROM runs")}
 
+    def forget_failed(self) -> int:
+        """Remove the runs recorded as failed (``--retry-failed``); returns how many."""
+        with self._db:
+            return self._db.execute("DELETE FROM runs WHERE status='failed'").rowcount
+
     def add_dataset(self, scenario: str, key: str, manifest_sha256: str, manifest: Mapping[str, Any],
                     gallery: bytes | None) -> None:  # fmt: skip
         with self._db:
@@ -186,6 +191,7 @@ class Store:
         record["config"] = json.dumps(run["config"], sort_keys=True)
         record["selected"] = 0
         record["reason"] = run.get("reason") or ""
+        record["warnings"] = run.get("warnings") or ""
         with self._db:
             self._db.execute(f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})",
                              [record[c] for c in RUN_COLUMNS])  # fmt: skip

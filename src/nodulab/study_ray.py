@@ -1,0 +1,63 @@
+"""``nodulab study --executor ray``: one Ray task per run, on the cluster ``RAY_ADDRESS`` names or a local one.
+
+Workers share no files with the driver. A task gets the run's spec, its scenario (resolved) and
+the manifest hash the driver's dataset has; it regenerates the dataset into the worker's own cache
+when it lacks it (the renderer is pure), refuses it unless the manifest and every file match the
+hashes, runs, and returns the results with its run folder packed as bytes. The driver alone writes
+the store and the run folders. Each task asks for the study's threads as CPUs and one GPU on CUDA.
+Install with ``pip install 'nodulab[ray]'``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from nodulab.scenarios import scenario_to_dict
+from nodulab.study import RunResult, RunSpec, StudyRunError, execute_packed, spec_record
+from nodulab.studies import Study
+
+
+def _ray():  # noqa: ANN202 - the ray module
+    try:
+        import ray
+    except ImportError:
+        raise StudyRunError("--executor ray needs Ray: pip install 'nodulab[ray]'") from None
+    return ray
+
+
+def run_ray(todo: list[RunSpec], study: Study, manifests: dict[str, str], device: str,
+            record: Callable[[RunResult], None]) -> None:
+    """Run ``todo`` as Ray tasks; ``record`` each result on the driver as it arrives.
+
+    Connects to ``RAY_ADDRESS`` when set (``ray.init`` reads it), else starts a local instance, and
+    shuts down only an instance it started. A task that dies (worker lost, out of memory) is
+    recorded as a failed run with Ray's one-line reason.
+    """
+    if not todo:
+        return
+    ray = _ray()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        task = ray.remote(execute_packed).options(
+            num_cpus=study.model.train.threads, num_gpus=1 if device == "cuda" else 0, max_retries=0
+        )
+        refs = {
+            task.remote(spec_record(spec), scenario_to_dict(study.scenarios[spec.scenario]), study.model.data.seed,
+                        manifests[spec.scenario], device): spec
+            for spec in todo
+        }  # fmt: skip
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayError as error:
+                    reason = " ".join(f"{type(error).__name__}: {error}".split())[:500]
+                    result = RunResult(refs[ref], "failed", reason)
+                record(result)
+    finally:
+        if started:
+            ray.shutdown()
