@@ -1,6 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: demo test bench clean
 
@@ -8,23 +9,27 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e .
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(VENV)/bin/nodulab generate size-confound --out demo/size-confound --force
-	$(VENV)/bin/nodulab validate demo/size-confound
-	$(VENV)/bin/nodulab gallery demo/size-confound --out demo/size-confound-gallery.png
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(DEV_STAMP)
 
-test: $(STAMP)
+demo: $(STAMP)
+	$(VENV)/bin/nodulab study quick --out demo/quick --device cpu
+	@echo "report: $(CURDIR)/demo/quick/report.html"
+
+test: $(DEV_STAMP)
 	$(PY) -m pytest
 
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(PY) benchmarks/bench_render.py
 	$(PY) benchmarks/bench_generate_memory.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_cli_startup.py
 	$(PY) benchmarks/bench_explain.py
+	$(PY) benchmarks/bench_study.py
 
 clean:
 	rm -rf $(VENV) demo

@@ -200,7 +200,7 @@ def _read_back(run_dir: Path) -> tuple[dict[str, pd.DataFrame], dict[str, bytes]
 def execute(spec: RunSpec, data_dir: Path, run_dir: Path, device: str = "cpu",
             progress: Progress | None = None) -> RunResult:  # fmt: skip
     """Train, evaluate and explain one run into ``run_dir`` (replaced); never raises for a bad run."""
-    from nodulab.explanation import EXTRA_WRITERS, explain_run
+    from nodulab.explanation import EXTRA_WRITERS, SWEEP_ROWS, explain_run
     from nodulab.metrics import evaluate_run
     from nodulab.training import train
 
@@ -220,8 +220,9 @@ def execute(spec: RunSpec, data_dir: Path, run_dir: Path, device: str = "cpu",
             timings["evaluate_s"] = time.perf_counter() - start
             if c["explain"]["splits"]:
                 start = time.perf_counter()
-                explain_run(run_dir, data_dir, splits=c["explain"]["splits"], n=c["explain"]["n"],
-                            device=device, force=True, writers=EXTRA_WRITERS, progress=progress)  # fmt: skip
+                n = c["explain"]["n"]
+                explain_run(run_dir, data_dir, splits=c["explain"]["splits"], n=n, device=device, force=True,
+                            sweep_rows=min(n or SWEEP_ROWS, SWEEP_ROWS), writers=EXTRA_WRITERS, progress=progress)
                 timings["explain_s"] = time.perf_counter() - start
             tables, figures = _read_back(run_dir)
             score = _selection_score(run_dir)

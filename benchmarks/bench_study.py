@@ -1,0 +1,61 @@
+"""What a study costs beyond its runs: store, CSVs, report and scheduling, against the runs themselves.
+
+Runs a study (default: a small grid; ``--study quick`` for the preset) with ``nodulab.study.run_study``
+and, in the same process on the same datasets, the same runs by a bare loop (``study.execute`` one
+after another into a scratch folder: no store, no CSVs, no report). Prints the study's wall time,
+the dataset generation, the summed run times, the overhead (wall − generation − runs) as a share of
+the summed run times (goal < 5%), and the study's wall time without generation over the bare loop's.
+
+    python benchmarks/bench_study.py [--study quick] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from nodulab import study as studying
+from nodulab.data import MANIFEST, sha256_file
+from nodulab.renderer import keep_freed_tensors_mapped
+from nodulab.studies import load_study, study_from_dict
+
+SMALL = {
+    "name": "bench", "scenarios": ["size-confound"], "losses": ["ce", "supcon"], "seeds": 2,
+    "data": {"size": 32, "pixel_mm": 1.4, "n": {"train": 600, "val": 200, "val_balanced": 200, "test": 200}},
+    "train": {"epochs": 3, "threads": 2}, "explain": {"splits": ["test_conflict"], "n": 100},
+}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", help="a preset or study file (default: a small built-in grid)")
+    args = parser.parse_args()
+    study = load_study(args.study) if args.study else study_from_dict(SMALL)
+    keep_freed_tensors_mapped()
+    scratch = Path(tempfile.mkdtemp(prefix="bench-study-"))
+    try:
+        summary = studying.run_study(study, scratch / "study")
+        cache = scratch / "study" / studying.DATASETS_DIR
+        data_dirs = {name: cache / studying.cache_key(s, study.model.data.seed) for name, s in study.scenarios.items()}
+        manifests = {name: sha256_file(folder / MANIFEST) for name, folder in data_dirs.items()}
+        start = time.perf_counter()
+        for spec in studying.plan(study, manifests):
+            studying.execute(spec, data_dirs[spec.scenario], scratch / "bare" / spec.run_id)
+        bare = time.perf_counter() - start
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    overhead = summary.wall_seconds - summary.generate_seconds - summary.run_seconds
+    print(f"study {study.name}: {summary.planned} runs ({summary.done} done, {summary.failed} failed)")
+    print(f"  wall {summary.wall_seconds:.1f} s = datasets {summary.generate_seconds:.1f} s "
+          f"+ runs {summary.run_seconds:.1f} s + overhead {overhead:.1f} s")  # fmt: skip
+    print(f"  overhead (store, CSVs, report, scheduling): {100 * overhead / summary.run_seconds:.2f}% "
+          "of the summed run times (goal < 5%)")  # fmt: skip
+    print(f"  bare loop of the same runs: {bare:.1f} s; study without datasets / bare = "
+          f"{(summary.wall_seconds - summary.generate_seconds) / bare:.3f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
