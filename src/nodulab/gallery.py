@@ -1,7 +1,13 @@
-"""Figures and pages about datasets and runs (DESIGN §7). For now: the dataset gallery."""
+"""The dataset gallery (DESIGN §7): one panel per split, one row per (label, agrees) cell, as a PNG.
+
+``nodulab gallery`` writes it to a file; a study stores ``gallery_png`` bytes in its results store
+(``datasets.gallery``) and the report shows them. ``short_factor`` and ``axial_mip`` serve the
+other figures (Grad-CAM overlays, probe tables).
+"""
 
 from __future__ import annotations
 
+import io
 import itertools
 from pathlib import Path
 
@@ -9,12 +15,15 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from nodulab.data import DatasetError, OutExists, cell_columns, check_out, load_manifest, load_split, lung_window, write_atomically
+from nodulab.data import (
+    DatasetError, OutExists, cell_columns, check_out, load_manifest, load_split, lung_window, write_atomically,
+)
 
 LABEL_NAMES = ("benign", "malignant")
 ATTENUATION_TEXT = {"ground_glass": "ground glass", "part_solid": "part-solid"}
 
 Cell = tuple[int, tuple[int, ...]]
+GALLERY_DPI = 110
 
 
 def short_factor(factor: str) -> str:
@@ -60,7 +69,7 @@ MIP_SLAB_MM = 6.0
 """Thickness of the axial maximum-intensity slab that shows a 3D sample (as radiologists read)."""
 
 
-def _axial_mip(volume: np.ndarray, row: pd.Series) -> np.ndarray:
+def axial_mip(volume: np.ndarray, row: pd.Series) -> np.ndarray:
     """Maximum intensity over an axial slab of ``MIP_SLAB_MM`` centred on the nodule.
 
     A single slice shows only the spicules that lie in its plane; the slab shows the lesion.
@@ -93,36 +102,23 @@ def _draw_split(fig: Figure, title: str, rows: list[Cell], cells: dict[Cell, np.
                 continue
             image = np.asarray(images[chosen[c]])
             if image.ndim == 3:
-                image = _axial_mip(image, frame.iloc[chosen[c]])
+                image = axial_mip(image, frame.iloc[chosen[c]])
             ax.imshow(lung_window(image.astype(np.float32)), cmap="gray", vmin=0.0, vmax=1.0)
             ax.set_title(factor_caption(frame.iloc[chosen[c]]), fontsize=6.5)
 
 
-def gallery(root: Path, out_png: Path, *, per_cell: int = 4, seed: int = 0, force: bool = False) -> Path:
-    """Draw a dataset gallery: one panel per split, one row per (label, agrees) cell.
+def gallery_figure(root: Path, *, per_cell: int = 4, seed: int = 0) -> Figure:
+    """The gallery of a dataset folder as a matplotlib ``Figure``: one panel per split, one row per cell.
 
     Images are shown in the lung window (WL -600, WW 1500); 3D samples by a 6 mm axial
-    maximum-intensity slab through the nodule. Rows are the union of cells over splits, so panels line up; up to three panels per row.
+    maximum-intensity slab through the nodule. Rows are the union of cells over splits, so panels
+    line up; up to three panels per row.
 
     Args:
-        root: dataset folder. out_png: PNG file to write.
+        root: dataset folder.
         per_cell: samples shown per cell (fewer when a cell is smaller).
         seed: picks which samples are shown.
-        force: replace an existing ``out_png``.
-
-    Returns:
-        ``out_png``, the file written (atomically; its name is never changed).
-
-    Raises:
-        DatasetError: ``out_png`` does not end in ``.png``, exists without ``force``
-            (``OutExists``), or lies inside the dataset.
     """
-    out_png = Path(out_png)
-    if out_png.suffix.lower() != ".png":
-        raise DatasetError(f"--out {out_png}: a gallery is a PNG file; name it *.png")
-    check_out(out_png, [root])
-    if (out_png.exists() or out_png.is_symlink()) and not force:
-        raise OutExists(f"--out {out_png} already exists (use --force to replace it)")
     manifest = load_manifest(root)
     splits = sorted(manifest["splits"], key=lambda s: ({"train": 0, "val": 1}.get(s, 2), s))
     loaded = {s: load_split(root, s) for s in splits}
@@ -147,7 +143,43 @@ def gallery(root: Path, out_png: Path, *, per_cell: int = 4, seed: int = 0, forc
         rng = np.random.default_rng([seed, k])
         title = f"{split} (n={len(frame)})"
         _draw_split(panel, title, rows, cells[split], images, frame, confounds, per_cell, rng)
+    return fig
+
+
+def _save_png(fig: Figure, target: str | io.BytesIO) -> None:
+    fig.savefig(target, format="png", dpi=GALLERY_DPI, metadata={"Software": None})
+
+
+def gallery_png(root: Path, *, per_cell: int = 4, seed: int = 0) -> bytes:
+    """The gallery of a dataset folder as PNG bytes (what a study stores in ``datasets.gallery``)."""
+    buffer = io.BytesIO()
+    _save_png(gallery_figure(root, per_cell=per_cell, seed=seed), buffer)
+    return buffer.getvalue()
+
+
+def gallery(root: Path, out_png: Path, *, per_cell: int = 4, seed: int = 0, force: bool = False) -> Path:
+    """Draw a dataset gallery (``gallery_figure``) into a PNG file.
+
+    Args:
+        root: dataset folder. out_png: PNG file to write.
+        per_cell: samples shown per cell (fewer when a cell is smaller).
+        seed: picks which samples are shown.
+        force: replace an existing ``out_png``.
+
+    Returns:
+        ``out_png``, the file written (atomically; its name is never changed).
+
+    Raises:
+        DatasetError: ``out_png`` does not end in ``.png``, exists without ``force``
+            (``OutExists``), or lies inside the dataset.
+    """
+    out_png = Path(out_png)
+    if out_png.suffix.lower() != ".png":
+        raise DatasetError(f"--out {out_png}: a gallery is a PNG file; name it *.png")
+    check_out(out_png, [root])
+    if (out_png.exists() or out_png.is_symlink()) and not force:
+        raise OutExists(f"--out {out_png} already exists (use --force to replace it)")
+    fig = gallery_figure(root, per_cell=per_cell, seed=seed)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None}),
-                     exclusive=not force)  # fmt: skip
+    write_atomically(out_png, lambda tmp: _save_png(fig, tmp), exclusive=not force)
     return out_png
