@@ -1,4 +1,4 @@
-"""Command line: ``nodulab scenarios | generate | validate | gallery | export | train | evaluate | explain``.
+"""Command line: ``nodulab scenarios | generate | validate | gallery | export | train | evaluate | explain | report``.
 
 Every kind of bad input (unknown preset, bad TOML, invalid scenario, out-of-range flag, existing
 ``--out``, missing dataset, unknown loss, foreign run folder) ends the same way: one line
@@ -42,6 +42,7 @@ _INPUT_ERRORS = (
     ("nodulab.data", "DatasetError"),
     ("nodulab.training", "TrainError"),
     ("nodulab.runs", "RunError"),
+    ("nodulab.store", "StoreError"),
 )
 
 
@@ -404,3 +405,14 @@ def explain(
                                         progress=_StageBars(bar))  # fmt: skip
     console.print(explaining.reliance_table(tables["reliance"]))
     console.print(f"wrote {run_dir / explaining.EXPLAIN_DIR}")
+
+
+@app.command()
+def report(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Study folder holding results.sqlite.")],
+    out: Annotated[Path | None, typer.Option("--out", help="HTML file to write (default DIR/report.html).")] = None,
+) -> None:
+    """Write one self-contained HTML page of a study's results, read only from DIR/results.sqlite."""
+    from nodulab.report import write_report
+
+    console.print(f"wrote {write_report(directory, out)}")
