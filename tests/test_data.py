@@ -268,7 +268,7 @@ def test_export_refuses_existing_out_and_unknown_format(dataset: Path, tmp_path:
 
 
 def test_3d_dataset_validates_and_draws(dataset_3d: Path, tmp_path: Path) -> None:
-    from nodulab.report import gallery
+    from nodulab.gallery import gallery
 
     report = validate.validate(dataset_3d)
     assert report.ok, [c for c in report.checks if not c.ok]
@@ -277,11 +277,11 @@ def test_3d_dataset_validates_and_draws(dataset_3d: Path, tmp_path: Path) -> Non
 
 
 def test_3d_gallery_view_is_a_slab_mip_through_the_nodule() -> None:
-    from nodulab.report import _axial_mip
+    from nodulab.gallery import axial_mip
 
     volume = np.full((21, 4, 4), -860, dtype=np.int16)
     row = pd.Series({"offset_z_mm": 2.0, "pixel_mm": 1.0})  # nodule centre at slice 12
     volume[14, 1, 1] = 100  # 2 mm from the centre: inside the 6 mm slab
     volume[16, 2, 2] = 200  # 4 mm away: outside
-    mip = _axial_mip(volume, row)
+    mip = axial_mip(volume, row)
     assert mip[1, 1] == 100 and mip[2, 2] == -860

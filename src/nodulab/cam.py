@@ -44,7 +44,7 @@ from torch import nn
 from nodulab.data import write_table, hu_to_input, load_split, lung_window
 from nodulab.models import NoduleNet
 from nodulab.readouts import Readouts
-from nodulab.report import LABEL_NAMES, _axial_mip
+from nodulab.gallery import LABEL_NAMES, axial_mip
 from nodulab.runs import LoadedRun, run_threads
 
 if TYPE_CHECKING:
@@ -310,7 +310,7 @@ def _display(image: np.ndarray, cam: np.ndarray, row: pd.Series) -> tuple[np.nda
     """A 2D image and map to show: 3D samples as an axial MIP slab (image) and slab maximum (map)."""
     if image.ndim == 2:
         return image, cam
-    return _axial_mip(image, row), _axial_mip(cam, row)
+    return axial_mip(image, row), axial_mip(cam, row)
 
 
 def cam_figure(run: LoadedRun, data_dir: Path | str, *, split: str, classifier: str | None = None,

@@ -167,7 +167,7 @@ def _summary(manifest: dict[str, Any]) -> Any:
     """Per split: count, labels and the measured agreement of each confound (a rich Table)."""
     from rich.table import Table
 
-    from nodulab import report
+    from nodulab.gallery import short_factor
 
     image, splits = manifest["image"], manifest["splits"]
     confounds = [k for k in next(iter(splits.values()))["cells"][0] if k.startswith("agrees_")]
@@ -175,7 +175,7 @@ def _summary(manifest: dict[str, Any]) -> Any:
              f"{image['size']} px at {image['pixel_mm']:g} mm")  # fmt: skip
     table = Table(title=title)
     table.add_column("split", no_wrap=True)
-    for column in ("n", "benign", "malignant", *(f"agrees\n{report.short_factor(c)}" for c in confounds)):
+    for column in ("n", "benign", "malignant", *(f"agrees\n{short_factor(c)}" for c in confounds)):
         table.add_column(column, justify="right")
     for name, entry in splits.items():
         n = max(entry["n"], 1)
@@ -241,9 +241,9 @@ def gallery(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
     """Draw a PNG gallery: one panel per split, one row per (label, agrees) cell."""
-    from nodulab import report
+    from nodulab.gallery import gallery as draw_gallery
 
-    written = report.gallery(directory, out, per_cell=per_cell, seed=seed, force=force)
+    written = draw_gallery(directory, out, per_cell=per_cell, seed=seed, force=force)
     console.print(f"wrote {written}")
 
 
@@ -486,3 +486,14 @@ def run_study(
     console.print(f"{summary.planned} runs: {summary.skipped} already recorded, {summary.done} done, "
                   f"{summary.failed} failed · {summary.wall_seconds:.0f} s")  # fmt: skip
     console.print(f"wrote {Path(out) / 'results.sqlite'}, the CSVs and {Path(out) / 'report.html'}")
+
+
+@app.command()
+def report(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="Study folder holding results.sqlite.")],
+    out: Annotated[Path | None, typer.Option("--out", help="HTML file to write (default DIR/report.html).")] = None,
+) -> None:
+    """Write one self-contained HTML page of a study's results, read only from DIR/results.sqlite."""
+    from nodulab.report import write_report
+
+    console.print(f"wrote {write_report(directory, out)}")

@@ -38,7 +38,7 @@ from threadpoolctl import threadpool_limits
 
 from nodulab.data import write_table, load_manifest, load_split
 from nodulab.readouts import extract
-from nodulab.report import short_factor
+from nodulab.gallery import short_factor
 from nodulab.runs import LoadedRun, run_threads
 
 if TYPE_CHECKING:

@@ -1,153 +1,189 @@
-"""Figures and pages about datasets and runs (DESIGN §7). For now: the dataset gallery."""
+"""``nodulab report DIR``: one self-contained HTML page from a study's results store (DESIGN §7).
+
+It reads only ``DIR/results.sqlite`` (read-only) and writes ``DIR/report.html`` atomically: CSS
+inline, every figure an inline base64 PNG, no JavaScript and no external URL, so the page can be
+mailed or archived as one file. Sections: the study (grid, runs done and failed, the tuning
+rule), the findings (``findings.findings``), the dataset galleries, per scenario the loss × split
+table beside the clean ceiling with the controls and oracles apart, the paired differences to
+ce, what each model relies on (reliance heatmap, diameter sweep, cue index, probes), Grad-CAM
+and embedding maps, and training curves. A missing piece (no explain tables, no clean scenario,
+one seed, failed runs) becomes a short sentence, never an error or an empty image.
+"""
 
 from __future__ import annotations
 
-import itertools
+import html
+import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
-from nodulab.data import DatasetError, OutExists, cell_columns, check_out, load_manifest, load_split, lung_window, write_atomically
+from nodulab.findings import findings
+from nodulab.report_sections import (
+    explain_section, figure_html, figures_section, missing, page, paired_section, scores_section, section,
+)
+from nodulab.store import STORE_FILE, TABLES, Store
+from nodulab.studytables import (
+    Ceiling, ceiling_gaps, find_ceiling, ood_gaps, own_scores, paired_differences, readout_map,
+)
+from nodulab.writing import check_out, write_atomically
 
-LABEL_NAMES = ("benign", "malignant")
-ATTENUATION_TEXT = {"ground_glass": "ground glass", "part_solid": "part-solid"}
-
-Cell = tuple[int, tuple[int, ...]]
-
-
-def short_factor(factor: str) -> str:
-    """Factor name without its unit suffix, for captions (``diameter_mm`` -> ``diameter``)."""
-    factor = factor.removeprefix("agrees_")
-    for unit in ("_mm", "_hu", "_deg", "_rel"):
-        factor = factor.removesuffix(unit)
-    return factor.replace("_", " ")
-
-
-def cell_caption(cell: Cell, confounds: list[str], sep: str = " · ") -> str:
-    """Human caption of a (label, agrees pattern) cell, e.g. ``malignant · conflicts``.
-
-    With several confounds each is named: ``benign · diameter agrees · attenuation conflicts``.
-    """
-    label, agrees = cell
-    words = ["agrees" if a else "conflicts" for a in agrees]
-    if len(confounds) == 1:
-        return f"{LABEL_NAMES[label]}{sep}{words[0]}"
-    return sep.join([LABEL_NAMES[label], *(f"{short_factor(f)} {w}" for f, w in zip(confounds, words))])
+REPORT_FILE = "report.html"
+SELECTION_RULE = ("per seed, the draw with the best kNN balanced accuracy on val; budget {budget} draw{s} per loss; "
+                  "the same score for every loss")  # fmt: skip
+"""The tuning rule the study applies (``store.Store`` marks the chosen draw ``selected``)."""
 
 
-def factor_caption(row: pd.Series) -> str:
-    """Short per-image text: shape, diameter and attenuation."""
-    attenuation = ATTENUATION_TEXT.get(str(row["attenuation"]), str(row["attenuation"]))
-    return f"{row['shape']} · {float(row['diameter_mm']):.1f} mm\n{attenuation}"
+@dataclass(frozen=True)
+class Study:
+    """Everything the report reads from the store, and the seed-level tables built from it."""
+
+    store: Store
+    meta: dict[str, str]
+    config: dict[str, Any]
+    runs: pd.DataFrame
+    tables: dict[str, pd.DataFrame]
+    manifests: dict[str, dict[str, Any]]
+    readouts: dict[str, str]
+    scores: pd.DataFrame
+    ceiling: Ceiling | None
+    budget: int
+
+    @property
+    def scenarios(self) -> list[str]:
+        return sorted(set(self.runs["scenario"]) | set(self.manifests))
+
+    def losses(self, scenario: str) -> list[str]:
+        """The losses with scores in ``scenario``, ``ce`` first."""
+        found = set(self.scores.loc[self.scores["scenario"] == scenario, "loss"])
+        return sorted(found, key=lambda loss: (loss != "ce", loss))
+
+    def label(self, loss: str) -> str:
+        return f"{loss} ({self.readouts.get(loss, 'probe')})"
 
 
-def _cells(frame: pd.DataFrame, confounds: list[str]) -> dict[Cell, np.ndarray]:
-    """Row indices of every non-empty cell; agreeing patterns first, benign before malignant."""
-    found: dict[Cell, np.ndarray] = {}
-    for label in (0, 1):
-        for agrees in itertools.product((1, 0), repeat=len(confounds)):
-            hit = frame["label"].to_numpy() == label
-            for column, a in zip(confounds, agrees):
-                hit &= frame[column].to_numpy() == a
-            if hit.any():
-                found[(label, agrees)] = np.flatnonzero(hit)
-    return found
+def load_study(store: Store) -> Study:
+    """Read the store's tables and build the seed-level tables every section shares."""
+    tables = {name: store.table(name) for name in TABLES}
+    config = store.study_config()
+    runs = store.runs()
+    metrics = tables["metrics"]
+    readouts = readout_map(metrics)
+    scores = own_scores(metrics, readouts)
+    manifests = store.manifests()
+    return Study(store, store.meta(), config, runs, tables, manifests, readouts, scores,
+                 find_ceiling(manifests, scores), _budget(config, runs))  # fmt: skip
 
 
-MIP_SLAB_MM = 6.0
-"""Thickness of the axial maximum-intensity slab that shows a 3D sample (as radiologists read)."""
+def _budget(config: dict[str, Any], runs: pd.DataFrame) -> int:
+    """Tuning draws per (scenario, loss, seed): the study config's ``budget``, else the most draws recorded."""
+    budget = config.get("budget")
+    if isinstance(budget, int) and not isinstance(budget, bool) and budget > 0:
+        return budget
+    return int(runs["draw"].max()) + 1 if len(runs) else 1
 
 
-def _axial_mip(volume: np.ndarray, row: pd.Series) -> np.ndarray:
-    """Maximum intensity over an axial slab of ``MIP_SLAB_MM`` centred on the nodule.
-
-    A single slice shows only the spicules that lie in its plane; the slab shows the lesion.
-    """
-    centre = round(row["offset_z_mm"] / row["pixel_mm"] + (volume.shape[0] - 1) / 2)
-    half = max(0, round(MIP_SLAB_MM / 2 / row["pixel_mm"]))
-    low, high = max(centre - half, 0), min(centre + half + 1, volume.shape[0])
-    return volume[low:high].max(axis=0)
+def _span(values: list[Any]) -> str:
+    return ", ".join(html.escape(str(v)) for v in values)
 
 
-def _draw_split(fig: Figure, title: str, rows: list[Cell], cells: dict[Cell, np.ndarray],
-                images: np.ndarray, frame: pd.DataFrame, confounds: list[str],
-                per_cell: int, rng: np.random.Generator) -> None:  # fmt: skip
-    """One split's panel: a row per cell, ``per_cell`` lung-windowed images each."""
-    fig.suptitle(title, fontsize=11, fontweight="bold")
-    axes = fig.subplots(len(rows), per_cell, squeeze=False)
-    for r, cell in enumerate(rows):
-        members = cells.get(cell, np.zeros(0, dtype=int))
-        chosen = np.sort(rng.choice(members, size=min(per_cell, len(members)), replace=False))
-        for c, ax in enumerate(axes[r]):
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(cell_caption(cell, confounds, sep="\n"), fontsize=7.5)
-            if c >= len(chosen):
-                for spine in ax.spines.values():
-                    spine.set_visible(False)
-                if c == 0:
-                    ax.text(0.5, 0.5, "no samples", ha="center", va="center", fontsize=7, color="0.5")
-                continue
-            image = np.asarray(images[chosen[c]])
-            if image.ndim == 3:
-                image = _axial_mip(image, frame.iloc[chosen[c]])
-            ax.imshow(lung_window(image.astype(np.float32)), cmap="gray", vmin=0.0, vmax=1.0)
-            ax.set_title(factor_caption(frame.iloc[chosen[c]]), fontsize=6.5)
+def header_section(study: Study) -> str:
+    """The study: its name, the grid, runs done and failed (with reasons), the tuning rule, the config."""
+    runs = study.runs
+    scenarios, losses, seeds = (sorted(set(runs[c])) for c in ("scenario", "loss", "seed"))
+    planned = len(scenarios) * len(losses) * len(seeds) * study.budget
+    done, failed = runs[runs["status"] == "done"], runs[runs["status"] == "failed"]
+    parts = [
+        f"<p>Grid: {len(scenarios)} scenario(s) ({_span(scenarios)}) × {len(losses)} loss(es) ({_span(losses)}) × "
+        f"{len(seeds)} seed(s) ({_span(seeds)}) × {study.budget} tuning draw(s) = {planned} runs. "
+        f"Recorded: {len(done)} done, {len(failed)} failed, {max(planned - len(runs), 0)} not run yet.</p>",
+        "<p><b>Tuning rule:</b> " + html.escape(SELECTION_RULE.format(budget=study.budget, s="s" * (study.budget != 1)))
+        + ". <code>val</code> shares the training distribution, so selecting on it favours shortcuts; test splits "
+        "never choose anything" + (" (the test-selected oracle is an upper bound, not a result)" * (study.budget > 1))
+        + ".</p>",
+    ]  # fmt: skip
+    if len(failed):
+        items = "".join(f"<li><code>{html.escape(r.run_id)}</code> ({html.escape(r.scenario)}, {html.escape(r.loss)}, "
+                        f"seed {r.seed}, draw {r.draw}): {html.escape(_one_line(r.reason))}</li>"
+                        for r in failed.itertuples())  # fmt: skip
+        parts.append(f"<p>Failed runs:</p><ul>{items}</ul>")
+    if not len(runs):
+        parts.append(missing("No run is recorded in the store yet."))
+    config = html.escape(json.dumps(study.config, indent=2, sort_keys=True))
+    parts.append(f"<details><summary>Study configuration</summary><pre>{config}</pre></details>")
+    return section("study", f"Study {html.escape(study.meta.get('name', ''))}", "".join(parts))
 
 
-def gallery(root: Path, out_png: Path, *, per_cell: int = 4, seed: int = 0, force: bool = False) -> Path:
-    """Draw a dataset gallery: one panel per split, one row per (label, agrees) cell.
+def _one_line(text: str) -> str:
+    line = " ".join(str(text or "no reason recorded").split())
+    return line if len(line) <= 240 else line[:237] + "..."
 
-    Images are shown in the lung window (WL -600, WW 1500); 3D samples by a 6 mm axial
-    maximum-intensity slab through the nodule. Rows are the union of cells over splits, so panels line up; up to three panels per row.
+
+def findings_section(study: Study) -> str:
+    tables = study.tables
+    sentences = findings(tables["metrics"], study.manifests, tables["reliance"], tables["cue"])
+    items = "".join(f"<li>{html.escape(s)}</li>" for s in sentences)
+    return section("findings", "Findings", f"<ul class='findings'>{items}</ul>")
+
+
+def gallery_section(study: Study) -> str:
+    """Each scenario's dataset gallery (``datasets.gallery``) with its confounds."""
+    datasets = study.store.datasets()
+    if datasets.empty:
+        return section("datasets", "Datasets", missing("The store records no dataset."))
+    parts = []
+    for row in datasets.itertuples():
+        scenario = study.manifests.get(row.scenario, {}).get("scenario", {})
+        confounds = [c["factor"] for c in scenario.get("confounds", [])]
+        what = [f"confounds: {', '.join(confounds)}" if confounds else "no confound", scenario.get("description")]
+        parts.append(f"<h3>{html.escape(row.scenario)}</h3><p class='note'>{html.escape('. '.join(filter(None, what)))}"
+                     "</p>" + figure_html(row.gallery, f"dataset gallery of {row.scenario}"))  # fmt: skip
+    return section("datasets", "Datasets", "".join(parts))
+
+
+def build_page(study: Study) -> str:
+    """The whole HTML page of a study."""
+    gaps, ood = ceiling_gaps(study.scores, study.ceiling), ood_gaps(study.scores)
+    ceiling = (f"The clean ceiling is {html.escape(str(study.ceiling))}: the same loss there (else ce), a "
+               "scenario without confounds." if study.ceiling else
+               "The study has no clean scenario (no confound), so no split is read against a ceiling.")  # fmt: skip
+    scores = "".join(scores_section(study, scenario, gaps, ood) for scenario in study.scenarios)
+    sections = [
+        header_section(study),
+        findings_section(study),
+        gallery_section(study),
+        section("scores", "Balanced accuracy per loss and split",
+                f"<p>{ceiling}</p>{scores or missing('No scores yet.')}"),
+        paired_section(study, paired_differences(study.scores)),
+        section("reliance", "What each model relies on",
+                "".join(explain_section(study, s) for s in study.scenarios) or missing("No scenario yet.")),
+        section("figures", "Grad-CAM, embeddings and training curves",
+                "".join(figures_section(study, s) for s in study.scenarios) or missing("No scenario yet.")),
+    ]  # fmt: skip
+    return page(f"nodulab study {study.meta.get('name', '')}", sections)
+
+
+def write_report(study_dir: Path | str, out: Path | str | None = None) -> Path:
+    """Write the study's report page.
 
     Args:
-        root: dataset folder. out_png: PNG file to write.
-        per_cell: samples shown per cell (fewer when a cell is smaller).
-        seed: picks which samples are shown.
-        force: replace an existing ``out_png``.
+        study_dir: the study folder holding ``results.sqlite``.
+        out: the HTML file to write (default ``study_dir/report.html``); replaced atomically.
 
     Returns:
-        ``out_png``, the file written (atomically; its name is never changed).
+        The path written.
 
     Raises:
-        DatasetError: ``out_png`` does not end in ``.png``, exists without ``force``
-            (``OutExists``), or lies inside the dataset.
+        StoreError: ``study_dir`` holds no readable results store.
+        DatasetError: ``out`` would replace the store (or its WAL files) or the study folder.
     """
-    out_png = Path(out_png)
-    if out_png.suffix.lower() != ".png":
-        raise DatasetError(f"--out {out_png}: a gallery is a PNG file; name it *.png")
-    check_out(out_png, [root])
-    if (out_png.exists() or out_png.is_symlink()) and not force:
-        raise OutExists(f"--out {out_png} already exists (use --force to replace it)")
-    manifest = load_manifest(root)
-    splits = sorted(manifest["splits"], key=lambda s: ({"train": 0, "val": 1}.get(s, 2), s))
-    loaded = {s: load_split(root, s) for s in splits}
-    confounds = cell_columns(loaded[splits[0]][2])
-    cells = {s: _cells(loaded[s][2], confounds) for s in splits}
-    rows = sorted({c for found in cells.values() for c in found}, key=lambda c: (c[0], [-a for a in c[1]]))
-    columns = min(3, len(splits))
-    grid_rows = -(-len(splits) // columns)
-    height = len(rows) * 1.6 + 0.6
-    fig = Figure(figsize=(columns * (per_cell * 1.35 + 1.1), grid_rows * height + 0.5), layout="constrained")
-    header, body = fig.subfigures(2, 1, height_ratios=[0.5, grid_rows * height])
-    name = manifest["scenario"].get("name", "")
-    caption = f"{name}: rows are label × confound agreement; lung window WL -600 / WW 1500"
-    if manifest["image"]["dim"] == 3:
-        caption += f"; {MIP_SLAB_MM:g} mm axial MIP through each nodule"
-    header.suptitle(caption, fontsize=12)
-    panels = body.subfigures(grid_rows, columns, squeeze=False).ravel()
-    for panel in panels[len(splits) :]:
-        panel.set_visible(False)
-    for k, (split, panel) in enumerate(zip(splits, panels)):
-        images, _, frame = loaded[split]
-        rng = np.random.default_rng([seed, k])
-        title = f"{split} (n={len(frame)})"
-        _draw_split(panel, title, rows, cells[split], images, frame, confounds, per_cell, rng)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None}),
-                     exclusive=not force)  # fmt: skip
-    return out_png
+    store_path = Path(study_dir) / STORE_FILE
+    target = Path(out) if out is not None else Path(study_dir) / REPORT_FILE
+    check_out(target, [store_path, *(store_path.with_name(store_path.name + s) for s in ("-wal", "-shm"))])
+    with Store(store_path) as store:
+        text = build_page(load_study(store))
+    write_atomically(target, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return target
+

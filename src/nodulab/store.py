@@ -236,6 +236,11 @@ class Store:
     def datasets(self) -> pd.DataFrame:
         return pd.read_sql_query("SELECT * FROM datasets ORDER BY scenario", self._db)
 
+    def manifests(self) -> dict[str, dict[str, Any]]:
+        """Each scenario's dataset manifest (its ``dataset.json``), parsed."""
+        rows = self._db.execute("SELECT scenario, manifest FROM datasets")
+        return {scenario: json.loads(text) for scenario, text in rows}
+
     def figure(self, run_id: str, name: str) -> bytes | None:
         row = self._db.execute("SELECT png FROM figures WHERE run_id=? AND name=?", (run_id, name)).fetchone()
         return row[0] if row else None
