@@ -170,10 +170,10 @@ def test_fewer_than_three_seeds_cannot_tell(tmp_path: Path) -> None:
     assert not paired["significant"].any() and paired["p_holm"].isna().all()
 
 
-def test_without_a_clean_scenario_ce_is_read_against_val(tmp_path: Path) -> None:
+def test_without_a_clean_scenario_ce_is_read_against_the_iid_split(tmp_path: Path) -> None:
     root = make_study(tmp_path, scored(0.2), scenarios=("size-confound",), losses=("ce", "supcon"), explain=False)
     text = " ".join(sentences_of(root))
-    assert "no clean scenario" in text and "against" in text and "on val: an OOD gap of" in text
+    assert "no clean scenario" in text and "against" in text and "on test_iid: an OOD gap of" in text
 
 
 def test_paired_differences_pair_seeds_and_use_own_readouts(tmp_path: Path) -> None:

@@ -227,3 +227,23 @@ def test_ray_and_local_give_the_same_numbers_in_worker_processes(tmp_path: Path)
 def test_study_dict_round_trip_keeps_the_grid() -> None:
     study = study_from_dict({"name": "x", "scenarios": ["clean"], "losses": ["ce"], "seeds": 1})
     assert study.record()["study"]["losses"] == ["ce"]
+
+
+def test_quick_preset_at_smaller_n_reports_ce_gap_to_the_ceiling(tmp_path: Path) -> None:
+    """The quick study's exact config (smaller n): the report states ce's gap to the clean ceiling."""
+    import re
+    import tomllib
+
+    from nodulab.studies import preset_names, _presets
+
+    assert "quick" in preset_names()
+    d = tomllib.loads((_presets() / "quick.toml").read_text())
+    d["data"]["n"] = {"train": 160, "val": 64, "val_balanced": 64, "test": 64}
+    d["explain"]["n"] = 16
+    summary = studying.run_study(study_from_dict(d), tmp_path / "quick")
+    assert (summary.done, summary.failed) == (12, 0)
+    page = (tmp_path / "quick" / "report.html").read_text()
+    number, interval = r"-?\d\.\d\d", r"\(95% CI -?\d\.\d\d to -?\d\.\d\d\)"
+    gap = rf"On size-confound/test_conflict, ce \(head\) reaches balanced accuracy {number}.*?" \
+          rf"clean ceiling {number}.*?a gap of {number} {interval}"  # fmt: skip
+    assert re.search(gap, page), re.findall(r"On size-confound/test_conflict[^<]*", page)

@@ -22,7 +22,7 @@ import pandas as pd
 from nodulab.seedstats import holm, seed_summary
 from nodulab.studytables import (
     ALPHA, MIN_SEEDS, REFERENCE, Ceiling, Manifests, ceiling_gaps, conflict_cells, cue_summary, find_ceiling,
-    ood_gaps, own_scores, paired_differences, readout_map, reliance_summary,
+    iid_split, ood_gaps, own_scores, paired_differences, readout_map, reliance_summary,
 )
 
 __all__ = ["findings", "holm", "seed_summary"]
@@ -67,7 +67,8 @@ def ceiling_sentences(scores: pd.DataFrame, ceiling: Ceiling | None, cells: list
         return [f"The study has no {REFERENCE} runs, so no loss can be read against {REFERENCE}."]
     if ceiling is None:
         return ["The study has no clean scenario (no confound), so there is no ceiling: "
-                f"{REFERENCE}'s conflict-split scores are read against val, which shares the training distribution.",
+                f"{REFERENCE}'s conflict-split scores are read against the IID split "
+                "(test_iid, else val: the training distribution).",
                 *_val_sentences(scores, cells)]  # fmt: skip
     gaps = ceiling_gaps(scores, ceiling)
     sentences = []
@@ -90,14 +91,15 @@ def _val_sentences(scores: pd.DataFrame, cells: list[Cell]) -> list[str]:
     sentences = []
     for scenario, split in cells:
         readout, values = _cell_values(scores, scenario, REFERENCE, split)
-        _, iid = _cell_values(scores, scenario, REFERENCE, "val")
+        iid_name = iid_split(scores.loc[scores["scenario"] == scenario, "split"])
+        _, iid = _cell_values(scores, scenario, REFERENCE, iid_name)
         gap = gaps[(gaps["scenario"] == scenario) & (gaps["loss"] == REFERENCE) & (gaps["split"] == split)]
         if values.empty or iid.empty or gap.empty:
             continue
         own, top, g = seed_summary(values), seed_summary(iid), gap.iloc[0]
         sentences.append(
             f"On {scenario}/{split}, {REFERENCE} ({readout}) reaches balanced accuracy {_num(own.mean)}"
-            f"{_bracket(own.low, own.high)} against {_num(top.mean)}{_bracket(top.low, top.high)} on val: "
+            f"{_bracket(own.low, own.high)} against {_num(top.mean)}{_bracket(top.low, top.high)} on {iid_name}: "
             f"an OOD gap of {_num(g['mean'])} ({_gap_interval(g['low'], g['high'])}).")  # fmt: skip
     return sentences
 

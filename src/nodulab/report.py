@@ -93,11 +93,13 @@ def header_section(study: Study) -> str:
     """The study: its name, the grid, runs done and failed (with reasons), the tuning rule, the config."""
     runs = study.runs
     scenarios, losses, seeds = (sorted(set(runs[c])) for c in ("scenario", "loss", "seed"))
-    planned = len(scenarios) * len(losses) * len(seeds) * study.budget
+    planned = study.config.get("planned_runs")
+    if not isinstance(planned, int) or isinstance(planned, bool) or planned < len(runs):
+        planned = len(scenarios) * len(losses) * len(seeds) * study.budget
     done, failed = runs[runs["status"] == "done"], runs[runs["status"] == "failed"]
     parts = [
         f"<p>Grid: {len(scenarios)} scenario(s) ({_span(scenarios)}) × {len(losses)} loss(es) ({_span(losses)}) × "
-        f"{len(seeds)} seed(s) ({_span(seeds)}) × {study.budget} tuning draw(s) = {planned} runs. "
+        f"{len(seeds)} seed(s) ({_span(seeds)}) × {study.budget} tuning draw(s): {planned} runs. "
         f"Recorded: {len(done)} done, {len(failed)} failed, {max(planned - len(runs), 0)} not run yet.</p>",
         "<p><b>Tuning rule:</b> " + html.escape(SELECTION_RULE.format(budget=study.budget, s="s" * (study.budget != 1)))
         + ". <code>val</code> shares the training distribution, so selecting on it favours shortcuts; test splits "

@@ -15,7 +15,7 @@ import pandas as pd
 
 from nodulab.report_figures import heatmap, history_figure, sweep_figure
 from nodulab.studytables import (
-    IID_SPLIT, METRIC, MIN_SEEDS, confounds_of, cue_summary, own_rows, own_scores, read_splits, summarise,
+    METRIC, MIN_SEEDS, confounds_of, cue_summary, iid_split, own_rows, own_scores, read_splits, summarise,
 )
 
 if TYPE_CHECKING:
@@ -139,13 +139,14 @@ def scores_section(study: Study, scenario: str, gaps: pd.DataFrame, ood: pd.Data
     title = f"<h3>{html.escape(scenario)}</h3>"
     if part.empty:
         return title + missing("No finished run of this scenario has scores.")
-    splits = sorted(set(part["split"]), key=lambda s: (s != IID_SPLIT, s))
+    iid_name = iid_split(part["split"])
+    splits = sorted(set(part["split"]), key=lambda s: (s != iid_name, s != "val", s))
     ba = _lookup(summarise(part, ["loss", "split"]), ["loss", "split"])
     groups = study.tables["groups"]
     worst_rows = own_rows(groups[(groups["scenario"] == scenario) & (groups["label"] == "any")], study.readouts)
     worst = _lookup(summarise(worst_rows, ["loss", "split"], "accuracy"), ["loss", "split"])
     iid = "<br><small>IID: shares the training distribution</small>"
-    header = ["loss<br><small>readout · seeds</small>", *(html.escape(s) + iid * (s == IID_SPLIT) for s in splits)]
+    header = ["loss<br><small>readout · seeds</small>", *(html.escape(s) + iid * (s == iid_name) for s in splits)]
     ood_at, gaps_at = (_lookup(_of(frame, scenario), ["loss", "split"]) for frame in (ood, gaps))
     rows = []
     for loss in study.losses(scenario):
@@ -153,7 +154,7 @@ def scores_section(study: Study, scenario: str, gaps: pd.DataFrame, ood: pd.Data
         rows.append([f"<b>{html.escape(loss)}</b><br><small>{study.readouts.get(loss)} · {seeds}</small>",
                      *(_score_cell(loss, s, ba, ood_at, worst, gaps_at) for s in splits)])
     note = ("<p class='note'>Own behaviour (head where the loss has one, else probe), balanced accuracy: mean ± SD "
-            "over seeds, 95% t-interval below. OOD gap = val − split per seed; worst group = the lowest "
+            f"over seeds, 95% t-interval below. OOD gap = {iid_name} − split per seed; worst group = the lowest "
             "(label × agrees) cell; ceiling gap = ceiling − split with a Welch 95% interval.</p>")  # fmt: skip
     return title + table(header, rows) + note + _controls_table(study, scenario, splits)
 

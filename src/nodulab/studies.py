@@ -161,9 +161,14 @@ class Study:
         names = [s for s in self.scenarios[scenario].splits if s.startswith("test_")]
         return [s for s in names if any(fnmatch.fnmatchcase(s, p) for p in self.model.explain.splits)]
 
+    def planned_runs(self) -> int:
+        m = self.model
+        return sum(len(self.losses(s)) for s in self.scenarios) * m.seeds * m.tuning.budget
+
     def record(self) -> dict[str, Any]:
-        """JSON form: the settings and every resolved scenario (what the hash covers)."""
-        return {"study": self.model.model_dump(mode="json"),
+        """JSON form: the settings, every resolved scenario (what the hash covers), the grid's size."""
+        return {"study": self.model.model_dump(mode="json"), "budget": self.model.tuning.budget,
+                "planned_runs": self.planned_runs(),
                 "scenarios": {name: scenario_to_dict(s) for name, s in self.scenarios.items()}}  # fmt: skip
 
 

@@ -44,6 +44,7 @@ import pandas as pd
 
 from nodulab import losses
 from nodulab.data import FORMAT, MANIFEST, generate, is_complete, load_manifest, sha256_file
+from nodulab.gallery import gallery_png
 from nodulab.rng import RNG_SCHEME
 from nodulab.scenarios import Scenario, load_scenario_dict, scenario_to_dict
 from nodulab.store import STORE_FILE, Store, export_csvs
@@ -294,14 +295,6 @@ class StudySummary:
     results: list[RunResult] = field(default_factory=list)
 
 
-def _gallery_png(folder: Path) -> bytes | None:
-    try:  # TODO(merge): gallery.gallery_png
-        from nodulab.gallery import gallery_png
-    except ImportError:
-        return None
-    return gallery_png(folder)
-
-
 def _run_row(result: RunResult) -> dict[str, Any]:
     s = result.spec
     return {"run_id": s.run_id, "scenario": s.scenario, "loss": s.loss, "seed": s.seed, "draw": s.draw,
@@ -375,7 +368,7 @@ def run_study(
             manifests[name] = sha256_file(data_dirs[name] / MANIFEST)
             if name not in set(store.datasets()["scenario"]):
                 store.add_dataset(name, data_dirs[name].name, manifests[name], load_manifest(data_dirs[name]),
-                                  _gallery_png(data_dirs[name]))  # fmt: skip
+                                  gallery_png(data_dirs[name]))  # fmt: skip
         summary.generate_seconds = time.perf_counter() - gen_start
         specs = plan(study, manifests)
         finished = store.finished()

@@ -21,7 +21,7 @@ Numpy, scipy and pandas only, so the report never loads torch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,15 @@ from nodulab.seedstats import holm, holm_levels, paired_test, seed_summary, welc
 ALPHA = 0.05
 REFERENCE = "ce"
 METRIC = "balanced_accuracy"
-IID_SPLIT = "val"
+IID_SPLITS = ("test_iid", "val")
+"""The in-distribution split, in order of preference: ``test_iid`` (held out, shares the training
+distribution) where the scenario has it, else ``val`` (which also chose the probe's C and the draw)."""
+
+
+def iid_split(splits: Iterable[str]) -> str:
+    """The scenario's IID split among ``splits`` (``IID_SPLITS``; ``val`` when neither is there)."""
+    present = set(splits)
+    return next((s for s in IID_SPLITS if s in present), IID_SPLITS[-1])
 MIN_SEEDS = 3
 """Fewest paired seeds for which a difference can be claimed."""
 SUMMARY = ["n", "mean", "sd", "low", "high"]
@@ -157,10 +165,12 @@ def ceiling_gaps(scores: pd.DataFrame, ceiling: Ceiling | None) -> pd.DataFrame:
 
 
 def ood_gaps(scores: pd.DataFrame) -> pd.DataFrame:
-    """Per scenario, loss and test split: the seed-level summary of ``val`` − split (the OOD gap)."""
+    """Per scenario, loss and test split: the seed-level summary of IID − split (the OOD gap; ``iid_split``)."""
     keys = ["scenario", "loss", "seed"]
-    iid = scores.loc[scores["split"] == IID_SPLIT, [*keys, "value"]].rename(columns={"value": "iid"})
-    tests = scores[scores["split"].str.startswith("test_")].merge(iid, on=keys, how="inner")
+    chosen = {scenario: iid_split(part["split"]) for scenario, part in scores.groupby("scenario")}
+    is_iid = scores["split"] == scores["scenario"].map(chosen)
+    iid = scores.loc[is_iid, [*keys, "value"]].rename(columns={"value": "iid"})
+    tests = scores[scores["split"].str.startswith("test_") & ~is_iid].merge(iid, on=keys, how="inner")
     return summarise(tests.assign(gap=tests["iid"] - tests["value"]), ["scenario", "loss", "split"], "gap")
 
 
