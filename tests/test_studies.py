@@ -131,3 +131,12 @@ def test_fair_tuning_grid() -> None:
     # the dataset is part of a run's key
     moved = plan(study, {**manifests, "clean": "1" * 64})
     assert {s.run_id for s in moved if s.scenario == "clean"}.isdisjoint({s.run_id for s in specs})
+
+
+def test_oversized_or_unreadable_study_file(tmp_path: Path) -> None:
+    big = tmp_path / "big.toml"
+    big.write_bytes(b"#" * (1 << 20) + b"\n")
+    with pytest.raises(StudyError, match="not a study file"):
+        load_study(big)
+    with pytest.raises(StudyError, match="no such study file"):
+        load_study(tmp_path / "missing.toml")

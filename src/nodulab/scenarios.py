@@ -545,22 +545,23 @@ def list_presets() -> list[tuple[str, str]]:
     return [(name, load_scenario(name).description) for name in preset_names()]
 
 
-def _parse_toml(text: bytes, where: str) -> dict:
+def parse_toml(text: bytes, where: str) -> dict:
+    """Parse TOML bytes; ``ScenarioError`` naming ``where`` when they are not UTF-8 TOML."""
     try:
         return tomllib.loads(text.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ScenarioError(" ".join(f"{where}: unreadable TOML: {err}".split())) from None
 
 
-def _read_limited(path: Path) -> bytes:
-    """The bytes of a scenario file, refused beyond ``MAX_SCENARIO_BYTES`` (read no further)."""
+def read_limited(path: Path, kind: str = "scenario") -> bytes:
+    """The bytes of a scenario (or study) file, refused beyond ``MAX_SCENARIO_BYTES`` (read no further)."""
     try:
         with open(path, "rb") as f:
             text = f.read(MAX_SCENARIO_BYTES + 1)
     except OSError as err:
         raise ScenarioError(f"{path}: cannot read ({err.strerror})") from None
     if len(text) > MAX_SCENARIO_BYTES:
-        raise ScenarioError(f"{path}: larger than {MAX_SCENARIO_BYTES // 1024} KiB; not a scenario file")
+        raise ScenarioError(f"{path}: larger than {MAX_SCENARIO_BYTES // 1024} KiB; not a {kind} file")
     return text
 
 
@@ -582,7 +583,7 @@ def load_scenario(
     """
     text = str(name_or_path)
     if not isinstance(name_or_path, Path) and text in preset_names():
-        d = _parse_toml((_presets() / f"{text}.toml").read_bytes(), f"preset {text}")
+        d = parse_toml((_presets() / f"{text}.toml").read_bytes(), f"preset {text}")
     else:
         path = Path(name_or_path)
         if not path.is_file():
@@ -592,6 +593,6 @@ def load_scenario(
             raise ScenarioError(
                 f"{text}: unknown preset (presets: {', '.join(preset_names())}; or a .toml path)"
             )
-        d = _parse_toml(_read_limited(path), str(path))
+        d = parse_toml(read_limited(path), str(path))
         d.setdefault("name", path.stem)
     return load_scenario_dict(_with_overrides(d, n, dim, size, pixel_mm))

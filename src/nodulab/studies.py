@@ -38,7 +38,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -48,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from nodulab.choices import DEFAULT_EPOCHS, ENCODERS, LOSS_NAMES, MAX_N, VIEWS
 from nodulab.scenarios import (
-    MAX_SCENARIO_BYTES, Scenario, ScenarioError, is_split_name, load_scenario, load_scenario_dict, one_line,
+    Scenario, ScenarioError, is_split_name, load_scenario, load_scenario_dict, one_line, parse_toml, read_limited,
     scenario_to_dict,
 )
 
@@ -227,18 +226,18 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".toml")] for p in _presets().iterdir() if p.name.endswith(".toml"))
 
 
-def _parse(text: bytes, where: str) -> dict[str, Any]:
+def _read(text: bytes | Path, where: str) -> dict[str, Any]:
     try:
-        return tomllib.loads(text.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise StudyError(" ".join(f"{where}: unreadable TOML: {error}".split())) from None
+        return parse_toml(text if isinstance(text, bytes) else read_limited(text, "study"), where)
+    except ScenarioError as error:
+        raise StudyError(str(error)) from None
 
 
 def load_study(name_or_path: str | Path) -> Study:
     """A preset study by name, or a study TOML file by path (at most 1 MiB)."""
     text = str(name_or_path)
     if not isinstance(name_or_path, Path) and text in preset_names():
-        d = _parse((_presets() / f"{text}.toml").read_bytes(), f"study preset {text}")
+        d = _read((_presets() / f"{text}.toml").read_bytes(), f"study preset {text}")
         d.setdefault("name", text)
         return study_from_dict(d)
     path = Path(name_or_path)
@@ -246,14 +245,7 @@ def load_study(name_or_path: str | Path) -> Study:
         if isinstance(name_or_path, Path) or path.suffix or "/" in text or path.exists():
             raise StudyError(f"{text}: no such study file")
         raise StudyError(f"{text}: unknown study preset (presets: {', '.join(preset_names())}; or a .toml path)")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_SCENARIO_BYTES + 1)
-    except OSError as error:
-        raise StudyError(f"{path}: cannot read ({error.strerror})") from None
-    if len(raw) > MAX_SCENARIO_BYTES:
-        raise StudyError(f"{path}: larger than {MAX_SCENARIO_BYTES // 1024} KiB; not a study file")
-    d = _parse(raw, str(path))
+    d = _read(path, str(path))
     d.setdefault("name", path.stem)
     return study_from_dict(d, base=path.parent)
 
