@@ -206,7 +206,7 @@ def test_resume_after_sigkill_gives_every_cell_once_and_the_same_numbers(tmp_pat
     assert sorted(os.listdir(out / "runs")) == sorted(found["runs"]["run_id"])
 
 
-def test_ray_and_local_give_the_same_numbers_in_worker_processes(tmp_path: Path) -> None:
+def test_ray_jobs_and_local_give_the_same_numbers_in_worker_processes(tmp_path: Path) -> None:
     if not os.environ.get("CI"):  # CI installs the dev extras: there a missing Ray fails
         pytest.importorskip("ray")
     path = _tiny(tmp_path, '[explain]\nsplits = ["test_conflict"]\nn = 16\n')
@@ -214,13 +214,16 @@ def test_ray_and_local_give_the_same_numbers_in_worker_processes(tmp_path: Path)
     study = load_study(path)
     local = studying.run_study(study, tmp_path / "local", report=False)
     remote = studying.run_study(study, tmp_path / "ray", report=False, executor="ray")
-    assert local.done == remote.done == 2
+    jobs = studying.run_study(study, tmp_path / "jobs", report=False, jobs=2)  # spawned local workers
+    assert local.done == remote.done == jobs.done == 2
     assert {r.pid for r in local.results} == {os.getpid()}
     assert os.getpid() not in {r.pid for r in remote.results} and all(r.pid > 0 for r in remote.results)
-    a, b = _results(tmp_path / "local"), _results(tmp_path / "ray")
+    assert os.getpid() not in {r.pid for r in jobs.results}
+    a, b, c = _results(tmp_path / "local"), _results(tmp_path / "ray"), _results(tmp_path / "jobs")
     assert len(a["reliance"]) and len(a["probes"]) and len(a["cam"])
     for name in a:
         pd.testing.assert_frame_equal(a[name], b[name], check_exact=True, obj=name)
+        pd.testing.assert_frame_equal(a[name], c[name], check_exact=True, obj=name)
     assert (tmp_path / "ray" / "runs" / a["runs"]["run_id"][0] / "model.safetensors").is_file()
 
 
