@@ -90,8 +90,10 @@ def test_cache_key_names_the_content_and_hashes_are_checked(tmp_path: Path) -> N
     from nodulab.scenarios import load_scenario
 
     a = load_scenario("clean", n=64, size=32, pixel_mm=1.4)
-    keys = {studying.cache_key(a, 0), studying.cache_key(a, 1), studying.cache_key(load_scenario("clean", n=65, size=32, pixel_mm=1.4), 0),
-            studying.cache_key(load_scenario("size-confound", n=64, size=32, pixel_mm=1.4), 0)}  # fmt: skip
+    other_n = load_scenario("clean", n=65, size=32, pixel_mm=1.4)
+    other_scenario = load_scenario("size-confound", n=64, size=32, pixel_mm=1.4)
+    keys = {studying.cache_key(a, 0), studying.cache_key(a, 1), studying.cache_key(other_n, 0),
+            studying.cache_key(other_scenario, 0)}
     assert len(keys) == 4
     folder = studying.ensure_dataset(tmp_path, a, 0)
     assert folder.name == studying.cache_key(a, 0)
@@ -250,3 +252,28 @@ def test_quick_preset_at_smaller_n_reports_ce_gap_to_the_ceiling(tmp_path: Path)
     gap = rf"On size-confound/test_conflict, ce \(head\) reaches balanced accuracy {number}.*?" \
           rf"clean ceiling {number}.*?a gap of {number} {interval}"  # fmt: skip
     assert re.search(gap, page), re.findall(r"On size-confound/test_conflict[^<]*", page)
+
+
+def test_a_run_archive_cannot_write_outside_its_folder(tmp_path: Path) -> None:
+    """The driver unpacks what a Ray worker returns: links and paths that climb out are refused."""
+    import io
+    import tarfile
+
+    from nodulab.data import DatasetError
+    from nodulab.study_ray import pack_folder
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "explain").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    (tmp_path / "run" / "explain" / "cue.csv").write_text("a\n")
+    studying.unpack_folder(pack_folder(tmp_path / "run"), tmp_path / "copy")
+    assert (tmp_path / "copy" / "explain" / "cue.csv").read_text() == "a\n"
+    for name, kind in (("../evil", tarfile.REGTYPE), ("/tmp/evil", tarfile.REGTYPE), ("link", tarfile.SYMTYPE)):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            info = tarfile.TarInfo(name)
+            info.type, info.size, info.linkname = kind, 0, "/etc/passwd"
+            tar.addfile(info, io.BytesIO(b""))
+        with pytest.raises(DatasetError, match="refusing entry"):
+            studying.unpack_folder(buffer.getvalue(), tmp_path / "hostile")
+        assert not (tmp_path / "hostile").exists() and not (tmp_path / "evil").exists()

@@ -439,7 +439,7 @@ def _run_line(result: Any) -> str:
 
 @app.command("study")
 def run_study(
-    study: Annotated[str, typer.Argument(metavar="STUDY", help="Preset name (`nodulab studies`) or a study TOML file.")],
+    study: Annotated[str, typer.Argument(metavar="STUDY", help="Preset (`nodulab studies`) or a study TOML file.")],
     out: Annotated[Path, typer.Option("--out", help="Study folder: created, or resumed when it holds this study.")],
     executor: Annotated[Executor, typer.Option(help=(
         "local: this machine. ray: one Ray task per run on the cluster RAY_ADDRESS names (else a local one).")
@@ -451,7 +451,7 @@ def run_study(
     cache: Annotated[Path | None, typer.Option("--cache", help=(
         "Dataset cache, named by content; may be shared by studies (default: OUT/datasets).")
     )] = None,
-    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Run again the runs recorded as failed.")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Run the failed runs again.")] = False,
 ) -> None:
     """Run a study: datasets, every (scenario, loss, seed, draw), evaluate, explain, store, report.
 
@@ -478,11 +478,12 @@ def run_study(
             stages.tasks.clear()
             bar.console.print(_run_line(result), soft_wrap=True)
 
-        summary = studying.run_study(
-            chosen, out, executor=executor.value, jobs=jobs, device=resolved_device, cache=cache,
-            retry_failed=retry_failed, on_dataset=lambda name, k: bar.update(datasets, advance=k, description=f"rendering {name}"),
-            on_result=on_result, progress=stages,
-        )  # fmt: skip
+        def on_dataset(name: str, rows: int) -> None:
+            bar.update(datasets, advance=rows, description=f"rendering {name}")
+
+        summary = studying.run_study(chosen, out, executor=executor.value, jobs=jobs, device=resolved_device,
+                                     cache=cache, retry_failed=retry_failed, on_dataset=on_dataset,
+                                     on_result=on_result, progress=stages)  # fmt: skip
     console.print(f"{summary.planned} runs: {summary.skipped} already recorded, {summary.done} done, "
                   f"{summary.failed} failed · {summary.wall_seconds:.0f} s")  # fmt: skip
     console.print(f"wrote {Path(out) / 'results.sqlite'}, the CSVs and {Path(out) / 'report.html'}")

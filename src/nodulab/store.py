@@ -41,7 +41,8 @@ RUN_KEYS = ("run_id", "scenario", "loss", "seed", "draw", "selected")
 RUN_COLUMNS = {
     "run_id": "TEXT PRIMARY KEY", "scenario": "TEXT NOT NULL", "loss": "TEXT NOT NULL",
     "seed": "INTEGER NOT NULL", "draw": "INTEGER NOT NULL", "selected": "INTEGER NOT NULL DEFAULT 0",
-    "config": "TEXT NOT NULL", "status": "TEXT NOT NULL", "reason": "TEXT NOT NULL DEFAULT ''", "warnings": "TEXT NOT NULL DEFAULT ''",
+    "config": "TEXT NOT NULL", "status": "TEXT NOT NULL", "reason": "TEXT NOT NULL DEFAULT ''",
+    "warnings": "TEXT NOT NULL DEFAULT ''",
     "score": "REAL", "train_s": "REAL", "evaluate_s": "REAL", "explain_s": "REAL", "finished": "TEXT",
 }  # fmt: skip
 TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -132,8 +133,8 @@ class Store:
             self._check_format()
             found = self.meta().get("sha256")
             if found != str(study["sha256"]):
-                raise StoreError(f"{self.path}: holds study {self.meta().get('name')!r} ({str(found)[:12]}), "
-                                 f"not this study {study['name']!r} ({str(study['sha256'])[:12]}); use another --out")  # fmt: skip
+                raise StoreError(f"{self.path}: holds study {self.meta().get('name')!r} ({str(found)[:12]}), not this "
+                                 f"study {study['name']!r} ({str(study['sha256'])[:12]}); use another --out")  # fmt: skip
         except sqlite3.DatabaseError as error:
             self._db.close()
             raise StoreError(f"{self.path}: not a results store ({error})") from None
@@ -178,8 +179,8 @@ class Store:
     def add_dataset(self, scenario: str, key: str, manifest_sha256: str, manifest: Mapping[str, Any],
                     gallery: bytes | None) -> None:  # fmt: skip
         with self._db:
-            self._db.execute("INSERT OR REPLACE INTO datasets VALUES (?, ?, ?, ?, ?)",
-                             (scenario, key, manifest_sha256, json.dumps(manifest, sort_keys=True), gallery))  # fmt: skip
+            row = (scenario, key, manifest_sha256, json.dumps(manifest, sort_keys=True), gallery)
+            self._db.execute("INSERT OR REPLACE INTO datasets VALUES (?, ?, ?, ?, ?)", row)
 
     def add_run(self, run: Mapping[str, Any], tables: Mapping[str, pd.DataFrame] | None = None,
                 figures: Mapping[str, bytes] | None = None) -> None:  # fmt: skip
@@ -193,7 +194,8 @@ class Store:
         record["reason"] = run.get("reason") or ""
         record["warnings"] = run.get("warnings") or ""
         with self._db:
-            self._db.execute(f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})",
+            marks = ", ".join("?" * len(RUN_COLUMNS))
+            self._db.execute(f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({marks})",
                              [record[c] for c in RUN_COLUMNS])  # fmt: skip
             for name, frame in (tables or {}).items():
                 columns = CSV_COLUMNS[name]
@@ -202,8 +204,9 @@ class Store:
                     raise StoreError(f"run {record['run_id']}: table {name} lacks {', '.join(missing)}")
                 rows = frame[list(columns)].astype(object).where(frame[list(columns)].notna(), None)
                 placeholders = ", ".join("?" * (len(columns) + 1))
-                self._db.executemany(f"INSERT INTO {name} (run_id, {', '.join(map(_quote, columns))}) VALUES ({placeholders})",
-                                     [(record["run_id"], *values) for values in rows.itertuples(index=False)])  # fmt: skip
+                names = ", ".join(map(_quote, columns))
+                self._db.executemany(f"INSERT INTO {name} (run_id, {names}) VALUES ({placeholders})",
+                                     [(record["run_id"], *values) for values in rows.itertuples(index=False)])
             for name, png in (figures or {}).items():
                 self._db.execute("INSERT INTO figures VALUES (?, ?, ?)", (record["run_id"], name, png))
             self._select(record["scenario"], record["loss"], int(record["seed"]))

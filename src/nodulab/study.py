@@ -27,15 +27,13 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import tarfile
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -46,7 +44,7 @@ from nodulab import losses
 from nodulab.data import FORMAT, MANIFEST, generate, is_complete, load_manifest, sha256_file
 from nodulab.gallery import gallery_png
 from nodulab.rng import RNG_SCHEME
-from nodulab.scenarios import Scenario, load_scenario_dict, scenario_to_dict
+from nodulab.scenarios import Scenario, scenario_to_dict
 from nodulab.store import STORE_FILE, Store, export_csvs
 from nodulab.studies import Study
 from nodulab.writing import DatasetError, OutExists, check_out, staged
@@ -179,6 +177,10 @@ def _one_line(error: BaseException) -> str:
     return " ".join(f"{type(error).__name__}: {error}".split())
 
 
+def _lines(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [" ".join(str(w.message).split()) for w in caught]
+
+
 def _selection_score(run_dir: Path) -> float | None:
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     history = pd.read_csv(run_dir / "history.csv")
@@ -228,20 +230,9 @@ def execute(spec: RunSpec, data_dir: Path, run_dir: Path, device: str = "cpu",
             tables, figures = _read_back(run_dir)
             score = _selection_score(run_dir)
         except Exception as error:  # noqa: BLE001 - a failed run is recorded, the study goes on
-            return RunResult(spec, "failed", _one_line(error), timings=timings, pid=os.getpid(),
-                             warnings=[str(w.message) for w in caught])  # fmt: skip
-    return RunResult(spec, "done", "", score, timings, tables, figures,
-                     [" ".join(str(w.message).split()) for w in caught], os.getpid())  # fmt: skip
-
-
-def pack_folder(folder: Path) -> bytes:
-    """A run folder as an uncompressed tar (how a Ray worker hands it to the driver)."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and not path.is_symlink():
-                tar.add(path, arcname=str(path.relative_to(folder)), recursive=False)
-    return buffer.getvalue()
+            return RunResult(spec, "failed", _one_line(error), timings=timings, warnings=_lines(caught),
+                             pid=os.getpid())  # fmt: skip
+    return RunResult(spec, "done", "", score, timings, tables, figures, _lines(caught), os.getpid())
 
 
 def unpack_folder(data: bytes, out: Path) -> None:
@@ -402,32 +393,3 @@ def run_study(
         write_report(out)
     summary.wall_seconds = time.perf_counter() - started
     return summary
-
-
-def scenario_from_record(record: dict[str, Any]) -> Scenario:
-    """A scenario from its resolved dict (how a Ray worker rebuilds one to regenerate its dataset)."""
-    return load_scenario_dict(record)
-
-
-def worker_cache() -> Path:
-    """A worker's own dataset cache (Ray workers share no files with the driver)."""
-    return Path(tempfile.gettempdir()) / f"nodulab-cache-{os.getuid()}"
-
-
-def execute_packed(spec_record: dict[str, Any], scenario_record: dict[str, Any], data_seed: int,
-                   manifest_sha256: str, device: str) -> RunResult:  # fmt: skip
-    """A run on a machine that shares no files: regenerate the dataset, check it, run, pack the folder."""
-    spec = RunSpec(**spec_record)
-    data_dir = ensure_dataset(worker_cache(), scenario_from_record(scenario_record), data_seed, manifest_sha256)
-    scratch = Path(tempfile.mkdtemp(prefix="nodulab-run-"))
-    try:
-        result = execute(spec, data_dir, scratch / spec.run_id, device)
-        if (scratch / spec.run_id).is_dir():
-            result.folder = pack_folder(scratch / spec.run_id)
-        return result
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def spec_record(spec: RunSpec) -> dict[str, Any]:
-    return asdict(spec)

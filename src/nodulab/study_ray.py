@@ -10,10 +10,18 @@ Install with ``pip install 'nodulab[ray]'``.
 
 from __future__ import annotations
 
+import io
+import os
+import shutil
+import tarfile
+import tempfile
 from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
-from nodulab.scenarios import scenario_to_dict
-from nodulab.study import RunResult, RunSpec, StudyRunError, execute_packed, spec_record
+from nodulab.scenarios import load_scenario_dict, scenario_to_dict
+from nodulab.study import RunResult, RunSpec, StudyRunError, ensure_dataset, execute
 from nodulab.studies import Study
 
 
@@ -23,6 +31,36 @@ def _ray():  # noqa: ANN202 - the ray module
     except ImportError:
         raise StudyRunError("--executor ray needs Ray: pip install 'nodulab[ray]'") from None
     return ray
+
+
+def worker_cache() -> Path:
+    """A worker's own dataset cache (Ray workers share no files with the driver)."""
+    return Path(tempfile.gettempdir()) / f"nodulab-cache-{os.getuid()}"
+
+
+def pack_folder(folder: Path) -> bytes:
+    """A run folder as an uncompressed tar (how a Ray worker hands it to the driver)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                tar.add(path, arcname=str(path.relative_to(folder)), recursive=False)
+    return buffer.getvalue()
+
+
+def execute_packed(spec: dict[str, Any], scenario: dict[str, Any], data_seed: int, manifest_sha256: str,
+                   device: str) -> RunResult:  # fmt: skip
+    """A run where no file is shared: regenerate the dataset, check its hashes, run, pack the folder."""
+    run = RunSpec(**spec)
+    data_dir = ensure_dataset(worker_cache(), load_scenario_dict(scenario), data_seed, manifest_sha256)
+    scratch = Path(tempfile.mkdtemp(prefix="nodulab-run-"))
+    try:
+        result = execute(run, data_dir, scratch / run.run_id, device)
+        if (scratch / run.run_id).is_dir():
+            result.folder = pack_folder(scratch / run.run_id)
+        return result
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def run_ray(todo: list[RunSpec], study: Study, manifests: dict[str, str], device: str,
@@ -44,7 +82,7 @@ def run_ray(todo: list[RunSpec], study: Study, manifests: dict[str, str], device
             num_cpus=study.model.train.threads, num_gpus=1 if device == "cuda" else 0, max_retries=0
         )
         refs = {
-            task.remote(spec_record(spec), scenario_to_dict(study.scenarios[spec.scenario]), study.model.data.seed,
+            task.remote(asdict(spec), scenario_to_dict(study.scenarios[spec.scenario]), study.model.data.seed,
                         manifests[spec.scenario], device): spec
             for spec in todo
         }  # fmt: skip
