@@ -471,8 +471,12 @@ def run_study(
         grid = bar.add_task("grid", total=None, visible=False)
         stages = _StageBars(bar)
 
+        def on_plan(total: int, recorded: int) -> None:
+            bar.update(datasets, visible=False)
+            bar.update(grid, completed=recorded, total=total, visible=True)
+
         def on_result(result: Any, done: int, total: int) -> None:
-            bar.update(grid, completed=done, total=total, visible=True)
+            bar.update(grid, completed=done, total=total)
             for task in stages.tasks.values():
                 bar.remove_task(task)
             stages.tasks.clear()
@@ -483,7 +487,7 @@ def run_study(
 
         summary = studying.run_study(chosen, out, executor=executor.value, jobs=jobs, device=resolved_device,
                                      cache=cache, retry_failed=retry_failed, on_dataset=on_dataset,
-                                     on_result=on_result, progress=stages)  # fmt: skip
+                                     on_plan=on_plan, on_result=on_result, progress=stages)  # fmt: skip
     console.print(f"{summary.planned} runs: {summary.skipped} already recorded, {summary.done} done, "
                   f"{summary.failed} failed · {summary.wall_seconds:.0f} s")  # fmt: skip
     console.print(f"wrote {Path(out) / 'results.sqlite'}, the CSVs and {Path(out) / 'report.html'}")

@@ -14,7 +14,7 @@ Tables (every result table starts with ``run_id``; the run's own columns follow,
     probes    run_id, factor, target, metric, score, control
     cam       run_id, split, classifier, region, mass, area_share
     history   run_id, epoch, name, value          (history.csv, long)
-    figures   run_id, name, png                   (cam, embedding, history, sweep)
+    figures   run_id, name, png                   (cam, embedding, history)
 
 A run and every row of it go in with one transaction, so a study killed at any moment (SIGKILL
 included) leaves either the whole run or none of it; a run is in ``runs`` at most once. Only the

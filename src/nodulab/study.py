@@ -59,8 +59,8 @@ RUN_TABLES = {  # store table: file in the run folder
     "reliance": "explain/reliance.csv", "sweep": "explain/sweep.csv", "cue": "explain/cue.csv",
     "probes": "explain/probes.csv", "cam": "explain/cam.csv",
 }  # fmt: skip
-RUN_FIGURES = {"history": "history.png", "cam": "explain/cam.png", "embedding": "explain/embedding.png",
-               "sweep": "explain/sweep.png"}  # fmt: skip
+RUN_FIGURES = {"history": "history.png", "cam": "explain/cam.png", "embedding": "explain/embedding.png"}
+"""Figures the report shows as they are (it draws the sweep and the heatmaps from the tables)."""
 
 Progress = Callable[[str, int, int], None]
 
@@ -320,6 +320,7 @@ def run_study(
     retry_failed: bool = False,
     report: bool = True,
     on_dataset: Callable[[str, int], None] | None = None,
+    on_plan: Callable[[int, int], None] | None = None,
     on_result: Callable[[RunResult, int, int], None] | None = None,
     progress: Progress | None = None,
 ) -> StudySummary:
@@ -335,7 +336,9 @@ def run_study(
         retry_failed: run again the runs recorded as failed.
         report: write ``report.html`` at the end.
         on_dataset: called with (scenario, samples just rendered) while generating.
-        on_result: called after each run is stored, with the result, runs done and runs to do.
+        on_plan: called once with (runs in the grid, runs already recorded) before any run starts.
+        on_result: called after each run is stored, with the result, the grid's runs recorded so far
+            and the grid's size.
         progress: the current run's ``(stage, done, total)`` (local, ``jobs`` 1).
     """
     started = time.perf_counter()
@@ -365,6 +368,8 @@ def run_study(
         finished = store.finished()
         todo = [s for s in specs if s.run_id not in finished]
         summary.planned, summary.skipped = len(specs), len(specs) - len(todo)
+        if on_plan:
+            on_plan(summary.planned, summary.skipped)
         runs_dir = out / RUNS_DIR
         runs_dir.mkdir(exist_ok=True)
 
@@ -373,12 +378,13 @@ def run_study(
                 unpack_folder(result.folder, runs_dir / result.spec.run_id)
                 result.folder = None
             store.add_run(_run_row(result), result.tables, result.figures)
+            result.tables, result.figures = {}, {}  # in the store now; a long grid keeps only the summary
             summary.done += result.status == "done"
             summary.failed += result.status == "failed"
             summary.run_seconds += sum(result.timings.values())
             summary.results.append(result)
             if on_result:
-                on_result(result, summary.done + summary.failed, len(todo))
+                on_result(result, summary.skipped + summary.done + summary.failed, summary.planned)
 
         if executor == "ray":
             from nodulab.study_ray import run_ray
