@@ -142,6 +142,8 @@ def test_out_holding_another_study_is_refused(tmp_path: Path) -> None:
     assert_one_line_error(runner.invoke(app, ["study", str(other), "--out", str(out)]), "holds study 'tiny'")
     assert (out / STORE_FILE).read_bytes() == before
     assert_one_line_error(runner.invoke(app, ["study", str(path), "--out", str(out / STORE_FILE)]), "is a file")
+    assert_one_line_error(runner.invoke(app, ["study", str(path), "--out", str(out), "--cache", str(out / "runs" / "x")]),
+                          "lies inside")  # fmt: skip
     # the same study resumes: nothing to do
     result = runner.invoke(app, ["study", str(path), "--out", str(out), "--device", "cpu"])
     assert result.exit_code == 0 and "4 already recorded" in result.output, result.output

@@ -47,7 +47,7 @@ from nodulab.rng import RNG_SCHEME
 from nodulab.scenarios import Scenario, scenario_to_dict
 from nodulab.store import STORE_FILE, Store, export_csvs
 from nodulab.studies import Study
-from nodulab.writing import DatasetError, OutExists, check_out, staged
+from nodulab.writing import DatasetError, OutExists, check_out, is_inside, staged
 
 EXECUTORS = ("local", "ray")
 RUNS_DIR = "runs"
@@ -350,6 +350,8 @@ def run_study(
     check_study_out(out, study)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache) if cache is not None else out / DATASETS_DIR
+    if is_inside(out / RUNS_DIR, cache):
+        raise StudyRunError(f"--cache {cache} lies inside {out / RUNS_DIR}, whose run folders a study replaces")
     summary = StudySummary()
     with Store(out / STORE_FILE, _study_meta(study)) as store:
         if retry_failed:
