@@ -8,6 +8,7 @@ The main verbs, loaded on first use (``import nodulab`` stays fast and imports n
     run = nodulab.train("data/sc", "runs/ce", loss="ce", epochs=5)
     nodulab.evaluate(run, "data/sc")                       # metrics.csv, groups.csv
     tables = nodulab.explain(run, "data/sc", splits=["test_conflict"])   # reliance, sweep, cue, ...
+    nodulab.run_study(nodulab.load_study("quick"), "studies/quick")        # the grid, store, report
 
 Modules are named after what they hold (``renderer``, ``training``, ``explanation``), never after
 a verb above, so importing a module never rebinds a verb.
@@ -34,6 +35,9 @@ _API = {
     "factor_probes": ("nodulab.decode", "factor_probes"),
     "cam_table": ("nodulab.cam", "cam_table"),
     "gradcam": ("nodulab.cam", "gradcam"),
+    "load_study": ("nodulab.studies", "load_study"),
+    "run_study": ("nodulab.study", "run_study"),
+    "write_report": ("nodulab.report", "write_report"),
 }
 """Public verb -> (module, attribute); each is imported on first access."""
 
