@@ -279,3 +279,23 @@ def test_a_run_archive_cannot_write_outside_its_folder(tmp_path: Path) -> None:
         with pytest.raises(DatasetError, match="refusing entry"):
             studying.unpack_folder(buffer.getvalue(), tmp_path / "hostile")
         assert not (tmp_path / "hostile").exists() and not (tmp_path / "evil").exists()
+
+
+def test_a_store_killed_before_its_first_commit_is_taken_over(tmp_path: Path) -> None:
+    """An empty results.sqlite (the study died creating it) is resumed; a foreign SQLite file is refused."""
+    import sqlite3
+
+    from nodulab.store import StoreError
+
+    meta = {"name": "s", "sha256": "x", "config": {}}
+    (tmp_path / "empty.sqlite").write_bytes(b"")
+    with Store(tmp_path / "empty.sqlite", meta) as store:
+        assert store.finished() == set()
+    foreign = sqlite3.connect(tmp_path / "foreign.sqlite")
+    foreign.execute("CREATE TABLE mine (x)")
+    foreign.commit()
+    foreign.close()
+    before = (tmp_path / "foreign.sqlite").read_bytes()
+    with pytest.raises(StoreError, match="store format None"):
+        Store(tmp_path / "foreign.sqlite", meta)
+    assert (tmp_path / "foreign.sqlite").read_bytes() == before

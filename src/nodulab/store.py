@@ -97,6 +97,30 @@ def _schema() -> list[str]:
     return statements
 
 
+def _check_owner(path: Path, study: Mapping[str, Any]) -> None:
+    """Refuse an existing file that is not this study's store (read-only; nothing is written).
+
+    A file with no table at all is a store whose study was killed before its first commit: it is
+    this study's to take.
+    """
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {}
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as error:
+        raise StoreError(f"{path}: not a results store ({error})") from None
+    if not tables:
+        return
+    if meta.get("format") != STORE_FORMAT:
+        raise StoreError(f"{path}: store format {meta.get('format')!r}, this nodulab reads {STORE_FORMAT}")
+    if meta.get("sha256") != str(study["sha256"]):
+        raise StoreError(f"{path}: holds study {meta.get('name')!r} ({str(meta.get('sha256'))[:12]}), not this study "
+                         f"{study['name']!r} ({str(study['sha256'])[:12]}); use another --out")
+
+
 class Store:
     """An open results store. Use as a context manager; only one process should write.
 
@@ -116,6 +140,8 @@ class Store:
             self._check_format()
             return
         existed = self.path.exists()
+        if existed:  # check whose store it is before writing anything into it
+            _check_owner(self.path, study)
         self._db = sqlite3.connect(self.path)
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -130,11 +156,6 @@ class Store:
                     self._db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, str(study[key])))
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('config', ?)",
                                  (json.dumps(study["config"], sort_keys=True),))  # fmt: skip
-            self._check_format()
-            found = self.meta().get("sha256")
-            if found != str(study["sha256"]):
-                raise StoreError(f"{self.path}: holds study {self.meta().get('name')!r} ({str(found)[:12]}), not this "
-                                 f"study {study['name']!r} ({str(study['sha256'])[:12]}); use another --out")  # fmt: skip
         except sqlite3.DatabaseError as error:
             self._db.close()
             raise StoreError(f"{self.path}: not a results store ({error})") from None
