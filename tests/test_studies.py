@@ -140,3 +140,17 @@ def test_oversized_or_unreadable_study_file(tmp_path: Path) -> None:
         load_study(big)
     with pytest.raises(StudyError, match="no such study file"):
         load_study(tmp_path / "missing.toml")
+
+
+def test_out_may_not_hold_or_be_the_study_files(tmp_path: Path) -> None:
+    """A study never writes over what it read: --out holding the study file or a scenario file is refused."""
+    (tmp_path / "sc").mkdir()
+    (tmp_path / "sc" / "mine.toml").write_text(
+        (Path(__file__).parents[1] / "src/nodulab/presets/clean.toml").read_text().replace('"clean"', '"mine"'))
+    (tmp_path / "s.toml").write_text('scenarios = ["sc/mine.toml"]\nlosses = ["ce"]\nseeds = 1\n')
+    assert set(load_study(tmp_path / "s.toml").sources) == {tmp_path / "s.toml", tmp_path / "sc" / "mine.toml"}
+    before = (tmp_path / "sc" / "mine.toml").read_bytes()
+    for out in (tmp_path / "sc", tmp_path / "sc" / "mine.toml", tmp_path / "s.toml"):
+        result = runner.invoke(app, ["study", str(tmp_path / "s.toml"), "--out", str(out)])
+        assert_one_line_error(result, "--out")
+    assert (tmp_path / "sc" / "mine.toml").read_bytes() == before and not (tmp_path / "sc" / "datasets").exists()

@@ -147,6 +147,8 @@ class Study:
     model: StudyModel
     scenarios: dict[str, Scenario]
     sha256: str
+    sources: tuple[Path, ...] = ()
+    """The files it was read from (the study file, scenario files): a study never writes over them."""
 
     @property
     def name(self) -> str:
@@ -180,11 +182,14 @@ def _split_sizes(scenario: Scenario, n: int | dict[str, int] | None) -> dict[str
     return sizes | {s: v for s, v in n.items() if s in scenario.splits}
 
 
+def _scenario_path(entry: str, base: Path | None) -> Path | str:
+    """A scenario entry as ``load_scenario`` takes it: a path relative to ``base``, or a preset name."""
+    return base / entry if base is not None and (entry.endswith(".toml") or "/" in entry) else entry
+
+
 def _resolve_scenario(entry: str, base: Path | None, data: DataSettings, where: str) -> Scenario:
-    path = base / entry if base is not None and (entry.endswith(".toml") or "/" in entry) else entry
     try:
-        scenario = load_scenario(path if isinstance(path, Path) else entry,
-                                 dim=data.dim, size=data.size, pixel_mm=data.pixel_mm)  # fmt: skip
+        scenario = load_scenario(_scenario_path(entry, base), dim=data.dim, size=data.size, pixel_mm=data.pixel_mm)
         sizes = _split_sizes(scenario, data.n)
         if not sizes:
             return scenario
@@ -195,8 +200,8 @@ def _resolve_scenario(entry: str, base: Path | None, data: DataSettings, where: 
         raise StudyError(f"{where}: {error}") from None
 
 
-def study_from_dict(d: dict[str, Any], base: Path | None = None) -> Study:
-    """Validate a study from its parsed TOML; scenario paths are relative to ``base``."""
+def study_from_dict(d: dict[str, Any], base: Path | None = None, source: Path | None = None) -> Study:
+    """Validate a study from its parsed TOML; scenario paths are relative to ``base``; ``source`` is its file."""
     if not isinstance(d, dict):
         raise StudyError(f"a study is a table of keys (got {type(d).__name__})")
     try:
@@ -214,7 +219,9 @@ def study_from_dict(d: dict[str, Any], base: Path | None = None) -> Study:
             raise StudyError(f"scenario_losses.{name}: not a scenario of this study ({', '.join(scenarios)})")
     partial = Study(model, scenarios, "")
     digest = hashlib.sha256(json.dumps(partial.record(), sort_keys=True).encode()).hexdigest()
-    return Study(model, scenarios, digest)
+    files = [p for p in (_scenario_path(e, base) for e in model.scenarios) if isinstance(p, Path) or Path(p).is_file()]
+    sources = tuple(Path(p) for p in ([source] if source else []) + files)
+    return Study(model, scenarios, digest, sources)
 
 
 def _presets() -> Any:
@@ -247,7 +254,7 @@ def load_study(name_or_path: str | Path) -> Study:
         raise StudyError(f"{text}: unknown study preset (presets: {', '.join(preset_names())}; or a .toml path)")
     d = _read(path, str(path))
     d.setdefault("name", path.stem)
-    return study_from_dict(d, base=path.parent)
+    return study_from_dict(d, base=path.parent, source=path)
 
 
 def list_presets() -> list[tuple[str, str]]:

@@ -181,23 +181,21 @@ def _lines(caught: list[warnings.WarningMessage]) -> list[str]:
     return [" ".join(str(w.message).split()) for w in caught]
 
 
-def _selection_score(run_dir: Path) -> float | None:
+def _selection_score(run_dir: Path, history: pd.DataFrame) -> float | None:
+    """``SELECTION_SCORE`` at the run's selected epoch (``config.json``), read from its history."""
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    history = pd.read_csv(run_dir / "history.csv")
     row = history[history["epoch"] == int(config["selected_epoch"])]
     return float(row[SELECTION_SCORE].iloc[0]) if len(row) and SELECTION_SCORE in row else None
 
 
-def _read_back(run_dir: Path) -> tuple[dict[str, pd.DataFrame], dict[str, bytes]]:
-    tables = {}
-    for name, rel in RUN_TABLES.items():
-        if (run_dir / rel).is_file():
-            frame = pd.read_csv(run_dir / rel, keep_default_na=False, na_values=["nan"])
-            if name == "history":
-                frame = frame.melt(id_vars="epoch", var_name="name", value_name="value")
-            tables[name] = frame
+def _read_back(run_dir: Path) -> tuple[dict[str, pd.DataFrame], dict[str, bytes], float | None]:
+    """The run folder's tables (history in long form), its figures, and its selection score."""
+    tables = {name: pd.read_csv(run_dir / rel, keep_default_na=False, na_values=["nan"])
+              for name, rel in RUN_TABLES.items() if (run_dir / rel).is_file()}  # fmt: skip
+    score = _selection_score(run_dir, tables["history"])
+    tables["history"] = tables["history"].melt(id_vars="epoch", var_name="name", value_name="value")
     figures = {name: (run_dir / rel).read_bytes() for name, rel in RUN_FIGURES.items() if (run_dir / rel).is_file()}
-    return tables, figures
+    return tables, figures, score
 
 
 def execute(spec: RunSpec, data_dir: Path, run_dir: Path, device: str = "cpu",
@@ -227,8 +225,7 @@ def execute(spec: RunSpec, data_dir: Path, run_dir: Path, device: str = "cpu",
                 explain_run(run_dir, data_dir, splits=c["explain"]["splits"], n=n, device=device, force=True,
                             sweep_rows=min(n or SWEEP_ROWS, SWEEP_ROWS), writers=EXTRA_WRITERS, progress=progress)
                 timings["explain_s"] = time.perf_counter() - start
-            tables, figures = _read_back(run_dir)
-            score = _selection_score(run_dir)
+            tables, figures, score = _read_back(run_dir)
         except Exception as error:  # noqa: BLE001 - a failed run is recorded, the study goes on
             return RunResult(spec, "failed", _one_line(error), timings=timings, warnings=_lines(caught),
                              pid=os.getpid())  # fmt: skip
@@ -295,13 +292,12 @@ def _run_row(result: RunResult) -> dict[str, Any]:
 
 
 def check_study_out(out: Path, study: Study) -> None:
-    """Refuse an ``--out`` that is a file, or a folder holding something other than this study."""
-    check_out(out, [])
+    """Refuse an ``--out`` that is, holds or lies inside a file the study was read from, that is a
+    file, or that is a non-empty folder without a store (``Store`` refuses another study's store)."""
+    check_out(out, study.sources)
     if out.exists() and not out.is_dir():
         raise StudyRunError(f"--out {out} is a file, not a study folder")
-    if (out / STORE_FILE).is_file():
-        Store(out / STORE_FILE, _study_meta(study)).close()  # refuses another study's store
-    elif out.is_dir() and any(out.iterdir()):
+    if not (out / STORE_FILE).is_file() and out.is_dir() and any(out.iterdir()):
         raise StudyRunError(f"--out {out} is a non-empty folder without {STORE_FILE}; use a new folder")
 
 
@@ -358,11 +354,12 @@ def run_study(
             store.forget_failed()
         data_dirs, manifests = {}, {}
         gen_start = time.perf_counter()
+        recorded = set(store.manifests())
         for name, scenario in study.scenarios.items():
             report_rows = (lambda k, n=name: on_dataset(n, k)) if on_dataset else None
             data_dirs[name] = ensure_dataset(cache, scenario, study.model.data.seed, progress=report_rows)
             manifests[name] = sha256_file(data_dirs[name] / MANIFEST)
-            if name not in set(store.datasets()["scenario"]):
+            if name not in recorded:
                 store.add_dataset(name, data_dirs[name].name, manifests[name], load_manifest(data_dirs[name]),
                                   gallery_png(data_dirs[name]))  # fmt: skip
         summary.generate_seconds = time.perf_counter() - gen_start
