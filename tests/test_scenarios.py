@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nodulab.factors import FACTOR_COLUMNS, FACTORS
+from nodulab.factors import FACTOR_COLUMNS, FACTORS, OPTIONAL
 from nodulab.sampling import row_seeds, sample_split
 from nodulab.scenarios import (
     Scenario,
@@ -381,8 +381,8 @@ def test_dict_form_round_trips_through_json():
         pd.testing.assert_frame_equal(sample_split(resolve(s, n=40), name, 3),
                                       sample_split(resolve(again, n=40), name, 3))  # fmt: skip
     listed = set(d["factors"])
-    assert listed == set(FACTORS) - {"shape", "pixel_mm", "offset_z_mm", "diameter_mm",
-                                     "attenuation"}  # fmt: skip
+    assert listed == set(FACTORS) - set(OPTIONAL) - {"shape", "pixel_mm", "offset_z_mm", "diameter_mm",
+                                                     "attenuation"}  # fmt: skip
     d["factors"]["lobulation"]["uniform"][1] = 0.25  # the dict is a copy, not the defaults
     assert FACTORS["lobulation"].default == {"uniform": [0.05, 0.2]}
 

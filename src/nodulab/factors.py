@@ -84,10 +84,23 @@ _TABLE = (
            "nodule centre offset in z (0 in 2D)"),
     _float("rotation_deg", "deg", 0.0, 360.0, {"uniform": [0, 360]},
            "in-plane rotation (about z in 3D)"),
+    # Shape realism (issue 10): opt-in, see OPTIONAL below.
+    _float("elongation", "", 0.0, 0.7, 0.0,
+           "body elongation: minor / major axis = 1 - elongation, area (2D) or volume (3D) kept"),
+    _float("irregularity", "", 0.0, 0.3, 0.0,
+           "amplitude of low-frequency boundary irregularity (orders 2..8, every shape)"),
+    _float("spicule_grade", "", 0.0, 1.0, 1.0,
+           "spiculation grade: 1 = spicules as drawn; lower = fewer, shorter, broader, blunter"),
 )  # fmt: skip
 
 FACTORS: dict[str, Factor] = {f.name: f for f in _TABLE}
 """Every factor of variation, in the column order of DESIGN §2."""
 
-FACTOR_COLUMNS: tuple[str, ...] = ("label", *FACTORS)
-"""Leading columns of ``factors.csv``; the sampler appends ``agrees_<factor>`` and ``seed``."""
+OPTIONAL: dict[str, float] = {"elongation": 0.0, "irregularity": 0.0, "spicule_grade": 1.0}
+"""Opt-in factors and their neutral values. A scenario that names none of them (and draws no rows
+from a table) writes no column for them, and the renderer reads a missing column as its neutral
+value, so datasets made before they existed keep their bytes."""
+
+FACTOR_COLUMNS: tuple[str, ...] = ("label", *(name for name in FACTORS if name not in OPTIONAL))
+"""Leading columns of ``factors.csv``; the sampler appends the opted-in ``OPTIONAL`` factors,
+``agrees_<factor>`` and ``seed``."""

@@ -15,8 +15,8 @@ import zlib
 import numpy as np
 import pandas as pd
 
-from nodulab.factors import FACTOR_COLUMNS, FACTORS, Factor
-from nodulab.scenarios import Choice, Normal, Scenario, ScenarioError, Uniform, normal_bounds, split_distributions
+from nodulab.factors import FACTORS, Factor
+from nodulab.scenarios import Choice, Normal, Scenario, ScenarioError, Uniform, factor_columns, normal_bounds, split_distributions
 
 
 def _hash32(text: str) -> int:
@@ -104,7 +104,8 @@ def sample_split(s: Scenario, split: str, dataset_seed: int) -> pd.DataFrame:
         dataset_seed: Non-negative integer; same inputs give an identical frame.
 
     Returns:
-        ``n`` rows indexed ``0..n-1``; columns ``FACTOR_COLUMNS``, then ``agrees_<factor>``
+        ``n`` rows indexed ``0..n-1``; columns ``label``, the scenario's factor columns
+        (``scenarios.factor_columns``: ``FACTOR_COLUMNS`` and the opted-in optional ones), ``agrees_<factor>``
         (0/1) per confound in scenario order, then ``seed`` (int64).
     """
     if split not in s.splits:
@@ -115,8 +116,9 @@ def sample_split(s: Scenario, split: str, dataset_seed: int) -> pd.DataFrame:
     columns: dict[str, np.ndarray] = {"label": label}
     agrees: dict[str, np.ndarray] = {}
     confounds = {c.factor: c for c in s.confounds}
-    for name, factor in FACTORS.items():
-        rng = _stream(dataset_seed, split, name)
+    names = factor_columns(s)
+    for name in names:
+        factor, rng = FACTORS[name], _stream(dataset_seed, split, name)
         if name == s.label.factor:
             benign = _draw(Choice(choice=tuple(s.label.benign)), factor, n, rng)
             columns[name] = np.where(label == 1, np.array(s.label.malignant, dtype=object), benign)
@@ -131,4 +133,4 @@ def sample_split(s: Scenario, split: str, dataset_seed: int) -> pd.DataFrame:
             columns[name] = _draw(split_distributions(s, split, name)[0], factor, n, rng)
     columns.update(agrees)
     columns["seed"] = row_seeds(dataset_seed, split, 0, n)
-    return pd.DataFrame(columns, columns=[*FACTOR_COLUMNS, *agrees, "seed"])
+    return pd.DataFrame(columns, columns=["label", *names, *agrees, "seed"])

@@ -21,7 +21,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
 from nodulab.choices import MAX_N
-from nodulab.factors import FACTORS, Factor
+from nodulab.factors import FACTORS, OPTIONAL, Factor
 
 MAX_SIZE = {2: 2048, 3: 256}
 """Largest patch side (pixels) per ``image.dim``."""
@@ -407,6 +407,14 @@ def _check_balanced(key: str, split: Split, confounds: list[str]) -> None:
         raise ValueError(f"{key}.factors: {BALANCED_SPLIT} keeps the training distribution (no overrides)")
 
 
+def factor_columns(s: Scenario) -> list[str]:
+    """The factor columns a scenario's tables carry: every factor but the ``OPTIONAL`` ones it
+    does not name (in ``[factors]``, a split's ``factors``, a confound or the label)."""
+    named = {s.label.factor, *s.factors, *(c.factor for c in s.confounds)}
+    named.update(*(split.factors for split in s.splits.values()))
+    return [name for name in FACTORS if name not in OPTIONAL or name in named]
+
+
 def split_distributions(s: Scenario, split: str, name: str) -> list[object]:
     """Every distribution factor ``name`` can be drawn from in ``split``."""
     if name == s.label.factor:
@@ -490,7 +498,7 @@ def scenario_to_dict(s: Scenario) -> dict:
         reserved.add("offset_z_mm")
     factors = d["factors"]
     d["factors"] = {name: factors.get(name, copy.deepcopy(FACTORS[name].default))
-                    for name in FACTORS if name not in reserved}  # fmt: skip
+                    for name in factor_columns(s) if name not in reserved}  # fmt: skip
     return d
 
 
