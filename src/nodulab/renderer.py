@@ -18,6 +18,18 @@ optional solid or calcified core) -> white noise -> scanner PSF (Gaussian, FWHM
 ``kernel_fwhm_mm``), which also shapes the noise, whose final SD is ``noise_hu``. Edges use an
 analytic partial-volume profile: the cumulative of a Beta(3,3) kernel whose variance is the margin
 blur's plus the pixel box's (sigma^2 = margin_sigma^2 + pixel^2 / 12), a compact Gaussian surrogate.
+
+Shape realism (issue 10; opt-in factors, a missing column reads as its neutral value, and neutral
+rows take exactly the code path, draws and bytes they had before). ``elongation`` e stretches the
+body about a random major axis (own stream; in-plane in 2D, on the sphere in 3D; rotated by
+``rotation_deg``): minor / major = 1 - e, area (2D) or volume (3D) kept, so ``diameter_mm`` stays
+the equivalent diameter. ``irregularity`` a adds, for every shape, radial harmonics of orders
+2..8 (weights +-1/k, sum |w| = 1, random axes/phases on their own stream) to the lobulation
+profile, both evaluated in the unstretched frame (``nodulab.shapes``); the edge's signed distance
+is the radial gap in mm along the ray from the centre. ``spicule_grade`` g (spiculated only):
+ceil(n g) spicules, length x (0.2 + 0.8 g), base width x (1 + 0.5 (1 - g)), tip / base width
+0.3 + 0.3 (1 - g) (``GRADE_*``; g = 1 is the spicule as before). A spicule's tip keeps its
+height above the local surface in its direction. ``body_reach`` bounds the body's extent.
 """
 
 from __future__ import annotations
@@ -33,7 +45,20 @@ import numpy as np
 import pandas as pd
 import torch
 
+from nodulab.factors import OPTIONAL
 from nodulab.rng import hash_keys, uniform, white_noise_pair
+from nodulab.shapes import (
+    IRREGULARITY_ORDERS,
+    LOBE_ORDERS,
+    body_reach,  # noqa: F401  (public: nodulab.renderer.body_reach)
+    elongation_terms,
+    irregularity_terms,
+    shaped_r0,
+    surface_radius,
+)
+from nodulab.shapes import directions as _directions
+from nodulab.shapes import probe_directions as _probe_directions
+from nodulab.shapes import zonal_profile as _lobe_profile
 
 
 HU_MIN, HU_MAX = -1024, 3071
@@ -45,12 +70,18 @@ SPICULE_HU = 30.0
 SPICULE_TIP_WIDTH = 0.3  # tip width / width at the body surface
 BODY_HU = {"ground_glass": -650.0, "part_solid": -650.0, "solid": 30.0, "calcified": 30.0}
 CORE_HU = {"ground_glass": -650.0, "part_solid": 30.0, "solid": 30.0, "calcified": 600.0}
-LOBE_ORDERS = (2, 3, 4, 5, 6)
 LOBULATION_EXPRESSION = {"round": 0.0, "lobulated": 1.0, "spiculated": 0.3}
 REGION = {"background": 0, "body": 1, "spicule": 2, "vessel": 3}
+# Shape realism (issue 10), opt-in factors read as their neutral value when a table lacks them.
+# Spicule grade g (spiculated only; g = 1 is the ungraded spicule): count ceil(n g), length
+# x (LENGTH_FLOOR + (1 - LENGTH_FLOOR) g), base width x (1 + WIDEN (1 - g)), tip / base width
+# SPICULE_TIP_WIDTH + BLUNT (1 - g).
+GRADE_LENGTH_FLOOR = 0.2
+GRADE_WIDEN = 0.5
+GRADE_BLUNT = 0.3
 
 _BETA33_SD = 1.0 / math.sqrt(28.0)  # SD of the Beta(3,3) kernel per unit support width
-_STREAM = {"lobes": 1, "spicules": 2, "vessels": 3, "nuisance": 4}
+_STREAM = {"lobes": 1, "spicules": 2, "vessels": 3, "nuisance": 4, "elongation": 5, "irregularity": 6}
 _REQUIRED = (
     "shape", "lobulation", "n_spicules", "spicule_length_rel", "spicule_width_mm", "diameter_mm",
     "attenuation", "solid_fraction", "margin_sigma_mm", "vessels", "noise_hu", "kernel_fwhm_mm",
@@ -75,6 +106,13 @@ class RenderBatch:
     body_r0: torch.Tensor  # (N,) base radius before lobulation
     lobe_amp: torch.Tensor  # (N, 5) expressed lobulation x harmonic weights
     lobe_axis: torch.Tensor  # (N, 5, dim)
+    irr_amp: torch.Tensor  # (N, 7) irregularity x harmonic weights (orders 2..8)
+    irr_axis: torch.Tensor  # (N, 7, dim)
+    elong_axis: torch.Tensor  # (N, dim) major axis of the stretch
+    elong_inv_minor: torch.Tensor  # (N,) 1 / s_minor; normalised n = x * this + (x . axis) * coef
+    elong_coef: torch.Tensor  # (N, dim) (1 / s_major - 1 / s_minor) * axis; 0 = not elongated
+    stretch_min: torch.Tensor  # (N,) s_minor (1 = not elongated)
+    stretch_max: torch.Tensor  # (N,) s_major
     edge_inv_w: torch.Tensor  # (N,) 1 / support width of the lesion edge profile
     body_hu: torch.Tensor  # (N,)
     core_hu: torch.Tensor  # (N,)
@@ -99,48 +137,19 @@ class RenderBatch:
         return int(self.pixel_mm.shape[0])
 
 
+def _optional(frame: pd.DataFrame, name: str) -> np.ndarray:
+    """An opt-in factor's column as float64, or its neutral value where the table lacks it."""
+    if name in frame.columns:
+        return frame[name].to_numpy(dtype=np.float64)
+    return np.full(len(frame), OPTIONAL[name])
+
+
 def _as_frame(rows: pd.DataFrame | Sequence[dict]) -> pd.DataFrame:
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     missing = [c for c in _REQUIRED if c not in frame.columns]
     if missing:
         raise ValueError(f"render: rows lack column(s) {', '.join(missing)}")
     return frame
-
-
-def _directions(u: np.ndarray, dim: int, rot: np.ndarray) -> np.ndarray:
-    """Uniform unit vectors from U(0,1) draws u[..., 0:2], rotated by ``rot`` (rad) about z."""
-    if dim == 2:
-        a = 2.0 * np.pi * u[..., 0] + rot
-        return np.stack([np.sin(a), np.cos(a)], axis=-1)
-    z = 2.0 * u[..., 0] - 1.0
-    phi = 2.0 * np.pi * u[..., 1] + rot
-    s = np.sqrt(np.maximum(1.0 - z * z, 0.0))
-    return np.stack([z, s * np.sin(phi), s * np.cos(phi)], axis=-1)
-
-
-def _chebyshev(c: np.ndarray, order: int) -> np.ndarray:
-    t0, t1 = np.ones_like(c), c
-    for _ in range(order - 1):
-        t0, t1 = t1, 2.0 * c * t1 - t0
-    return t1
-
-
-def _lobe_profile(dirs: np.ndarray, amp: np.ndarray, axis: np.ndarray) -> np.ndarray:
-    """1 + sum_k amp_k T_k(u . axis_k) for unit vectors ``dirs`` (N, M, dim)."""
-    f = np.ones(dirs.shape[:2])
-    for k, order in enumerate(LOBE_ORDERS):
-        c = sum(dirs[..., a] * axis[:, None, k, a] for a in range(dirs.shape[-1]))
-        f = f + amp[:, k, None] * _chebyshev(c, order)
-    return f
-
-
-def _probe_directions(count: int = 500) -> np.ndarray:
-    """Fixed quadrature directions on the sphere (Fibonacci lattice), (count, 3) in (z, y, x)."""
-    i = np.arange(count) + 0.5
-    z = 1.0 - 2.0 * i / count
-    phi = np.pi * (1.0 + 5.0**0.5) * i
-    s = np.sqrt(1.0 - z * z)
-    return np.stack([z, s * np.sin(phi), s * np.cos(phi)], axis=-1)
 
 
 def _gauss_kernel(sigma_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -224,6 +233,23 @@ def prepare(
         probe = _probe_directions()
         probe = np.broadcast_to(probe, (n,) + probe.shape)
         body_r0 = r_eff / np.cbrt(np.mean(_lobe_profile(probe, lobe_amp, lobe_axis) ** 3, axis=1))
+    # Shape realism (opt-in; a missing column is its neutral value): elongation stretches the
+    # body about a random axis, irregularity adds harmonics of orders 2..8 for every shape. Rows
+    # with both neutral ("plain") keep the code path above; the others ("shaped") take nodulab.shapes'.
+    elong = _optional(f, "elongation")
+    irr = _optional(f, "irregularity")
+    grade = _optional(f, "spicule_grade")
+    el = elongation_terms(uniform(seeds, _STREAM["elongation"], 0, 1, 2)[:, 0], elong, dim, rot)
+    irr_amp, irr_axis = irregularity_terms(
+        uniform(seeds, _STREAM["irregularity"], 0, len(IRREGULARITY_ORDERS), 3), irr, dim, rot
+    )
+    el["coef"] = np.where((elong != 0)[:, None], el["coef"], 0.0)
+    shaped = (elong != 0) | (irr != 0)
+    if shaped.any():
+        pick = np.flatnonzero(shaped)
+        r0 = shaped_r0(r_eff[pick], lobe_amp[pick], lobe_axis[pick], irr_amp[pick], irr_axis[pick], dim)
+        body_r0 = body_r0.copy()
+        body_r0[pick] = r0
 
     sigma_edge = np.sqrt(num["margin_sigma_mm"] ** 2 + px**2 / 12.0)
     edge_w = sigma_edge / _BETA33_SD
@@ -231,7 +257,12 @@ def prepare(
     core_r = np.where(has_core, num["solid_fraction"] * r_eff, 0.0)
 
     # Spicules: tapered strands from inside the body to r_eff * (1 + length), own sub-seed each.
-    n_spic = np.where(shape == "spiculated", num["n_spicules"], 0).astype(int)
+    # Graded rows (spiculated, spicule_grade < 1) keep the first ceil(n g) spicules (each its
+    # own sub-seed), shorter, broader and blunter; g = 1 takes the ungraded values as they were.
+    spiculated = shape == "spiculated"
+    graded = spiculated & (grade != 1.0)
+    n_spic = np.where(spiculated, num["n_spicules"], 0)
+    n_spic = np.where(graded, np.ceil(n_spic * grade - 1e-9), n_spic).astype(int)
     k_max = int(n_spic.max()) if n else 0
     u = uniform(seeds, _STREAM["spicules"], 0, k_max, 4)
     spic_dir = _directions(u[..., 0:2], dim, rot[:, None])
@@ -239,10 +270,25 @@ def prepare(
     length = num["spicule_length_rel"][:, None] * r_eff[:, None] * (0.6 + 0.4 * u[..., 2])
     tip = np.maximum(r_eff[:, None] + length, surface + px[:, None])
     half_w = 0.5 * num["spicule_width_mm"][:, None] * (0.7 + 0.3 * u[..., 3])
+    tip_ratio = np.full((n, 1), SPICULE_TIP_WIDTH)
+    if k_max and (graded.any() or shaped.any()):
+        g = grade[:, None]
+        length = np.where(graded[:, None], length * (GRADE_LENGTH_FLOOR + (1.0 - GRADE_LENGTH_FLOOR) * g), length)
+        half_w = np.where(graded[:, None], half_w * (1.0 + GRADE_WIDEN * (1.0 - g)), half_w)
+        tip_ratio = np.where(graded[:, None], SPICULE_TIP_WIDTH + GRADE_BLUNT * (1.0 - g), tip_ratio)
+        # The tip keeps its height above the local surface: a shaped body moves it with the surface.
+        local = surface.copy()
+        pick = np.flatnonzero(shaped)
+        el_pick = {key: value[pick] for key, value in el.items()}
+        local[pick] = surface_radius(spic_dir[pick], body_r0[pick], lobe_amp[pick], lobe_axis[pick],
+                                     irr_amp[pick], irr_axis[pick], el_pick)  # fmt: skip
+        moved = np.maximum(r_eff[:, None] + length + (local - surface), local + px[:, None])
+        tip = np.where((graded | shaped)[:, None], moved, tip)
+        surface = local
     present = np.arange(k_max)[None, :] < n_spic[:, None]
     # Linear taper from the full width at the body surface to TIP_WIDTH of it at the tip.
-    spic_slope = np.where(present, (1.0 - SPICULE_TIP_WIDTH) * half_w / (tip - surface), 0.0)
-    spic_tip_half_w = np.where(present, SPICULE_TIP_WIDTH * half_w, 0.0)
+    spic_slope = np.where(present, (1.0 - tip_ratio) * half_w / (tip - surface), 0.0)
+    spic_tip_half_w = np.where(present, tip_ratio * half_w, 0.0)
     spic_base = 0.5 * surface
 
     # Vessels: arcs of large radius through a random point of the patch (nuisance streams).
@@ -280,6 +326,13 @@ def prepare(
         body_r0=t(body_r0),
         lobe_amp=t(lobe_amp),
         lobe_axis=t(lobe_axis),
+        irr_amp=t(irr_amp),
+        irr_axis=t(irr_axis),
+        elong_axis=t(el["axis"]),
+        elong_inv_minor=t(el["inv_minor"]),
+        elong_coef=t(el["coef"]),
+        stretch_min=t(el["s_minor"]),
+        stretch_max=t(el["s_major"]),
         edge_inv_w=t(1.0 / edge_w),
         body_hu=t(np.array([BODY_HU[a] for a in atten])),
         core_hu=t(np.array([CORE_HU[a] for a in atten])),
@@ -472,7 +525,8 @@ def _body_layer(b: RenderBatch, margin: int) -> tuple[torch.Tensor, torch.Tensor
     if b.n == 0:
         return occupancy, hu, inside
     rows = torch.arange(b.n, device=device)
-    extent = b.body_r0 * (1.0 + b.lobe_amp.abs().sum(1)) + 0.5 / b.edge_inv_w
+    reach = (1.0 + b.lobe_amp.abs().sum(1) + b.irr_amp.abs().sum(1)) * b.stretch_max
+    extent = b.body_r0 * reach + 0.5 / b.edge_inv_w
     q, index, _ = _window(b, rows, extent, margin)
     rho = _norm2(q).sqrt_()
     row = lambda x: _per_row(x.contiguous(), b.dim)  # noqa: E731
@@ -482,11 +536,19 @@ def _body_layer(b: RenderBatch, margin: int) -> tuple[torch.Tensor, torch.Tensor
         lobes = _lobe_profile_tensor(b, [qa.index_select(0, lobed) for qa in q], rho.index_select(0, lobed), lobed)
         profile.index_copy_(0, lobed, lobes)
     distance = rho - profile.mul_(row(b.body_r0))
+    core = b.core_hu != b.body_hu
+    core_distance = rho - row(b.core_r) if bool(core.any()) else None
+    shaped = ((b.irr_amp != 0).any(1) | (b.elong_coef != 0).any(1)).nonzero().squeeze(1)
+    if shaped.numel():
+        body_d, core_d = _shaped_distance(b, [qa.index_select(0, shaped) for qa in q], rho.index_select(0, shaped), shaped)
+        distance.index_copy_(0, shaped, body_d)
+        if core_distance is not None:
+            core_distance.index_copy_(0, shaped, core_d)
     edge = row(b.edge_inv_w)
     body = _step(distance, edge)
     body_hu = row(b.body_hu).expand_as(body)
-    if bool((b.core_hu != b.body_hu).any()):
-        body_hu = _step(rho - row(b.core_r), edge).mul_(row(b.core_hu - b.body_hu)).add_(body_hu)
+    if core_distance is not None:
+        body_hu = _step(core_distance, edge).mul_(row(b.core_hu - b.body_hu)).add_(body_hu)
     _paste(occupancy, index, body)
     _paste(hu, index, body_hu)
     _paste(inside, index, distance <= 0.0)
@@ -558,15 +620,42 @@ def _vessel_layer(b: RenderBatch, margin: int) -> torch.Tensor:
 def _lobe_profile_tensor(b: RenderBatch, q: list[torch.Tensor], rho: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """1 + sum_k amp_k T_k(cos angle to axis_k) per pixel, Chebyshev recurrence (no trig)."""
     inv_rho = rho.clamp(min=1e-6).reciprocal_()
-    profile = torch.ones_like(rho)
-    for k, order in enumerate(LOBE_ORDERS):
-        c = _dot(q, b.lobe_axis[rows, k]).mul_(inv_rho)
+    return _zonal_add(torch.ones_like(rho), q, inv_rho, b.lobe_amp[rows], b.lobe_axis[rows], LOBE_ORDERS)
+
+
+def _zonal_add(profile: torch.Tensor, q: list[torch.Tensor], inv_rho: torch.Tensor, amp: torch.Tensor,
+               axis: torch.Tensor, orders: Sequence[int]) -> torch.Tensor:  # fmt: skip
+    """profile += sum_k amp_k T_k(q . axis_k / |q|) in place, Chebyshev recurrence (no trig)."""
+    dim = len(q)
+    for k, order in enumerate(orders):
+        c = _dot(q, axis[:, k]).mul_(inv_rho)
         two_c = c * 2.0
         t0, t1 = torch.ones_like(c), c
         for _ in range(order - 1):
             t0, t1 = t1, (two_c * t1).sub_(t0)
-        profile.add_(t1.mul_(_per_row(b.lobe_amp[rows, k].contiguous(), b.dim)))
+        profile.add_(t1.mul_(_per_row(amp[:, k].contiguous(), dim)))
     return profile
+
+
+def _shaped_distance(
+    b: RenderBatch, q: list[torch.Tensor], rho: torch.Tensor, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed distances (mm, along the ray from the centre) to the body and the core boundaries of
+    elongated and/or irregular bodies (``nodulab.shapes``): the profile is evaluated in the
+    normalised frame n = S^-1 x, and |x| / |n| turns the normalised gap back into mm on the ray."""
+    row = lambda x: _per_row(x.contiguous(), b.dim)  # noqa: E731
+    along = _dot(q, b.elong_axis[rows])
+    coef = b.elong_coef[rows]
+    n = [qa * row(b.elong_inv_minor[rows]) + along * row(coef[:, a]) for a, qa in enumerate(q)]
+    nu = _norm2(n).sqrt_()
+    inv_nu = nu.clamp(min=1e-6).reciprocal_()
+    profile = _zonal_add(torch.ones_like(nu), n, inv_nu, b.lobe_amp[rows], b.lobe_axis[rows], LOBE_ORDERS)
+    profile = _zonal_add(profile, n, inv_nu, b.irr_amp[rows], b.irr_axis[rows], IRREGULARITY_ORDERS)
+    # |x| / |n| lies in [s_minor, s_major]; the clamp also settles the centre (0 / 0).
+    ratio = torch.minimum(torch.maximum(rho * inv_nu, row(b.stretch_min[rows])), row(b.stretch_max[rows]))
+    body = (nu - profile.mul_(row(b.body_r0[rows]))).mul_(ratio)
+    core = (nu - row(b.core_r[rows])).mul_(ratio)
+    return body, core
 
 
 def render_tensor(b: RenderBatch) -> tuple[torch.Tensor, torch.Tensor]:
