@@ -28,7 +28,7 @@ the equivalent diameter. ``irregularity`` a adds, for every shape, radial harmon
 profile, both evaluated in the unstretched frame (``nodulab.shapes``); the edge's signed distance
 is the radial gap in mm along the ray from the centre. ``spicule_grade`` g (spiculated only):
 ceil(n g) spicules, length x (0.2 + 0.8 g), base width x (1 + 0.5 (1 - g)), tip / base width
-0.3 + 0.3 (1 - g) (``GRADE_*``; g = 1 is the spicule as before). A spicule's tip keeps its
+0.3 + 0.3 (1 - g) (``nodulab.shapes.GRADE_*``; g = 1 is the spicule as before). A spicule's tip keeps its
 height above the local surface in its direction. ``body_reach`` bounds the body's extent.
 """
 
@@ -48,6 +48,9 @@ import torch
 from nodulab.factors import OPTIONAL
 from nodulab.rng import hash_keys, uniform, white_noise_pair
 from nodulab.shapes import (
+    GRADE_BLUNT,
+    GRADE_LENGTH_FLOOR,
+    GRADE_WIDEN,
     IRREGULARITY_ORDERS,
     LOBE_ORDERS,
     body_reach,  # noqa: F401  (public: nodulab.renderer.body_reach)
@@ -72,13 +75,6 @@ BODY_HU = {"ground_glass": -650.0, "part_solid": -650.0, "solid": 30.0, "calcifi
 CORE_HU = {"ground_glass": -650.0, "part_solid": 30.0, "solid": 30.0, "calcified": 600.0}
 LOBULATION_EXPRESSION = {"round": 0.0, "lobulated": 1.0, "spiculated": 0.3}
 REGION = {"background": 0, "body": 1, "spicule": 2, "vessel": 3}
-# Shape realism (issue 10), opt-in factors read as their neutral value when a table lacks them.
-# Spicule grade g (spiculated only; g = 1 is the ungraded spicule): count ceil(n g), length
-# x (LENGTH_FLOOR + (1 - LENGTH_FLOOR) g), base width x (1 + WIDEN (1 - g)), tip / base width
-# SPICULE_TIP_WIDTH + BLUNT (1 - g).
-GRADE_LENGTH_FLOOR = 0.2
-GRADE_WIDEN = 0.5
-GRADE_BLUNT = 0.3
 
 _BETA33_SD = 1.0 / math.sqrt(28.0)  # SD of the Beta(3,3) kernel per unit support width
 _STREAM = {"lobes": 1, "spicules": 2, "vessels": 3, "nuisance": 4, "elongation": 5, "irregularity": 6}
