@@ -4,7 +4,11 @@ Interleaved repeats, medians, ratios (nodulab's image rate / MONAI's image rate)
 full nodules from the ``size-confound`` preset (texture, vessels, spicules, PSF, noise); MONAI draws
 one disc plus uniform noise. With CUDA available it also reports the GPU render rate.
 
-    python benchmarks/bench_render.py [--repeats 5]
+Shape realism (issue 10): the same rows rendered with elongation U[0, 0.7], irregularity
+U[0, 0.3] and spicule_grade U[0, 1] added vs without those columns, interleaved in the same run;
+the ratio is (time with) / (time without).
+
+    python benchmarks/bench_render.py [--repeats 5] [--shapes-only]
 """
 
 from __future__ import annotations
@@ -33,6 +37,25 @@ def rows_for(dim: int, size: int, pixel_mm: float, n: int):
     return sample_split(scenario, "train", 0)
 
 
+def with_shape_factors(rows):
+    rng = np.random.default_rng(0)
+    n = len(rows)
+    return rows.assign(elongation=rng.uniform(0, 0.7, n), irregularity=rng.uniform(0, 0.3, n),
+                       spicule_grade=rng.uniform(0, 1, n))  # fmt: skip
+
+
+def shape_cost(name: str, dim: int, size: int, pixel_mm: float, batch: int, repeats: int) -> None:
+    rows = rows_for(dim, size, pixel_mm, batch)
+    shaped = with_shape_factors(rows)
+    render(shaped.iloc[:8], size=size, dim=dim)  # warm-up
+    plain, new = [], []
+    for _ in range(repeats):
+        plain.append(seconds_per_image(lambda: render(rows, size=size, dim=dim), batch))
+        new.append(seconds_per_image(lambda: render(shaped, size=size, dim=dim), batch))
+    p, s = statistics.median(plain), statistics.median(new)
+    print(f"{name:10s} shapes: {p * 1e6:10.1f} us/img without, {s * 1e6:10.1f} with, ratio {s / p:5.2f}x")
+
+
 def seconds_per_image(fn, n: int) -> float:
     start = time.perf_counter()
     fn()
@@ -42,9 +65,14 @@ def seconds_per_image(fn, n: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--shapes-only", action="store_true", help="only the shape-realism cost")
     args = parser.parse_args()
     keep_freed_tensors_mapped()  # as `nodulab generate` does (render itself leaves malloc alone)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cuda={torch.cuda.is_available()}")
+    for name, dim, size, pixel_mm, batch, *_ in CASES:
+        shape_cost(name, dim, size, pixel_mm, batch, args.repeats)
+    if args.shapes_only:
+        return
     print(f"{'case':10s} {'MONAI us/img':>13s} {'nodulab us/img':>15s} {'rate ratio':>11s} {'goal':>6s}")
     for name, dim, size, pixel_mm, batch, monai_call, goal in CASES:
         rows = rows_for(dim, size, pixel_mm, batch)

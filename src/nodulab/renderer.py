@@ -109,6 +109,7 @@ class RenderBatch:
     elong_coef: torch.Tensor  # (N, dim) (1 / s_major - 1 / s_minor) * axis; 0 = not elongated
     stretch_min: torch.Tensor  # (N,) s_minor (1 = not elongated)
     stretch_max: torch.Tensor  # (N,) s_major
+    stretch_box: torch.Tensor  # (N,) half-width of the stretched unit ball's bounding cube (1 = none)
     edge_inv_w: torch.Tensor  # (N,) 1 / support width of the lesion edge profile
     body_hu: torch.Tensor  # (N,)
     core_hu: torch.Tensor  # (N,)
@@ -329,6 +330,7 @@ def prepare(
         elong_coef=t(el["coef"]),
         stretch_min=t(el["s_minor"]),
         stretch_max=t(el["s_major"]),
+        stretch_box=t(el["box"]),
         edge_inv_w=t(1.0 / edge_w),
         body_hu=t(np.array([BODY_HU[a] for a in atten])),
         core_hu=t(np.array([CORE_HU[a] for a in atten])),
@@ -512,7 +514,13 @@ def _paste(canvas: torch.Tensor, index: torch.Tensor, values: torch.Tensor, maxi
 
 
 def _body_layer(b: RenderBatch, margin: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The nodule body on the canvas: occupancy, its HU (with the core) and the body region."""
+    """The nodule body on the canvas: occupancy, its HU (with the core) and the body region.
+
+    Plain rows (no elongation, no irregularity) share one window, as they always did; shaped rows
+    go in groups of similar window width (an elongated body's window is up to 3x wider in 3D, and
+    a batch-wide width would make every row pay for the widest). Window placement never changes
+    a pixel's value (``_window``), so grouping is invisible in the result.
+    """
     grid = (b.n,) + (b.size + 2 * margin,) * b.dim
     device = b.pixel_mm.device
     occupancy = torch.zeros(grid, device=device)
@@ -520,35 +528,51 @@ def _body_layer(b: RenderBatch, margin: int) -> tuple[torch.Tensor, torch.Tensor
     inside = torch.zeros(grid, dtype=torch.bool, device=device)
     if b.n == 0:
         return occupancy, hu, inside
-    rows = torch.arange(b.n, device=device)
-    reach = (1.0 + b.lobe_amp.abs().sum(1) + b.irr_amp.abs().sum(1)) * b.stretch_max
+    reach = (1.0 + b.lobe_amp.abs().sum(1) + b.irr_amp.abs().sum(1)) * b.stretch_box
     extent = b.body_r0 * reach + 0.5 / b.edge_inv_w
+    shaped = (b.irr_amp != 0).any(1) | (b.elong_coef != 0).any(1)
+    groups = [(torch.arange(b.n, device=device), False)] if not bool(shaped.any()) else []
+    if groups == []:
+        plain = (~shaped).nonzero().squeeze(1)
+        if plain.numel():
+            groups.append((plain, False))
+        picked = shaped.nonzero().squeeze(1)
+        width = (extent[picked] / b.pixel_mm[picked]).double().cpu().clamp(min=1.0)
+        bucket = torch.floor(torch.log(width) / math.log(1.25)).long()
+        for key in torch.unique(bucket).tolist():
+            groups.append((picked[(bucket == key).to(picked.device)], True))
+    for rows, is_shaped in groups:
+        body, body_hu, distance, index = _body_window(b, rows, extent[rows], margin, is_shaped)
+        _paste(occupancy, index, body)
+        _paste(hu, index, body_hu)
+        _paste(inside, index, distance <= 0.0)
+    return occupancy, hu, inside
+
+
+def _body_window(
+    b: RenderBatch, rows: torch.Tensor, extent: torch.Tensor, margin: int, shaped: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Body occupancy, HU and signed distance of ``rows`` in one window, and its canvas index."""
     q, index, _ = _window(b, rows, extent, margin)
+    row = lambda x: _per_row(x[rows].contiguous(), b.dim)  # noqa: E731
     rho = _norm2(q).sqrt_()
-    row = lambda x: _per_row(x.contiguous(), b.dim)  # noqa: E731
-    profile = torch.ones_like(rho)
-    lobed = (b.lobe_amp != 0).any(1).nonzero().squeeze(1)
-    if lobed.numel():
-        lobes = _lobe_profile_tensor(b, [qa.index_select(0, lobed) for qa in q], rho.index_select(0, lobed), lobed)
-        profile.index_copy_(0, lobed, lobes)
-    distance = rho - profile.mul_(row(b.body_r0))
-    core = b.core_hu != b.body_hu
-    core_distance = rho - row(b.core_r) if bool(core.any()) else None
-    shaped = ((b.irr_amp != 0).any(1) | (b.elong_coef != 0).any(1)).nonzero().squeeze(1)
-    if shaped.numel():
-        body_d, core_d = _shaped_distance(b, [qa.index_select(0, shaped) for qa in q], rho.index_select(0, shaped), shaped)
-        distance.index_copy_(0, shaped, body_d)
-        if core_distance is not None:
-            core_distance.index_copy_(0, shaped, core_d)
+    core = bool((b.core_hu[rows] != b.body_hu[rows]).any())
+    if shaped:
+        distance, core_distance = _shaped_distance(b, q, rho, rows)
+    else:
+        profile = torch.ones_like(rho)
+        lobed = (b.lobe_amp[rows] != 0).any(1).nonzero().squeeze(1)
+        if lobed.numel():
+            lobes = _lobe_profile_tensor(b, [qa.index_select(0, lobed) for qa in q], rho.index_select(0, lobed), rows[lobed])
+            profile.index_copy_(0, lobed, lobes)
+        distance = rho - profile.mul_(row(b.body_r0))
+        core_distance = rho - row(b.core_r) if core else None
     edge = row(b.edge_inv_w)
     body = _step(distance, edge)
     body_hu = row(b.body_hu).expand_as(body)
-    if core_distance is not None:
+    if core:
         body_hu = _step(core_distance, edge).mul_(row(b.core_hu - b.body_hu)).add_(body_hu)
-    _paste(occupancy, index, body)
-    _paste(hu, index, body_hu)
-    _paste(inside, index, distance <= 0.0)
-    return occupancy, hu, inside
+    return body, body_hu, distance, index
 
 
 def _spicule_layer(b: RenderBatch, margin: int) -> torch.Tensor:

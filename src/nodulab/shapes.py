@@ -127,7 +127,10 @@ def elongation_terms(u: np.ndarray, elongation: np.ndarray, dim: int, rot: np.nd
     axis = directions(u, dim, rot)
     s_minor, s_major = stretch(elongation, dim)
     coef = (1.0 / s_major - 1.0 / s_minor)[:, None] * axis
-    return {"axis": axis, "inv_minor": 1.0 / s_minor, "coef": coef, "s_minor": s_minor, "s_major": s_major}
+    # x = S n with |n| <= 1 reaches |x_i| <= |row i of S| = sqrt(s_minor^2 + (s_major^2 - s_minor^2) d_i^2).
+    box = np.sqrt(np.max(s_minor[:, None] ** 2 + (s_major**2 - s_minor**2)[:, None] * axis**2, axis=1))
+    return {"axis": axis, "inv_minor": 1.0 / s_minor, "coef": coef, "s_minor": s_minor, "s_major": s_major,
+            "box": box}  # fmt: skip
 
 
 def _normalise(dirs: np.ndarray, el: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
