@@ -12,14 +12,18 @@ from the stored one only where that factor acts. The table (README, "What each m
 - ``confound``: each confound of the scenario to its other branch, a seeded draw from that
   branch's distribution (the sampler's machinery, its own stream per split and branch).
 - ``nuisance``: fixed switches of the remaining factors (attenuation solid <-> ground glass,
-  diameter, margin, noise, kernel, vessels, rotation, offset), both directions as separate rows.
+  diameter, margin, noise, kernel, vessels, rotation, offset), both directions as separate rows;
+  where the rows carry the opt-in shape columns also elongation <0.2 -> 0.4, >=0.2 -> 0;
+  irregularity <0.08 -> 0.15, >=0.08 -> 0; spicule_grade (spiculated rows with spicules)
+  <0.6 -> 1, >=0.6 -> 0.25.
 - ``robustness``: any switch whose new values lie outside the training split's distribution
   (read from the resolved scenario in ``dataset.json``), e.g. vessels 0 -> 3 when training had
   none, or noise beyond the training range: what the model does off its training support, not
   what it relies on.
 
-A switched lesion must still fit the patch (DESIGN §3: radius x (1 + spicule length) + largest
-offset <= half the field of view); rows that would not are left out and counted (``skipped``).
+A switched lesion must still fit the patch (DESIGN §3: radius x (body_reach + spicule length) +
+largest offset <= half the field of view; body_reach is 1 without elongation and irregularity);
+rows that would not are left out and counted (``skipped``).
 """
 
 from __future__ import annotations
