@@ -58,16 +58,19 @@ def agrees_with_label(frame: pd.DataFrame, factor: str, malignant: Callable, ben
 
 
 # ----------------------------------------------------------------------------- presets
-def test_presets_are_the_five_of_the_design():
+def test_presets_are_the_five_of_the_design_and_the_two_lidc_ones():
     assert preset_names() == sorted(
-        ["clean", "size-confound", "attenuation-confound", "scanner-shift", "paper"]
+        ["clean", "size-confound", "attenuation-confound", "scanner-shift", "paper", "lidc", "lidc-balanced"]
     )
     for name, description in list_presets():
         assert description and "\n" not in description
         assert load_scenario(name).name == name
 
 
-@pytest.mark.parametrize("name", preset_names())
+SYNTHETIC = [name for name in preset_names() if not name.startswith("lidc")]  # lidc: tests/test_twins.py
+
+
+@pytest.mark.parametrize("name", SYNTHETIC)
 def test_every_preset_loads_resolves_and_samples(name):
     s = resolve(load_scenario(name), n=50)
     assert s.label.benign == ["round"] and s.label.malignant == "spiculated"
@@ -92,7 +95,7 @@ def test_size_confound_preset_is_the_design_example():
     assert s.splits["train"].n == 8000 and s.splits["test_conflict"].n == 2000
 
 
-@pytest.mark.parametrize("name", preset_names())
+@pytest.mark.parametrize("name", SYNTHETIC)
 def test_presets_with_a_confound_have_a_balanced_split(name):
     s = load_scenario(name)
     assert ("val_balanced" in s.splits) == bool(s.confounds)  # clean and scanner-shift: dfr is absent

@@ -51,7 +51,7 @@ CATEGORICAL = ("label", "shape", "attenuation")
 NUMERIC = (
     "diameter_mm", "lobulation", "n_spicules", "spicule_length_rel", "spicule_width_mm",
     "solid_fraction", "margin_sigma_mm", "vessels", "noise_hu", "kernel_fwhm_mm",
-    "offset_x_mm", "offset_y_mm", "offset_z_mm",
+    "offset_x_mm", "offset_y_mm", "offset_z_mm", "elongation", "irregularity", "spicule_grade",
 )  # fmt: skip
 """Numeric factors decoded by ridge R². ``rotation_deg`` is left out: the angle is circular and
 each nodule's own orientation is drawn from its seed, so the stored angle is not identifiable
@@ -60,6 +60,7 @@ ACTS_ON = {
     "n_spicules": ("shape", ("spiculated",)),
     "spicule_length_rel": ("shape", ("spiculated",)),
     "spicule_width_mm": ("shape", ("spiculated",)),
+    "spicule_grade": ("shape", ("spiculated",)),
     "lobulation": ("shape", ("lobulated", "spiculated")),
     "solid_fraction": ("attenuation", ("part_solid", "calcified")),
 }

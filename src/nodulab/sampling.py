@@ -133,4 +133,9 @@ def sample_split(s: Scenario, split: str, dataset_seed: int) -> pd.DataFrame:
             columns[name] = _draw(split_distributions(s, split, name)[0], factor, n, rng)
     columns.update(agrees)
     columns["seed"] = row_seeds(dataset_seed, split, 0, n)
-    return pd.DataFrame(columns, columns=["label", *names, *agrees, "seed"])
+    frame = pd.DataFrame(columns, columns=["label", *names, *agrees, "seed"])
+    if s.source is not None:
+        from nodulab import twins
+
+        frame = twins.draw(s, split, frame, lambda key: _stream(dataset_seed, split, key))
+    return frame

@@ -171,6 +171,30 @@ class Split(BaseModel):
     agreement: Annotated[float | dict[str, float] | None, BeforeValidator(_parse_agreement)] = None
     malignant_rate: float | None = None
     factors: dict[str, Dist] = {}
+    confounds: str | None = None  # with [source]: "real" or "broken" (default: the source's)
+
+
+SOURCE_CONFOUNDS = ("real", "broken")
+SOURCE_LABEL = {"factor": "shape", "malignant": "spiculated", "benign": ["round", "lobulated"]}
+"""With ``[source]`` the label is the annotation's malignancy; ``[label]`` names the cue that
+``explain`` switches (spicules), and is this one."""
+
+
+class Source(BaseModel):
+    """``[source]``: each row's lesion drawn from a table of real annotations (``nodulab.twins``).
+
+    ``confounds = "real"`` keeps each annotation's joint ratings (the real confounds);
+    ``"broken"`` takes the non-cue factors from another annotation whatever its label.
+    Annotations rated ``malignant`` give label 1, ``benign`` label 0, the rest are left out.
+    """
+
+    model_config = _MODEL
+    table: str
+    confounds: str = "real"
+    malignant: list[int] = [4, 5]
+    benign: list[int] = [1, 2]
+    max_diameter_mm: float = 30.0
+    sha256: str | None = None
 
 
 class Scenario(BaseModel):
@@ -180,10 +204,19 @@ class Scenario(BaseModel):
     name: str
     description: str = ""
     image: Image = Image()
+    source: Source | None = None
     label: Label
     factors: dict[str, Dist] = {}
     confounds: list[Confound] = []
     splits: dict[str, Split]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _source_label(cls, d: Any) -> Any:
+        """With ``[source]`` and no ``[label]``, the label section is ``SOURCE_LABEL``."""
+        if isinstance(d, dict) and "source" in d and "label" not in d:
+            return {**d, "label": copy.deepcopy(SOURCE_LABEL)}
+        return d
 
     @model_validator(mode="after")
     def _check(self) -> Scenario:
@@ -195,6 +228,11 @@ class Scenario(BaseModel):
         _check_confounds(self)
         _check_factor_table(self, self.factors, "factors")
         _check_splits(self)
+        if self.source is not None:
+            from nodulab import twins  # it reads the table; imports this module
+
+            twins.check_source(self)
+            return self
         for split in self.splits:
             _check_field_of_view(self, split)
         return self
@@ -389,6 +427,11 @@ def _check_splits(s: Scenario) -> None:
         if rate is not None and not 0.0 < rate < 1.0:
             raise ValueError(f"{key}.malignant_rate: {rate:g} is outside (0, 1)")
         _check_agreement(f"{key}.agreement", split.agreement, confounds)
+        if split.confounds is not None:
+            if s.source is None:
+                raise ValueError(f"{key}.confounds: only a [source] scenario has it (real or broken)")
+            if split.confounds not in SOURCE_CONFOUNDS:
+                raise ValueError(f"{key}.confounds: {split.confounds!r} is not real or broken")
         _check_factor_table(s, split.factors, f"{key}.factors")
         if name == BALANCED_SPLIT:
             _check_balanced(key, split, confounds)
@@ -409,10 +452,11 @@ def _check_balanced(key: str, split: Split, confounds: list[str]) -> None:
 
 def factor_columns(s: Scenario) -> list[str]:
     """The factor columns a scenario's tables carry: every factor but the ``OPTIONAL`` ones it
-    does not name (in ``[factors]``, a split's ``factors``, a confound or the label)."""
+    does not name (in ``[factors]``, a split's ``factors``, a confound or the label); a
+    ``[source]`` scenario carries them all."""
     named = {s.label.factor, *s.factors, *(c.factor for c in s.confounds)}
     named.update(*(split.factors for split in s.splits.values()))
-    return [name for name in FACTORS if name not in OPTIONAL or name in named]
+    return [name for name in FACTORS if name not in OPTIONAL or name in named or s.source is not None]
 
 
 def split_distributions(s: Scenario, split: str, name: str) -> list[object]:
@@ -436,8 +480,17 @@ def _max_abs(s: Scenario, split: str, name: str) -> float:
 
 
 def _check_field_of_view(s: Scenario, split: str) -> None:
-    """Body radius x (1 + longest spicule) + largest offset <= half the patch (DESIGN §3)."""
+    """Body radius x (1 + longest spicule) + largest offset <= half the patch (DESIGN §3).
+
+    With ``elongation`` or ``irregularity`` named, the radius is that of the farthest boundary
+    point (``shapes.body_reach``) rather than of the equivalent disc or ball."""
     radius = _max_abs(s, split, "diameter_mm") / 2
+    named = factor_columns(s)
+    if "elongation" in named or "irregularity" in named:  # the stretched, irregular body reaches further
+        from nodulab.shapes import body_reach
+
+        stretch = [_max_abs(s, split, f) if f in named else 0.0 for f in ("elongation", "irregularity")]
+        radius *= float(body_reach(*stretch, s.image.dim))
     shapes = set().union(*(_values(d) for d in split_distributions(s, split, "shape")))
     spicule = _max_abs(s, split, "spicule_length_rel") if "spiculated" in shapes else 0.0
     axes = ("offset_x_mm", "offset_y_mm", "offset_z_mm")[: s.image.dim]
@@ -494,6 +547,11 @@ def scenario_to_dict(s: Scenario) -> dict:
     """
     d = _raw_dict(s)
     reserved = {s.label.factor, "pixel_mm", *(c.factor for c in s.confounds)}
+    if s.source is not None:
+        from nodulab import twins
+
+        reserved.update(twins.MAPPED)
+        d["source"]["sha256"] = twins.table_sha256(s.source.table)
     if s.image.dim == 2:
         reserved.add("offset_z_mm")
     factors = d["factors"]
