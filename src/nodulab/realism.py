@@ -2,7 +2,8 @@
 
 Every synthetic nodule is outlined the way a reader traces one: the image is thresholded midway
 between the parenchyma (``renderer.PARENCHYMA_HU``, -860 HU) and the row's body attenuation
-(``renderer.BODY_HU[attenuation]``), holes are filled, and the connected component at the nodule
+(``renderer.BODY_HU[attenuation]``), vessel pixels (region 3 of the dataset's mask) are left out
+as a reader leaves vessels out, holes are filled, and the connected component at the nodule
 centre is kept (``(size - 1) / 2 + offset / pixel_mm`` per axis); in 3D its largest axial slice.
 The outline is measured with :func:`nodulab.traced.measure`, exactly like the LIDC-IDRI reader
 contours of the shipped table (:mod:`nodulab.lidc`), and the two are compared group by group:
@@ -28,14 +29,15 @@ import numpy as np
 import pandas as pd
 
 from nodulab import lidc, traced
-from nodulab.renderer import BODY_HU, PARENCHYMA_HU
+from nodulab.renderer import BODY_HU, PARENCHYMA_HU, REGION
 
 MEASURES = ("solidity", "radial_cv", "aspect", "diameter_mm")
 QUANTILES = (0.05, 0.5, 0.95)
 THRESHOLD_RULE = (
     f"threshold midway between the parenchyma ({PARENCHYMA_HU:g} HU) and the row's body HU "
     f"({', '.join(f'{k} {v:g}' for k, v in BODY_HU.items())}); holes filled; the connected component "
-    "at the nodule centre ((size-1)/2 + offset/pixel_mm per axis); 3D: its largest axial slice"
+    "at the nodule centre ((size-1)/2 + offset/pixel_mm per axis), vessel pixels (mask region 3) "
+    "left out as a reader leaves vessels out; 3D: its largest axial slice"
 )
 GOALS = {  # the issue's targets, checked only when the rows are LIDC twins
     "groups": (1, 3, 5),
@@ -60,12 +62,19 @@ def threshold_hu(attenuation: str) -> float:
     return 0.5 * (PARENCHYMA_HU + BODY_HU[attenuation])
 
 
-def trace_row(image: np.ndarray, row: pd.Series) -> dict[str, float]:
-    """Trace one rendered nodule (2D or 3D image in HU) and measure its outline."""
+def trace_row(image: np.ndarray, row: pd.Series, regions: np.ndarray | None = None) -> dict[str, float]:
+    """Trace one rendered nodule (2D or 3D image in HU) and measure its outline.
+
+    ``regions`` (the dataset's mask) takes the vessels out first: a reader follows a vessel
+    through the slices and leaves it out of the outline, which a threshold alone cannot do.
+    """
     size, px = image.shape[-1], float(row["pixel_mm"])
     offsets = [row["offset_z_mm"], row["offset_y_mm"], row["offset_x_mm"]][3 - image.ndim :]
     centre = [(size - 1) / 2 + float(o) / px for o in offsets]
-    mask = traced.trace(np.asarray(image, dtype=np.float32), centre, threshold_hu(str(row["attenuation"])))
+    image = np.asarray(image, dtype=np.float32)
+    if regions is not None:
+        image = np.where(np.asarray(regions) == REGION["vessel"], PARENCHYMA_HU, image)
+    mask = traced.trace(image, centre, threshold_hu(str(row["attenuation"])))
     if mask.ndim == 3:
         mask = traced.largest_slice(mask)
     return traced.measure(mask, px)
@@ -209,11 +218,11 @@ def compare(root: Path | str, *, splits: Sequence[str] | None = None, n: int | N
     chosen = check_splits(root, splits, n)
     frames = []
     for split in chosen:
-        images, _, factors = load_split(root, split)
+        images, regions, factors = load_split(root, split)
         count = len(factors) if n is None else min(n, len(factors))
         rows = []
         for i in range(count):
-            rows.append(trace_row(images[i], factors.iloc[i]))
+            rows.append(trace_row(images[i], factors.iloc[i], regions[i]))
             if progress is not None:
                 progress(1)
         measured = pd.DataFrame(rows, columns=["area_mm2", "diameter_mm", "solidity", "radial_cv", "aspect"])

@@ -175,6 +175,8 @@ class Split(BaseModel):
 
 
 SOURCE_CONFOUNDS = ("real", "broken")
+SOURCE_MAPPED = ("shape", "lobulation", "spicule_grade", "elongation", "diameter_mm", "margin_sigma_mm", "attenuation")
+"""Factors a ``[source]`` scenario draws from its table (they may not be set in ``[factors]``)."""
 SOURCE_LABEL = {"factor": "shape", "malignant": "spiculated", "benign": ["round", "lobulated"]}
 """With ``[source]`` the label is the annotation's malignancy; ``[label]`` names the cue that
 ``explain`` switches (spicules), and is this one."""
@@ -461,6 +463,10 @@ def factor_columns(s: Scenario) -> list[str]:
 
 def split_distributions(s: Scenario, split: str, name: str) -> list[object]:
     """Every distribution factor ``name`` can be drawn from in ``split``."""
+    if s.source is not None and name in SOURCE_MAPPED:
+        from nodulab import twins
+
+        return twins.support(s, name)
     if name == s.label.factor:
         return [Choice(choice=(s.label.malignant, *s.label.benign))]
     for c in s.confounds:

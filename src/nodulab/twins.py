@@ -38,16 +38,17 @@ import hashlib
 import numpy as np
 import pandas as pd
 
-from nodulab.factors import FACTORS
+from nodulab.factors import ATTENUATIONS, FACTORS, SHAPES
+from nodulab.scenarios import (
+    SOURCE_CONFOUNDS, SOURCE_LABEL, SOURCE_MAPPED, Choice, Scenario, Uniform, normal_bounds, split_distributions,
+)
 from nodulab.shapes import GRADE_LENGTH_FLOOR, body_reach
-from nodulab.scenarios import SOURCE_CONFOUNDS, SOURCE_LABEL, Scenario, Uniform, normal_bounds, split_distributions
 
 TABLES = ("lidc",)
-MAPPED = ("shape", "lobulation", "spicule_grade", "elongation", "diameter_mm", "margin_sigma_mm", "attenuation")
-"""Factors a ``[source]`` scenario draws from its table (they may not be set in ``[factors]``)."""
-GRADE = {1: 0.25, 2: 0.25, 3: 0.5, 4: 0.75, 5: 1.0}
+MAPPED = SOURCE_MAPPED
+GRADE = {1: 0.2, 2: 0.4, 3: 0.6, 4: 0.8, 5: 1.0}  # rating / 5 (1: latent, for the spicules-added switch)
 LOBULATION = {1: 0.0, 2: 0.06, 3: 0.12, 4: 0.18, 5: 0.24}
-ELONGATION = {1: (0.4, 0.55), 2: (0.3, 0.45), 3: (0.2, 0.35), 4: (0.1, 0.25), 5: (0.0, 0.12)}
+ELONGATION = {1: (0.5, 0.65), 2: (0.4, 0.55), 3: (0.3, 0.45), 4: (0.15, 0.3), 5: (0.05, 0.2)}
 MARGIN_MM = {1: 1.2, 2: 0.9, 3: 0.6, 4: 0.4, 5: 0.25}
 ATTENUATION = {1: "ground_glass", 2: "ground_glass", 3: "part_solid", 4: "part_solid", 5: "solid"}
 SOLID_FRACTION = {3: 0.35, 4: 0.65}
@@ -91,14 +92,49 @@ def split_mode(s: Scenario, split: str) -> str:
 
 
 def pool(s: Scenario, split: str) -> pd.DataFrame:
-    """The annotations a split draws from, with their label (``label`` column)."""
+    """The annotations a split draws from: ``label`` and ``fits`` columns added.
+
+    ``fits`` says whether the annotation's body (its diameter and sphericity) fits the patch with
+    the largest profile it can get: its own (lobulation, spicules, the scenario's largest
+    irregularity and spicule length) when the confounds are real, the pool's largest when they are
+    broken (the body then meets any twin's cue). Rows are drawn only from annotations that fit.
+    """
     src = s.source
     t = _table(src.table)
     rated = t["malignancy"].isin([*src.malignant, *src.benign])
     keep = rated & (t["diameter_mm"] <= src.max_diameter_mm)
     keep &= test_patients(t["patient"].to_numpy()) == split.startswith("test_")
-    out = t[keep].reset_index(drop=True)
-    return out.assign(label=out["malignancy"].isin(src.malignant).astype(np.int64))
+    p = t[keep].reset_index(drop=True)
+    p = p.assign(label=p["malignancy"].isin(src.malignant).astype(np.int64))
+    grade = p["spiculation"].map(GRADE).to_numpy(dtype=float)
+    spiculated = p["spiculation"].to_numpy() >= 2
+    lobulated = ~spiculated & (p["lobulation"].to_numpy() >= 2)
+    expressed = p["lobulation"].map(LOBULATION).to_numpy(dtype=float) * np.where(lobulated, 1.0, np.where(spiculated, 0.3, 0.0))
+    elong = np.array([ELONGATION[v][1] for v in p["sphericity"]])
+    # body_reach(e, irr, lob) = stretch(e) x profile(irr, lob): the stretch comes with the body's
+    # annotation, the profile with the cue's (the twin), the same one unless the confounds are broken.
+    dim = s.image.dim
+    stretched = p["diameter_mm"].clip(lower=FACTORS["diameter_mm"].low).to_numpy() / 2 * body_reach(elong, 0.0, dim)
+    profile = body_reach(0.0, _max(s, split, "irregularity"), dim, expressed)
+    profile = profile * _spicule_reach(grade, spiculated, _max(s, split, "spicule_length_rel"))
+    if split_mode(s, split) == "broken" and len(p):
+        profile = np.full(len(p), profile.max())
+    axes = ("offset_x_mm", "offset_y_mm", "offset_z_mm")[:dim]
+    room = s.image.size * s.image.pixel_mm / 2 - max(_max(s, split, a) for a in axes)
+    return p.assign(fits=stretched * profile <= room + 1e-9)
+
+
+def support(s: Scenario, name: str) -> list[object]:
+    """What a mapped factor can take in a ``[source]`` scenario, as distributions (for the
+    support checks of ``explain``): the mapping's values, and 3..max_diameter_mm for diameter."""
+    ranges = {
+        "lobulation": LOBULATION.values(), "spicule_grade": GRADE.values(), "margin_sigma_mm": MARGIN_MM.values(),
+        "elongation": [v for pair in ELONGATION.values() for v in pair],
+        "diameter_mm": [FACTORS["diameter_mm"].low, s.source.max_diameter_mm],
+    }  # fmt: skip
+    if name in ranges:
+        return [Uniform(uniform=(min(ranges[name]), max(ranges[name])))]
+    return [Choice(choice=SHAPES if name == "shape" else ATTENUATIONS)]
 
 
 def _max(s: Scenario, split: str, name: str) -> float:
@@ -145,32 +181,28 @@ def check_source(s: Scenario) -> None:
         _check_split(s, split)
 
 
+MAX_LEFT_OUT = 0.05
+"""Largest share of a split's annotations that may be left out for not fitting the patch."""
+
+
 def _check_split(s: Scenario, split: str) -> None:
     p = pool(s, split)
-    counts = p["label"].value_counts()
     for label, what in ((1, "malignant"), (0, "benign")):
-        if counts.get(label, 0) == 0:
-            raise ValueError(f"splits.{split}: no {what} annotation in the source pool")
-    grade = p["spiculation"].map(GRADE).to_numpy(dtype=float)
-    spiculated = p["spiculation"].to_numpy() >= 2
-    lobulated = ~spiculated & (p["lobulation"].to_numpy() >= 2)
-    expressed = p["lobulation"].map(LOBULATION).to_numpy(dtype=float) * np.where(lobulated, 1.0, np.where(spiculated, 0.3, 0.0))
-    elong = np.array([ELONGATION[v][1] for v in p["sphericity"]])
-    # body_reach(e, irr, lob) = stretch(e) x profile(irr, lob): the first comes with the nuisance
-    # annotation, the second with the cue one (the twin), so a broken split bounds each apart.
-    stretched = p["diameter_mm"].clip(lower=FACTORS["diameter_mm"].low).to_numpy() / 2 * body_reach(elong, 0.0, s.image.dim)
-    profile = body_reach(0.0, _max(s, split, "irregularity"), s.image.dim, expressed)
-    profile = profile * _spicule_reach(grade, spiculated, _max(s, split, "spicule_length_rel"))
-    need = stretched * profile if split_mode(s, split) == "real" else np.array([stretched.max() * profile.max()])
-    axes = ("offset_x_mm", "offset_y_mm", "offset_z_mm")[: s.image.dim]
-    worst = float(need.max()) + max(_max(s, split, a) for a in axes)
-    half = s.image.size * s.image.pixel_mm / 2
-    if worst > half + 1e-9:
+        if not (p["fits"] & (p["label"] == label)).any():
+            raise ValueError(f"splits.{split}: no {what} annotation in the source pool fits the patch")
+    out = float(1.0 - p["fits"].mean())
+    if out > MAX_LEFT_OUT:
+        half = s.image.size * s.image.pixel_mm / 2
         raise ValueError(
-            f"splits.{split}: the largest source lesion does not fit the field of view: {worst:.1f} mm"
-            f" > {half:g} mm (image.size {s.image.size} * image.pixel_mm {s.image.pixel_mm:g} / 2);"
-            " raise image.size or lower source.max_diameter_mm"
+            f"splits.{split}: {out:.0%} of the source annotations do not fit the field of view"
+            f" ({half:g} mm = image.size {s.image.size} * image.pixel_mm {s.image.pixel_mm:g} / 2;"
+            f" at most {MAX_LEFT_OUT:.0%} may be left out); raise image.size or lower source.max_diameter_mm"
         )
+
+
+def left_out(s: Scenario) -> dict[str, tuple[int, int]]:
+    """Per split: (annotations left out for not fitting the patch, annotations in the pool)."""
+    return {split: (int((~p["fits"]).sum()), len(p)) for split in s.splits for p in [pool(s, split)]}
 
 
 def draw(s: Scenario, split: str, frame: pd.DataFrame, streams) -> pd.DataFrame:
@@ -183,18 +215,20 @@ def draw(s: Scenario, split: str, frame: pd.DataFrame, streams) -> pd.DataFrame:
         streams: ``key -> numpy Generator`` for this dataset seed and split.
     """
     p = pool(s, split)
-    label = frame["label"].to_numpy()
+    label, fits = frame["label"].to_numpy(), p["fits"].to_numpy()
+    real = split_mode(s, split) == "real"
     twin = np.empty(len(frame), dtype=np.int64)
     u = streams("lidc/twin").random(len(frame))
     for value in (0, 1):
-        members = np.flatnonzero(p["label"].to_numpy() == value)
+        members = np.flatnonzero((p["label"].to_numpy() == value) & (fits | (not real)))
         rows = label == value
         twin[rows] = members[np.minimum((u[rows] * len(members)).astype(np.int64), len(members) - 1)]
-    if split_mode(s, split) == "real":
+    if real:
         other = twin
     else:
+        members = np.flatnonzero(fits)
         v = streams("lidc/nuisance").random(len(frame))
-        other = np.minimum((v * len(p)).astype(np.int64), len(p) - 1)
+        other = members[np.minimum((v * len(members)).astype(np.int64), len(members) - 1)]
     a, b = p.iloc[twin].reset_index(drop=True), p.iloc[other].reset_index(drop=True)
     out = frame.copy()
     spic, lob = a["spiculation"].to_numpy(), a["lobulation"].to_numpy()
