@@ -148,3 +148,15 @@ def test_confounds_refused_with_a_source_and_split_confounds_without(lidc_dict: 
 def test_dataset_json_round_trips_with_the_table_hash(lidc_dict: dict) -> None:
     assert lidc_dict["source"]["sha256"] == twins.table_sha256("lidc")
     assert scenario_to_dict(load_scenario_dict(lidc_dict)) == lidc_dict
+
+
+def test_lidc_preset_meets_the_realism_goals(tmp_path: Path) -> None:
+    """The issue's goals, measured by ``nodulab realism`` on 1,500 training twins (seed 0)."""
+    from nodulab.realism import compare
+
+    d = scenario_to_dict(load_scenario("lidc"))
+    d["splits"] = {"train": {**d["splits"]["train"], "n": 1500}, "val": {"n": 2}}
+    out = generate(load_scenario_dict(d), tmp_path / "d", seed=0)
+    summary = compare(out, splits=["train"]).summary
+    failed = [f"{g['goal']}: {g['value']:.3f} not in {g['target']}" for g in summary["goals"] if not g["pass"]]
+    assert len(summary["goals"]) == 14 and not failed, failed

@@ -212,6 +212,11 @@ def generate(
         task = bar.add_task(f"rendering {resolved.name}", total=total)
         data.generate(resolved, out, seed=seed, force=force, progress=lambda k: bar.advance(task, k))
     console.print(_summary(data.load_manifest(out)))
+    if resolved.source is not None:
+        from nodulab import twins
+
+        left = ", ".join(f"{split} {k}/{total}" for split, (k, total) in twins.left_out(resolved).items())
+        console.print(f"{resolved.source.table} annotations left out (their lesion cannot fit the patch): {left}")
     console.print(f"wrote {out}")
 
 
