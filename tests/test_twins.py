@@ -69,7 +69,7 @@ def test_patients_never_shared_between_test_and_the_rest() -> None:
     train = set(sample_split(s, "train", 0)["lidc_patient"])
     test = set(sample_split(s, "test_iid", 0)["lidc_patient"])
     assert train and test and not train & test
-    share = twins.test_patients(np.array(sorted(twins._table("lidc")["patient"].unique())))
+    share = twins.is_test_patient(np.array(sorted(twins._table("lidc")["patient"].unique())))
     assert 0.2 < share.mean() < 0.4
 
 

@@ -276,9 +276,9 @@ def export(
 REALISM_HELP = """Trace every nodule as a reader would and compare its outline with LIDC-IDRI readers' contours.
 
 Each nodule is thresholded midway between the parenchyma (-860 HU) and its body attenuation
-(ground glass / part-solid -650 HU, solid / calcified +30 HU), holes filled, and the connected
-component at the nodule centre ((size-1)/2 + offset/pixel_mm per axis) kept; in 3D its largest
-axial slice. Solidity, radial CV, aspect and area-equivalent diameter are measured exactly as on
+(ground glass / part-solid -650 HU, solid / calcified +30 HU), vessel pixels (mask region 3) left
+out as a reader leaves vessels out, holes filled, and the connected component at the nodule
+centre ((size-1)/2 + offset/pixel_mm per axis) kept; in 3D its largest axial slice. Solidity, radial CV, aspect and area-equivalent diameter are measured exactly as on
 the shipped LIDC-IDRI table. Groups: lidc_spiculation 1..5 when the rows were drawn from that
 table (then the goals are checked), else shape (round vs real spiculation 1; lobulated and
 spiculated vs >= 4). LIDC-IDRI: CC BY 3.0, Armato et al., Med Phys 2011, doi:10.1118/1.3528204.

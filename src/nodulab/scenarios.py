@@ -613,8 +613,16 @@ def preset_names() -> list[str]:
 
 
 def list_presets() -> list[tuple[str, str]]:
-    """``(name, description)`` of every preset, for ``nodulab scenarios``."""
-    return [(name, load_scenario(name).description) for name in preset_names()]
+    """``(name, description)`` of every preset, for ``nodulab scenarios``.
+
+    Read from the TOML alone (the presets are validated by the tests), so listing them stays
+    light: a ``[source]`` preset would otherwise load its table (pandas) to check its pool.
+    """
+    out = []
+    for name in preset_names():
+        d = parse_toml((_presets() / f"{name}.toml").read_bytes(), f"preset {name}")
+        out.append((name, str(d.get("description", ""))))
+    return out
 
 
 def parse_toml(text: bytes, where: str) -> dict:

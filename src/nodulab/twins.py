@@ -65,9 +65,11 @@ _FROM_NUISANCE = ("sphericity", "margin", "texture", "calcification", "diameter_
 
 @functools.cache
 def _table(name: str) -> pd.DataFrame:
+    """The table, with ``test_side``: whether the annotation's patient feeds the ``test_*`` splits."""
     from nodulab import lidc
 
-    return lidc.load_table()
+    t = lidc.load_table()
+    return t.assign(test_side=is_test_patient(t["patient"].to_numpy()))
 
 
 def table_sha256(name: str) -> str:
@@ -77,7 +79,7 @@ def table_sha256(name: str) -> str:
     return lidc.table_sha256()
 
 
-def test_patients(patients: np.ndarray) -> np.ndarray:
+def is_test_patient(patients: np.ndarray) -> np.ndarray:
     """Whether each patient number feeds the ``test_*`` splits (a fixed hash, same for all)."""
     digest = [hashlib.blake2b(f"nodulab/lidc-patient/{int(p)}".encode(), digest_size=4).digest() for p in patients]
     return np.array([int.from_bytes(d, "little") % 1000 < TEST_PATIENT_SHARE * 1000 for d in digest], dtype=bool)
@@ -103,7 +105,7 @@ def pool(s: Scenario, split: str) -> pd.DataFrame:
     t = _table(src.table)
     rated = t["malignancy"].isin([*src.malignant, *src.benign])
     keep = rated & (t["diameter_mm"] <= src.max_diameter_mm)
-    keep &= test_patients(t["patient"].to_numpy()) == split.startswith("test_")
+    keep &= t["test_side"] == split.startswith("test_")
     p = t[keep].reset_index(drop=True)
     p = p.assign(label=p["malignancy"].isin(src.malignant).astype(np.int64))
     grade = p["spiculation"].map(GRADE).to_numpy(dtype=float)
