@@ -29,11 +29,13 @@ MEASURES = ("diameter_mm", "area_mm2", "solidity", "radial_cv", "aspect")
 _FOUR = ndimage.generate_binary_structure(2, 1)
 
 
-def _hull_area_px(mask: np.ndarray) -> float:
-    """Area (in pixels) of the convex hull of the corners of every mask pixel's square."""
-    ys, xs = np.nonzero(mask)
+def _hull_area_px(ys: np.ndarray, xs: np.ndarray) -> float:
+    """Area (in pixels) of the convex hull of the corners of the given pixels' squares.
+
+    Passing only the boundary pixels gives the hull of the whole mask (an interior pixel's
+    corners are shared with its neighbours'); repeated corners do not change a hull.
+    """
     corners = np.concatenate([np.stack([ys + dy, xs + dx], axis=1) for dy in (-0.5, 0.5) for dx in (-0.5, 0.5)])
-    corners = np.unique(corners, axis=0)
     try:
         return float(ConvexHull(corners).volume)  # in 2D, ``volume`` is the area
     except QhullError:  # cannot happen for pixel squares, which are never collinear
@@ -62,11 +64,13 @@ def measure(mask: np.ndarray, pixel_mm: float) -> dict[str, float]:
     if n == 0:
         return {"area_mm2": 0.0, "diameter_mm": 0.0, "solidity": nan, "radial_cv": nan, "aspect": nan}
     area = n * pixel_mm**2
-    solidity = n / _hull_area_px(mask)
     ys, xs = np.nonzero(mask)
+    box = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]  # the measures are shift-invariant
+    ys, xs = ys - ys.min(), xs - xs.min()
     cy, cx = ys.mean(), xs.mean()
-    inner = ndimage.binary_erosion(mask, structure=_FOUR, border_value=0)
-    by, bx = np.nonzero(mask & ~inner)
+    inner = ndimage.binary_erosion(box, structure=_FOUR, border_value=0)
+    by, bx = np.nonzero(box & ~inner)
+    solidity = n / _hull_area_px(by, bx)
     dist = np.hypot(by - cy, bx - cx)
     radial_cv = float(dist.std() / dist.mean()) if dist.mean() > 0 else nan
     if n >= 2:
@@ -87,10 +91,11 @@ def measure(mask: np.ndarray, pixel_mm: float) -> dict[str, float]:
 def trace(image_hu: np.ndarray, centre_px, threshold_hu: float) -> np.ndarray:
     """Outline the nodule at ``centre_px`` as a reader would: threshold, fill holes, one component.
 
-    Pixels at or above ``threshold_hu`` are kept, holes are filled (``binary_fill_holes``), and
-    the connected component (face-connected) containing the centre pixel is returned; if the
-    centre pixel is below the threshold, the component nearest to it instead (an empty mask if
-    nothing passes the threshold).
+    Pixels at or above ``threshold_hu`` are kept and the connected component (face-connected)
+    containing the centre pixel is returned with its holes filled (``binary_fill_holes``). If the
+    centre pixel is below the threshold, the image's holes are filled first and the component at
+    the centre, or else the one nearest to it, is returned (an empty mask if nothing passes the
+    threshold).
 
     Args:
         image_hu: 2D (H, W) or 3D (D, H, W) image in HU.
@@ -105,11 +110,21 @@ def trace(image_hu: np.ndarray, centre_px, threshold_hu: float) -> np.ndarray:
     centre = np.asarray(centre_px, dtype=float)
     if image.ndim not in (2, 3) or centre.shape != (image.ndim,):
         raise ValueError(f"trace: need a 2D or 3D image and one centre coordinate per axis, got {image.shape} and {centre.shape}")
-    above = ndimage.binary_fill_holes(image >= threshold_hu)
-    labels, count = ndimage.label(above)
-    if count == 0:
-        return np.zeros(image.shape, dtype=bool)
     at = tuple(int(np.clip(np.rint(c), 0, s - 1)) for c, s in zip(centre, image.shape))
+    above = image >= threshold_hu
+    if above[at]:  # the component at the centre, its own holes filled (within its box)
+        labels, _ = ndimage.label(above)
+        box = ndimage.find_objects(labels, max_label=labels[at])[-1]
+        out = np.zeros(image.shape, dtype=bool)
+        out[box] = ndimage.binary_fill_holes(labels[box] == labels[at])
+        return out
+    return _trace_whole(above, centre, at)
+
+
+def _trace_whole(above: np.ndarray, centre: np.ndarray, at: tuple[int, ...]) -> np.ndarray:
+    labels, count = ndimage.label(ndimage.binary_fill_holes(above))
+    if count == 0:
+        return np.zeros(above.shape, dtype=bool)
     keep = labels[at]
     if keep == 0:
         idx = np.argwhere(labels > 0)
