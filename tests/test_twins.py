@@ -160,3 +160,17 @@ def test_lidc_preset_meets_the_realism_goals(tmp_path: Path) -> None:
     summary = compare(out, splits=["train"]).summary
     failed = [f"{g['goal']}: {g['value']:.3f} not in {g['target']}" for g in summary["goals"] if not g["pass"]]
     assert len(summary["goals"]) == 14 and not failed, failed
+
+
+@pytest.mark.parametrize(("column", "value"), [("lidc_spiculation", "9"), ("lidc_malignancy", "2.5"),
+                                               ("lidc_patient", "-1"), ("lidc_calcification", "x")])  # fmt: skip
+def test_hostile_twin_columns_refused_where_read(tmp_path: Path, column: str, value: str) -> None:
+    from nodulab.data import DatasetError
+
+    out = generate(resolve(load_scenario("lidc"), n=4), tmp_path / "d", seed=0)
+    path = out / "val" / "factors.csv"
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame.loc[2, column] = value
+    frame.to_csv(path, index=False)
+    with pytest.raises(DatasetError, match=f"column '{column}', row 2: bad value '?{value}"):
+        load_split(out, "val")

@@ -34,6 +34,7 @@ import torch
 
 from nodulab import __version__
 from nodulab.factors import FACTOR_COLUMNS, FACTORS
+from nodulab.lidc import RATINGS
 from nodulab.renderer import render
 from nodulab.rng import RNG_SCHEME
 from nodulab.sampling import sample_split
@@ -387,6 +388,14 @@ def _open_array(root: Path, split: str, name: str, dtype: type, shape: list[int]
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
+TWIN_RANGES = {
+    **{f"lidc_{name}": scale for name, scale in RATINGS.items()},
+    **dict.fromkeys(("lidc_annotation_id", "lidc_nuisance_id", "lidc_patient"), (0, 2**53)),
+    "lidc_diameter_mm": (0.0, 1000.0),
+}
+"""Valid values of the twin columns a ``[source]`` scenario writes (``nodulab.twins``)."""
+
+
 def check_factors(frame: pd.DataFrame, n: int, where: str) -> pd.DataFrame:
     """Check a factor table: row count, ``index``, required columns, values of the right kind.
 
@@ -413,11 +422,17 @@ def check_factors(frame: pd.DataFrame, n: int, where: str) -> pd.DataFrame:
                 bad |= ~np.isin(values, (0, 1))
             elif factor is not None:
                 bad |= (values < factor.low) | (values > factor.high)
-            if column in ("index", "seed") or (factor is not None and factor.kind == "int"):
+            elif column in TWIN_RANGES:  # a twin's LIDC rating, id or diameter
+                lo, hi = TWIN_RANGES[column]
+                bad |= (values < lo) | (values > hi)
+            integral = column in ("index", "seed") or (factor is not None and factor.kind == "int")
+            if integral or (column in TWIN_RANGES and column != "lidc_diameter_mm"):
                 bad |= np.isfinite(values) & (values != np.round(values))
         if np.any(bad):
             row = int(np.flatnonzero(np.asarray(bad))[0])
-            raise DatasetError(f"{where}: column {column!r}, row {row}: bad value {frame[column].iloc[row]!r}")
+            value = frame[column].iloc[row]
+            value = value.item() if isinstance(value, np.generic) else value
+            raise DatasetError(f"{where}: column {column!r}, row {row}: bad value {value!r}")
     if not np.array_equal(frame["index"].to_numpy(), np.arange(n)):
         raise DatasetError(f"{where}: column 'index' is not 0..{n - 1}")
     return frame
