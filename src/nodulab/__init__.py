@@ -38,6 +38,8 @@ _API = {
     "load_study": ("nodulab.studies", "load_study"),
     "run_study": ("nodulab.study", "run_study"),
     "write_report": ("nodulab.report", "write_report"),
+    "compare_realism": ("nodulab.realism", "compare"),
+    "lidc_table": ("nodulab.lidc", "load_table"),
 }
 """Public verb -> (module, attribute); each is imported on first access."""
 
