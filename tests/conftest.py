@@ -10,6 +10,30 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import strategies as st
+
+
+VALID_ROW = {
+    "shape": st.sampled_from(["round", "lobulated", "spiculated"]),
+    "lobulation": st.floats(0, 0.3),
+    "n_spicules": st.integers(0, 24),
+    "spicule_length_rel": st.floats(0.2, 1.5),
+    "spicule_width_mm": st.floats(0.3, 2),
+    "diameter_mm": st.floats(3, 30),
+    "attenuation": st.sampled_from(["ground_glass", "part_solid", "solid", "calcified"]),
+    "solid_fraction": st.floats(0.1, 0.9),
+    "margin_sigma_mm": st.floats(0, 2.5),
+    "vessels": st.integers(0, 6),
+    "noise_hu": st.floats(0, 100),
+    "kernel_fwhm_mm": st.floats(0.3, 3),
+    "pixel_mm": st.floats(0.2, 3),
+    "offset_x_mm": st.floats(-10, 10),
+    "offset_y_mm": st.floats(-10, 10),
+    "offset_z_mm": st.floats(-10, 10),
+    "rotation_deg": st.floats(0, 360),
+    "seed": st.integers(0, 2**63 - 1),
+}
+"""Hypothesis strategies for one row of every factor over its valid range (DESIGN §2)."""
 
 
 def make_rows(n: int, seed: int = 0, dim: int = 2, **fixed) -> pd.DataFrame:

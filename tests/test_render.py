@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 
-from conftest import make_rows
+from conftest import VALID_ROW, make_rows
 from nodulab import renderer as R
 from nodulab import rng
 from nodulab.renderer import REGION, render
@@ -250,28 +250,7 @@ def test_missing_column_and_unknown_category_are_clear_errors() -> None:
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    st.fixed_dictionaries(
-        {
-            "shape": st.sampled_from(["round", "lobulated", "spiculated"]),
-            "lobulation": st.floats(0, 0.3),
-            "n_spicules": st.integers(0, 24),
-            "spicule_length_rel": st.floats(0.2, 1.5),
-            "spicule_width_mm": st.floats(0.3, 2),
-            "diameter_mm": st.floats(3, 30),
-            "attenuation": st.sampled_from(["ground_glass", "part_solid", "solid", "calcified"]),
-            "solid_fraction": st.floats(0.1, 0.9),
-            "margin_sigma_mm": st.floats(0, 2.5),
-            "vessels": st.integers(0, 6),
-            "noise_hu": st.floats(0, 100),
-            "kernel_fwhm_mm": st.floats(0.3, 3),
-            "pixel_mm": st.floats(0.2, 3),
-            "offset_x_mm": st.floats(-10, 10),
-            "offset_y_mm": st.floats(-10, 10),
-            "offset_z_mm": st.floats(-10, 10),
-            "rotation_deg": st.floats(0, 360),
-            "seed": st.integers(0, 2**63 - 1),
-        }
-    ),
+    st.fixed_dictionaries(VALID_ROW),
     st.sampled_from([2, 3]),
 )
 def test_any_valid_row_renders_finite_values_in_range(row: dict, dim: int) -> None:
