@@ -15,7 +15,8 @@ from nodulab.findings import findings, holm, seed_summary
 from nodulab.seedstats import holm_levels, paired_test, welch_difference
 from nodulab.store import STORE_FILE, Store
 from nodulab.studytables import (
-    conflict_splits, find_ceiling, own_scores, paired_differences, readout_map, reliance_summary,
+    conflict_splits, confounds_of, find_ceiling, find_ceilings, own_scores, paired_differences, readout_map,
+    reliance_summary,
 )
 
 T_975_DF2 = 4.302652729911275  # Student t quantile 0.975 with 2 degrees of freedom
@@ -202,6 +203,21 @@ def test_conflict_splits_and_the_ceiling_come_from_the_manifests() -> None:
     ceiling = find_ceiling({"shift": shifted, "size-confound": manifest("size-confound")}, scores)
     assert (ceiling.scenario, ceiling.split) == ("shift", "test_b")
     assert find_ceiling({"size-confound": manifest("size-confound")}, scores) is None
+
+
+def test_source_scenarios_read_their_broken_splits_against_the_same_tables_ceiling() -> None:
+    from nodulab.scenarios import load_scenario, scenario_to_dict
+
+    lidc = {"scenario": scenario_to_dict(load_scenario("lidc"))}
+    balanced = {"scenario": scenario_to_dict(load_scenario("lidc-balanced"))}
+    assert confounds_of(lidc) == ["lidc ratings"] and confounds_of(balanced) == []
+    assert conflict_splits(lidc, ["val", "test_iid", "test_balanced"]) == ["test_balanced"]
+    manifests = {"lidc": lidc, "lidc-balanced": balanced, "clean": manifest("clean"),
+                 "size-confound": manifest("size-confound")}  # fmt: skip
+    scores = pd.DataFrame({"scenario": ["lidc", "lidc-balanced", "lidc-balanced", "clean", "size-confound"],
+                           "split": ["test_balanced", "test_real", "test_iid", "test_iid", "test_conflict"]})  # fmt: skip
+    ceilings = {name: str(c) for name, c in find_ceilings(manifests, scores).items()}
+    assert ceilings == {"lidc": "lidc-balanced/test_iid", "size-confound": "clean/test_iid"}
 
 
 def test_reliance_summary_reads_own_readouts_on_the_given_splits(clear_lead: Path) -> None:

@@ -21,7 +21,7 @@ import pandas as pd
 
 from nodulab.seedstats import holm, seed_summary
 from nodulab.studytables import (
-    ALPHA, MIN_SEEDS, REFERENCE, Ceiling, Manifests, ceiling_gaps, conflict_cells, cue_summary, find_ceiling,
+    ALPHA, MIN_SEEDS, REFERENCE, Ceiling, Manifests, ceiling_gaps, conflict_cells, cue_summary, find_ceilings,
     iid_split, ood_gaps, own_scores, paired_differences, readout_map, reliance_summary,
 )
 
@@ -59,13 +59,14 @@ def _cell_values(scores: pd.DataFrame, scenario: str, loss: str, split: str) -> 
     return (cell["readout"].iloc[0] if len(cell) else ""), cell["value"]
 
 
-def ceiling_sentences(scores: pd.DataFrame, ceiling: Ceiling | None, cells: list[Cell]) -> list[str]:
-    """(a) ce on every conflict split against the clean ceiling (or, without one, against ``val``)."""
+def ceiling_sentences(scores: pd.DataFrame, ceiling: Mapping[str, Ceiling] | Ceiling | None,
+                      cells: list[Cell]) -> list[str]:  # fmt: skip
+    """(a) ce on every conflict split against its clean ceiling (or, without one, against ``val``)."""
     if not cells:
         return []
     if REFERENCE not in set(scores["loss"]):
         return [f"The study has no {REFERENCE} runs, so no loss can be read against {REFERENCE}."]
-    if ceiling is None:
+    if not ceiling:
         return ["The study has no clean scenario (no confound), so there is no ceiling: "
                 f"{REFERENCE}'s conflict-split scores are read against the IID split "
                 "(test_iid, else val: the training distribution).",
@@ -80,9 +81,10 @@ def ceiling_sentences(scores: pd.DataFrame, ceiling: Ceiling | None, cells: list
         sentences.append(
             f"On {scenario}/{split}, {REFERENCE} ({r['readout']}) reaches balanced accuracy {_num(r['mean'])}"
             f"{_bracket(r['low'], r['high'])} against the clean ceiling {_num(r['ceiling_mean'])}"
-            f"{_bracket(r['ceiling_low'], r['ceiling_high'])} ({ceiling}): a gap of {_num(r['gap'])} "
+            f"{_bracket(r['ceiling_low'], r['ceiling_high'])} ({r['ceiling']}): a gap of {_num(r['gap'])} "
             f"({_gap_interval(r['gap_low'], r['gap_high'])}).")  # fmt: skip
-    return sentences or [f"{REFERENCE} has no score on the clean ceiling ({ceiling}) to read its conflict splits "
+    where = ceiling if isinstance(ceiling, Ceiling) else ", ".join(sorted({str(c) for c in ceiling.values()}))
+    return sentences or [f"{REFERENCE} has no score on the clean ceiling ({where}) to read its conflict splits "
                          "against."]
 
 
@@ -251,6 +253,6 @@ def findings(metrics: pd.DataFrame, manifests: Manifests, reliance: pd.DataFrame
     on = {scenario: [split for s, split in cells if s == scenario] for scenario, _ in cells}
     relied = reliance_summary(reliance, readouts, on) if reliance is not None and len(reliance) else None
     indexed = cue_summary(cue, readouts, on) if cue is not None and len(cue) else None
-    return [*ceiling_sentences(scores, find_ceiling(manifests, scores), cells),
+    return [*ceiling_sentences(scores, find_ceilings(manifests, scores), cells),
             *reliance_sentences(relied, indexed), *best_sentences(scores, paired, cells),
             *noise_sentences(paired)]  # fmt: skip

@@ -26,7 +26,7 @@ from nodulab.report_sections import (
 )
 from nodulab.store import STORE_FILE, TABLES, Store
 from nodulab.studytables import (
-    Ceiling, ceiling_gaps, find_ceiling, ood_gaps, own_scores, paired_differences, readout_map,
+    Ceiling, ceiling_gaps, find_ceilings, ood_gaps, own_scores, paired_differences, readout_map,
 )
 from nodulab.writing import check_out, write_atomically
 
@@ -48,7 +48,7 @@ class Study:
     manifests: dict[str, dict[str, Any]]
     readouts: dict[str, str]
     scores: pd.DataFrame
-    ceiling: Ceiling | None
+    ceiling: dict[str, Ceiling]  # each scenario's clean ceiling (``find_ceilings``)
     budget: int
 
     @property
@@ -74,7 +74,7 @@ def load_study(store: Store) -> Study:
     scores = own_scores(metrics, readouts)
     manifests = store.manifests()
     return Study(store, store.meta(), config, runs, tables, manifests, readouts, scores,
-                 find_ceiling(manifests, scores), _budget(config, runs))  # fmt: skip
+                 find_ceilings(manifests, scores), _budget(config, runs))  # fmt: skip
 
 
 def _budget(config: dict[str, Any], runs: pd.DataFrame) -> int:
@@ -148,8 +148,9 @@ def gallery_section(study: Study) -> str:
 def build_page(study: Study) -> str:
     """The whole HTML page of a study."""
     gaps, ood = ceiling_gaps(study.scores, study.ceiling), ood_gaps(study.scores)
-    ceiling = (f"The clean ceiling is {html.escape(str(study.ceiling))}: the same loss there (else ce), a "
-               "scenario without confounds." if study.ceiling else
+    tops = sorted({str(c) for c in study.ceiling.values()})
+    ceiling = (f"The clean ceiling is {html.escape(', '.join(tops))}: the same loss there (else ce), a "
+               "scenario without confounds (a [source] scenario's: the same table, confounds broken)." if tops else
                "The study has no clean scenario (no confound), so no split is read against a ceiling.")  # fmt: skip
     scores = "".join(scores_section(study, scenario, gaps, ood) for scenario in study.scenarios)
     sections = [

@@ -9,7 +9,9 @@ that (scenario, loss, seed) (kNN balanced accuracy on ``val``, the same score fo
 - **IID and OOD.** ``val`` shares the training distribution; the OOD gap of a split is
   ``val`` minus that split, per seed.
 - **The clean ceiling.** The first scenario (by name) whose manifest has no confound, read on its
-  first test split that overrides no factor. A loss's ceiling is that score of the same loss,
+  first test split that overrides no factor; a ``[source]`` scenario's is the first one drawing
+  from the same table with its confounds broken (``lidc`` -> ``lidc-balanced``), read on a test
+  split with the confounds broken. A loss's ceiling is that score of the same loss,
   else of ``ce``; the gap to it has a Welch interval over seeds (different runs, not paired).
 - **Differences to ce.** Per (scenario, test split) and loss, the per-seed difference to ``ce``
   (seeds paired by number), a paired t-test, and Holm's correction over every comparison with
@@ -84,9 +86,25 @@ def _scenario(manifest: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return (manifest or {}).get("scenario", {})
 
 
+def _source_mode(scenario: Mapping[str, Any], split: str) -> str | None:
+    """``real`` or ``broken`` for a split of a ``[source]`` scenario (``nodulab.twins``), else None."""
+    source = scenario.get("source")
+    if not isinstance(source, Mapping):
+        return None
+    mode = scenario.get("splits", {}).get(split, {}).get("confounds")
+    return mode or ("broken" if split == "val_balanced" else source.get("confounds", "real"))
+
+
 def confounds_of(manifest: Mapping[str, Any] | None) -> list[str]:
-    """The confounded factors of a dataset manifest (``[]`` when unknown or clean)."""
-    return [c["factor"] for c in _scenario(manifest).get("confounds", [])]
+    """The confounded factors of a dataset manifest (``[]`` when unknown or clean).
+
+    A ``[source]`` scenario trained on the table's joint ratings is confounded by them all
+    (``"<table> ratings"``); one trained with its confounds broken is clean.
+    """
+    scenario = _scenario(manifest)
+    if _source_mode(scenario, "train") == "real":
+        return [f"{scenario['source'].get('table', 'source')} ratings"]
+    return [c["factor"] for c in scenario.get("confounds", [])]
 
 
 def _reversed(agreement: Any, confounds: list[str]) -> bool:
@@ -104,6 +122,8 @@ def conflict_splits(manifest: Mapping[str, Any] | None, splits: list[str]) -> li
     """
     tests = sorted(s for s in set(splits) if s.startswith("test_"))
     confounds, specs = confounds_of(manifest), _scenario(manifest).get("splits", {})
+    if confounds and _source_mode(_scenario(manifest), "train") is not None:  # the broken test splits
+        return [s for s in tests if s in specs and _source_mode(_scenario(manifest), s) == "broken"]
     if confounds and specs:
         return [s for s in tests if s in specs and _reversed(specs[s].get("agreement"), confounds)]
     return [s for s in tests if "conflict" in s] or tests
@@ -120,18 +140,38 @@ class Ceiling:
         return f"{self.scenario}/{self.split}"
 
 
-def find_ceiling(manifests: Manifests, scores: pd.DataFrame) -> Ceiling | None:
-    """The first scenario without confounds (by name) and its first scored test split with no factor override."""
+def find_ceiling(manifests: Manifests, scores: pd.DataFrame, table: str | None = None) -> Ceiling | None:
+    """The first scenario without confounds (by name) and its first scored test split with no factor override.
+
+    With ``table``, only ``[source]`` scenarios drawing from that table count (their test splits
+    with the confounds broken); without, only scenarios with no ``[source]``.
+    """
     for name in sorted(manifests):
         scenario = _scenario(manifests[name])
-        if "confounds" not in scenario or scenario["confounds"]:
+        if "confounds" not in scenario or confounds_of(manifests[name]):
+            continue
+        source = scenario.get("source")
+        if (source.get("table") if isinstance(source, Mapping) else None) != table:
             continue
         scored = set(scores.loc[scores["scenario"] == name, "split"])
         specs = scenario.get("splits", {})
-        plain = [s for s in sorted(scored) if s.startswith("test_") and not specs.get(s, {}).get("factors")]
+        plain = [s for s in sorted(scored) if s.startswith("test_") and not specs.get(s, {}).get("factors")
+                 and _source_mode(scenario, s) in (None, "broken")]  # fmt: skip
         if plain:
             return Ceiling(name, plain[0])
     return None
+
+
+def find_ceilings(manifests: Manifests, scores: pd.DataFrame) -> dict[str, Ceiling]:
+    """Each scored scenario's ceiling (``find_ceiling``): a ``[source]`` scenario's from the same
+    table, any other's from the synthetic scenarios; a ceiling is not its own."""
+    out = {}
+    for name in sorted(set(scores["scenario"])):
+        source = _scenario(manifests.get(name)).get("source")
+        ceiling = find_ceiling(manifests, scores, source.get("table") if isinstance(source, Mapping) else None)
+        if ceiling is not None and ceiling.scenario != name:
+            out[name] = ceiling
+    return out
 
 
 def _values(scores: pd.DataFrame, scenario: str, loss: str, split: str) -> pd.Series:
@@ -139,28 +179,32 @@ def _values(scores: pd.DataFrame, scenario: str, loss: str, split: str) -> pd.Se
     return cell.set_index("seed")["value"]
 
 
-def ceiling_gaps(scores: pd.DataFrame, ceiling: Ceiling | None) -> pd.DataFrame:
-    """Per scenario (but the ceiling's), loss and test split: the score, its ceiling, and the gap.
+def ceiling_gaps(scores: pd.DataFrame, ceiling: Ceiling | Mapping[str, Ceiling] | None) -> pd.DataFrame:
+    """Per scenario (but a ceiling's), loss and test split: the score, its ceiling, and the gap.
 
+    ``ceiling`` is one ceiling for every scenario or each scenario's (``find_ceilings``).
     Columns: scenario, split, loss, readout, n, mean, low, high, ceiling_loss, ceiling_n,
-    ceiling_mean, ceiling_low, ceiling_high, gap (ceiling − score), gap_low, gap_high (Welch).
+    ceiling_mean, ceiling_low, ceiling_high, gap (ceiling − score), gap_low, gap_high (Welch), ceiling.
     """
     columns = ["scenario", "split", "loss", "readout", "n", "mean", "low", "high", "ceiling_loss", "ceiling_n",
-               "ceiling_mean", "ceiling_low", "ceiling_high", "gap", "gap_low", "gap_high"]  # fmt: skip
+               "ceiling_mean", "ceiling_low", "ceiling_high", "gap", "gap_low", "gap_high", "ceiling"]  # fmt: skip
     if ceiling is None:
         return pd.DataFrame(columns=columns)
-    at_ceiling = scores[(scores["scenario"] == ceiling.scenario) & (scores["split"] == ceiling.split)]
-    tests = scores[scores["split"].str.startswith("test_") & (scores["scenario"] != ceiling.scenario)]
+    if isinstance(ceiling, Ceiling):
+        ceiling = {name: ceiling for name in set(scores["scenario"]) if name != ceiling.scenario}
+    tests = scores[scores["split"].str.startswith("test_") & scores["scenario"].isin(list(ceiling))]
     rows = []
     for (scenario, split, loss), part in tests.groupby(["scenario", "split", "loss"], sort=True):
+        top_cell = ceiling[scenario]
+        at_ceiling = scores[(scores["scenario"] == top_cell.scenario) & (scores["split"] == top_cell.split)]
         ceiling_loss = loss if loss in set(at_ceiling["loss"]) else REFERENCE
-        top = _values(scores, ceiling.scenario, ceiling_loss, ceiling.split)
+        top = _values(scores, top_cell.scenario, ceiling_loss, top_cell.split)
         if top.empty:
             continue
         own, best = seed_summary(part["value"]), seed_summary(top)
         gap = welch_difference(top, part["value"])
         rows.append((scenario, split, loss, part["readout"].iloc[0], own.n, own.mean, own.low, own.high,
-                     ceiling_loss, best.n, best.mean, best.low, best.high, *gap))  # fmt: skip
+                     ceiling_loss, best.n, best.mean, best.low, best.high, *gap, str(top_cell)))  # fmt: skip
     return pd.DataFrame(rows, columns=columns)
 
 
