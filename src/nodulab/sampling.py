@@ -106,7 +106,8 @@ def sample_split(s: Scenario, split: str, dataset_seed: int) -> pd.DataFrame:
     Returns:
         ``n`` rows indexed ``0..n-1``; columns ``label``, the scenario's factor columns
         (``scenarios.factor_columns``: ``FACTOR_COLUMNS`` and the opted-in optional ones), ``agrees_<factor>``
-        (0/1) per confound in scenario order, then ``seed`` (int64).
+        (0/1) per confound in scenario order, then ``seed`` (int64); a ``[source]`` scenario's
+        rows take their mapped factors from their real twins and add ``twins.TWIN_COLUMNS``.
     """
     if split not in s.splits:
         raise ScenarioError(f"splits.{split}: no such split (splits: {', '.join(s.splits)})")

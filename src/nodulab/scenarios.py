@@ -556,7 +556,7 @@ def scenario_to_dict(s: Scenario) -> dict:
     if s.source is not None:
         from nodulab import twins
 
-        reserved.update(twins.MAPPED)
+        reserved.update(SOURCE_MAPPED)
         d["source"]["sha256"] = twins.table_sha256(s.source.table)
     if s.image.dim == 2:
         reserved.add("offset_z_mm")

@@ -45,7 +45,6 @@ from nodulab.scenarios import (
 from nodulab.shapes import GRADE_LENGTH_FLOOR, body_reach
 
 TABLES = ("lidc",)
-MAPPED = SOURCE_MAPPED
 GRADE = {1: 0.2, 2: 0.4, 3: 0.6, 4: 0.8, 5: 1.0}  # rating / 5 (1: latent, for the spicules-added switch)
 LOBULATION = {1: 0.0, 2: 0.06, 3: 0.12, 4: 0.18, 5: 0.24}
 ELONGATION = {1: (0.5, 0.65), 2: (0.4, 0.55), 3: (0.3, 0.45), 4: (0.15, 0.3), 5: (0.05, 0.2)}
@@ -177,7 +176,7 @@ def check_source(s: Scenario) -> None:
         raise ValueError("confounds: a [source] scenario takes its confounds from the table")
     for where, table in [("factors", s.factors)] + [(f"splits.{k}.factors", v.factors) for k, v in s.splits.items()]:
         for name in table:
-            if name in MAPPED:
+            if name in SOURCE_MAPPED:
                 raise ValueError(f"{where}.{name}: drawn from the source table ({src.table})")
     for split in s.splits:
         _check_split(s, split)
