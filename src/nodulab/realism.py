@@ -226,7 +226,8 @@ def compare(root: Path | str, *, splits: Sequence[str] | None = None, n: int | N
             if progress is not None:
                 progress(1)
         measured = pd.DataFrame(rows, columns=["area_mm2", "diameter_mm", "solidity", "radial_cv", "aspect"])
-        keep = ["index", "label", "shape", "attenuation", "diameter_mm", *(c for c in factors.columns if c.startswith("lidc_"))]
+        twins = [c for c in factors.columns if c.startswith("lidc_")]
+        keep = ["index", "label", "shape", "attenuation", "diameter_mm", *twins]
         part = factors.iloc[:count][keep].reset_index(drop=True).rename(columns={"diameter_mm": "set_diameter_mm"})
         frames.append(pd.concat([pd.DataFrame({"split": [split] * count}), part, measured], axis=1))
     synth = pd.concat(frames, ignore_index=True)

@@ -53,6 +53,7 @@ from nodulab.shapes import (
     GRADE_WIDEN,
     IRREGULARITY_ORDERS,
     LOBE_ORDERS,
+    LOBULATION_EXPRESSION,
     body_reach,  # noqa: F401  (public: nodulab.renderer.body_reach)
     elongation_terms,
     irregularity_terms,
@@ -73,7 +74,6 @@ SPICULE_HU = 30.0
 SPICULE_TIP_WIDTH = 0.3  # tip width / width at the body surface
 BODY_HU = {"ground_glass": -650.0, "part_solid": -650.0, "solid": 30.0, "calcified": 30.0}
 CORE_HU = {"ground_glass": -650.0, "part_solid": 30.0, "solid": 30.0, "calcified": 600.0}
-LOBULATION_EXPRESSION = {"round": 0.0, "lobulated": 1.0, "spiculated": 0.3}
 REGION = {"background": 0, "body": 1, "spicule": 2, "vessel": 3}
 
 _BETA33_SD = 1.0 / math.sqrt(28.0)  # SD of the Beta(3,3) kernel per unit support width

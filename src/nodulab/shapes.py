@@ -26,6 +26,8 @@ from __future__ import annotations
 import numpy as np
 
 LOBE_ORDERS = (2, 3, 4, 5, 6)
+LOBULATION_EXPRESSION = {"round": 0.0, "lobulated": 1.0, "spiculated": 0.3}
+"""How much of ``lobulation`` each shape expresses."""
 IRREGULARITY_ORDERS = (2, 3, 4, 5, 6, 7, 8)
 # Spicule grade g (spiculated only; g = 1 is the ungraded spicule): count ceil(n g), length
 # x (LENGTH_FLOOR + (1 - LENGTH_FLOOR) g), base width x (1 + WIDEN (1 - g)), tip / base width

@@ -109,7 +109,8 @@ def trace(image_hu: np.ndarray, centre_px, threshold_hu: float) -> np.ndarray:
     image = np.asarray(image_hu)
     centre = np.asarray(centre_px, dtype=float)
     if image.ndim not in (2, 3) or centre.shape != (image.ndim,):
-        raise ValueError(f"trace: need a 2D or 3D image and one centre coordinate per axis, got {image.shape} and {centre.shape}")
+        raise ValueError("trace: need a 2D or 3D image and one centre coordinate per axis, "
+                         f"got {image.shape} and {centre.shape}")
     at = tuple(int(np.clip(np.rint(c), 0, s - 1)) for c, s in zip(centre, image.shape))
     above = image >= threshold_hu
     if above[at]:  # the component at the centre, its own holes filled (within its box)

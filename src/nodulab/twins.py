@@ -42,7 +42,7 @@ from nodulab.factors import ATTENUATIONS, FACTORS, SHAPES
 from nodulab.scenarios import (
     SOURCE_CONFOUNDS, SOURCE_LABEL, SOURCE_MAPPED, Choice, Scenario, Uniform, normal_bounds, split_distributions,
 )
-from nodulab.shapes import GRADE_LENGTH_FLOOR, body_reach
+from nodulab.shapes import GRADE_LENGTH_FLOOR, LOBULATION_EXPRESSION, body_reach
 
 TABLES = ("lidc",)
 GRADE = {1: 0.2, 2: 0.4, 3: 0.6, 4: 0.8, 5: 1.0}  # rating / 5 (1: latent, for the spicules-added switch)
@@ -109,8 +109,7 @@ def pool(s: Scenario, split: str) -> pd.DataFrame:
     p = p.assign(label=p["malignancy"].isin(src.malignant).astype(np.int64))
     grade = p["spiculation"].map(GRADE).to_numpy(dtype=float)
     spiculated = p["spiculation"].to_numpy() >= 2
-    lobulated = ~spiculated & (p["lobulation"].to_numpy() >= 2)
-    expressed = p["lobulation"].map(LOBULATION).to_numpy(dtype=float) * np.where(lobulated, 1.0, np.where(spiculated, 0.3, 0.0))
+    expressed = p["lobulation"].map(LOBULATION).to_numpy(dtype=float) * [LOBULATION_EXPRESSION[s] for s in _shape(p)]
     elong = np.array([ELONGATION[v][1] for v in p["sphericity"]])
     # body_reach(e, irr, lob) = stretch(e) x profile(irr, lob): the stretch comes with the body's
     # annotation, the profile with the cue's (the twin), the same one unless the confounds are broken.
@@ -123,6 +122,12 @@ def pool(s: Scenario, split: str) -> pd.DataFrame:
     axes = ("offset_x_mm", "offset_y_mm", "offset_z_mm")[:dim]
     room = s.image.size * s.image.pixel_mm / 2 - max(_max(s, split, a) for a in axes)
     return p.assign(fits=stretched * profile <= room + 1e-9)
+
+
+def _shape(annotations: pd.DataFrame) -> np.ndarray:
+    """spiculation >= 2: spiculated; else lobulation >= 2: lobulated; else round."""
+    spic, lob = annotations["spiculation"].to_numpy(), annotations["lobulation"].to_numpy()
+    return np.where(spic >= 2, "spiculated", np.where(lob >= 2, "lobulated", "round")).astype(object)
 
 
 def support(s: Scenario, name: str) -> list[object]:
@@ -232,8 +237,7 @@ def draw(s: Scenario, split: str, frame: pd.DataFrame, streams) -> pd.DataFrame:
         other = members[np.minimum((v * len(members)).astype(np.int64), len(members) - 1)]
     a, b = p.iloc[twin].reset_index(drop=True), p.iloc[other].reset_index(drop=True)
     out = frame.copy()
-    spic, lob = a["spiculation"].to_numpy(), a["lobulation"].to_numpy()
-    out["shape"] = np.where(spic >= 2, "spiculated", np.where(lob >= 2, "lobulated", "round")).astype(object)
+    out["shape"] = _shape(a)
     out["spicule_grade"] = a["spiculation"].map(GRADE).to_numpy(dtype=float)
     out["lobulation"] = a["lobulation"].map(LOBULATION).to_numpy(dtype=float)
     lo, hi = (np.array([ELONGATION[v][i] for v in b["sphericity"]]) for i in (0, 1))
