@@ -182,6 +182,14 @@ SOURCE_LABEL = {"factor": "shape", "malignant": "spiculated", "benign": ["round"
 ``explain`` switches (spicules), and is this one."""
 
 
+def source_mode(source_confounds: str, split: str, split_confounds: str | None) -> str:
+    """``real`` or ``broken`` for one split of a ``[source]`` scenario: the split's own setting,
+    else ``broken`` for ``val_balanced`` and the source's for the others."""
+    if split_confounds is not None:
+        return split_confounds
+    return "broken" if split == BALANCED_SPLIT else source_confounds
+
+
 class Source(BaseModel):
     """``[source]``: each row's lesion drawn from a table of real annotations (``nodulab.twins``).
 

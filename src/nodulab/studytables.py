@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from nodulab.scenarios import source_mode
 from nodulab.seedstats import holm, holm_levels, paired_test, seed_summary, welch_difference
 
 ALPHA = 0.05
@@ -91,8 +92,8 @@ def _source_mode(scenario: Mapping[str, Any], split: str) -> str | None:
     source = scenario.get("source")
     if not isinstance(source, Mapping):
         return None
-    mode = scenario.get("splits", {}).get(split, {}).get("confounds")
-    return mode or ("broken" if split == "val_balanced" else source.get("confounds", "real"))
+    split_confounds = scenario.get("splits", {}).get(split, {}).get("confounds")
+    return source_mode(source.get("confounds", "real"), split, split_confounds)
 
 
 def confounds_of(manifest: Mapping[str, Any] | None) -> list[str]:

@@ -40,7 +40,8 @@ import pandas as pd
 
 from nodulab.factors import ATTENUATIONS, FACTORS, SHAPES
 from nodulab.scenarios import (
-    SOURCE_CONFOUNDS, SOURCE_LABEL, SOURCE_MAPPED, Choice, Scenario, Uniform, normal_bounds, split_distributions,
+    SOURCE_CONFOUNDS, SOURCE_LABEL, SOURCE_MAPPED, Choice, Scenario, Uniform, normal_bounds, source_mode,
+    split_distributions,
 )
 from nodulab.shapes import GRADE_LENGTH_FLOOR, LOBULATION_EXPRESSION, body_reach
 
@@ -86,10 +87,7 @@ def is_test_patient(patients: np.ndarray) -> np.ndarray:
 
 def split_mode(s: Scenario, split: str) -> str:
     """``real`` or ``broken`` for one split (``val_balanced`` defaults to broken)."""
-    mode = s.splits[split].confounds
-    if mode is None:
-        mode = "broken" if split == "val_balanced" else s.source.confounds
-    return mode
+    return source_mode(s.source.confounds, split, s.splits[split].confounds)
 
 
 def pool(s: Scenario, split: str) -> pd.DataFrame:
