@@ -22,10 +22,13 @@ def main() -> None:
     """Run the CLI; Ctrl-C, during start-up or later, exits 130 with one line, no traceback."""
     try:
         from nodulab.cli import app
+
+        # typer builds the click command (reading every command's signature) before the CLI's own
+        # Ctrl-C handling is in place: an interrupt there lands here.
+        code = app(prog_name="nodulab", standalone_mode=False)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         _exit_interrupted()
-    code = app(prog_name="nodulab", standalone_mode=False)
     if code == EXIT_INTERRUPTED:
         _exit_interrupted()
     sys.exit(code)
