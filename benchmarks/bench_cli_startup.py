@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
     times: dict[str, list[float]] = {name: [] for name in COMMANDS}
-    for name, cmd in COMMANDS.items():  # warm the file cache once
+    for cmd in COMMANDS.values():  # warm the file cache once
         seconds(cmd)
     for _ in range(args.repeats):
         for name, cmd in COMMANDS.items():
@@ -40,8 +40,10 @@ def main() -> None:
     peer = statistics.median(times["python -c pass"])
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"{name:18s} median {median * 1000:6.0f} ms  ({median / peer:4.1f}x python -c pass)"
-              f"  range {min(values) * 1000:.0f}-{max(values) * 1000:.0f} ms")
+        print(
+            f"{name:18s} median {median * 1000:6.0f} ms  ({median / peer:4.1f}x python -c pass)"
+            f"  range {min(values) * 1000:.0f}-{max(values) * 1000:.0f} ms"
+        )
     help_s = statistics.median(times["nodulab --help"])
     print(f"nodulab --help: {help_s:.2f} s (goal < 1 s: {'met' if help_s < 1 else 'NOT met'})")
 

@@ -29,7 +29,10 @@ def main() -> None:
         seconds = time.perf_counter() - start
         size_mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"generate clean, {3 * per_split} samples 64x64: {seconds:.1f} s, {size_mb:.0f} MiB on disk, peak RSS {peak_mb:.0f} MiB (goal < 2048 MiB)")
+    print(
+        f"generate clean, {3 * per_split} samples 64x64: {seconds:.1f} s, {size_mb:.0f} MiB on disk, "
+        f"peak RSS {peak_mb:.0f} MiB (goal < 2048 MiB)"
+    )
 
 
 if __name__ == "__main__":

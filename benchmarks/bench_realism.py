@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from nodulab.data import generate, load_split
-from nodulab.realism import threshold_hu, trace_row
-from nodulab.scenarios import load_scenario, load_scenario_dict, scenario_to_dict
+from nodulab.data.dataset import generate, load_split
+from nodulab.data.realism import threshold_hu, trace_row
+from nodulab.synth.scenarios import load_scenario, load_scenario_dict, scenario_to_dict
 
 
 def main() -> None:

@@ -21,15 +21,31 @@ import numpy as np
 import torch
 from monai.data import create_test_image_2d, create_test_image_3d
 
-from nodulab.renderer import keep_freed_tensors_mapped, prepare, render, render_tensor
-from nodulab.sampling import sample_split
-from nodulab.scenarios import load_scenario, resolve
+from nodulab.synth.renderer import keep_freed_tensors_mapped, prepare, render, render_tensor
+from nodulab.synth.sampling import sample_split
+from nodulab.synth.scenarios import load_scenario, resolve
 
 CASES = [
     # name, dim, size, pixel_mm, batch, MONAI call, goal (nodulab rate / MONAI rate)
-    ("2D 64x64", 2, 64, 0.7, 256, lambda rs: create_test_image_2d(64, 64, num_objs=1, rad_max=15, noise_max=0.2, random_state=rs), 1.0),
-    ("3D 32^3", 3, 32, 1.4, 64, lambda rs: create_test_image_3d(32, 32, 32, num_objs=1, rad_max=10, noise_max=0.2, random_state=rs), 0.3),
-]  # fmt: skip
+    (
+        "2D 64x64",
+        2,
+        64,
+        0.7,
+        256,
+        lambda rs: create_test_image_2d(64, 64, num_objs=1, rad_max=15, noise_max=0.2, random_state=rs),
+        1.0,
+    ),
+    (
+        "3D 32^3",
+        3,
+        32,
+        1.4,
+        64,
+        lambda rs: create_test_image_3d(32, 32, 32, num_objs=1, rad_max=10, noise_max=0.2, random_state=rs),
+        0.3,
+    ),
+]
 
 
 def rows_for(dim: int, size: int, pixel_mm: float, n: int):
@@ -40,8 +56,9 @@ def rows_for(dim: int, size: int, pixel_mm: float, n: int):
 def with_shape_factors(rows):
     rng = np.random.default_rng(0)
     n = len(rows)
-    return rows.assign(elongation=rng.uniform(0, 0.7, n), irregularity=rng.uniform(0, 0.3, n),
-                       spicule_grade=rng.uniform(0, 1, n))  # fmt: skip
+    return rows.assign(
+        elongation=rng.uniform(0, 0.7, n), irregularity=rng.uniform(0, 0.3, n), spicule_grade=rng.uniform(0, 1, n)
+    )
 
 
 def shape_cost(name: str, dim: int, size: int, pixel_mm: float, batch: int, repeats: int) -> None:
@@ -80,11 +97,14 @@ def main() -> None:
         render(rows.iloc[:8], size=size, dim=dim)  # warm-up
         monai, ours = [], []
         for _ in range(args.repeats):
-            monai.append(seconds_per_image(lambda: [monai_call(rs) for _ in range(batch)], batch))
-            ours.append(seconds_per_image(lambda: render(rows, size=size, dim=dim), batch))
+            monai.append(seconds_per_image(lambda: [monai_call(rs) for _ in range(batch)], batch))  # noqa: B023
+            ours.append(seconds_per_image(lambda: render(rows, size=size, dim=dim), batch))  # noqa: B023
         m, o = statistics.median(monai), statistics.median(ours)
         ratio = m / o
-        print(f"{name:10s} {m * 1e6:13.1f} {o * 1e6:15.1f} {ratio:10.2f}x {goal:5.1f}x {'met' if ratio >= goal else 'NOT met'}")
+        print(
+            f"{name:10s} {m * 1e6:13.1f} {o * 1e6:15.1f} {ratio:10.2f}x {goal:5.1f}x "
+            f"{'met' if ratio >= goal else 'NOT met'}"
+        )
         if torch.cuda.is_available():
             big = rows_for(dim, size, pixel_mm, 4096 if dim == 2 else 512)
             batch_gpu = prepare(big, size, dim, "cuda")
@@ -96,7 +116,10 @@ def main() -> None:
                 render_tensor(batch_gpu)
                 torch.cuda.synchronize()
                 times.append((time.perf_counter() - start) / len(big))
-            print(f"{name:10s} GPU render_tensor: {1 / statistics.median(times):,.0f} images/s ({torch.cuda.get_device_name()})")
+            print(
+                f"{name:10s} GPU render_tensor: {1 / statistics.median(times):,.0f} images/s "
+                f"({torch.cuda.get_device_name()})"
+            )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Generates the datasets, then in one process: the same runs by a bare loop (``study.execute`` one
 after another into a scratch folder: no store, no CSVs, no report), the study itself (default: a
-small grid; ``--study quick`` for the preset) with ``nodulab.study.run_study`` on the same dataset
+small grid; ``--study quick`` for the preset) with ``nodulab.studies.driver.run_study`` on the same dataset
 cache, and the bare loop again (so warm-up and drift fall on both sides). Prints the study's wall
 time, the summed run times, the overhead (wall − datasets − runs) as a share of the summed run
 times (goal < 5%), and the study's wall time over the mean of the two bare loops.
@@ -18,16 +18,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from nodulab import study as studying
-from nodulab.data import MANIFEST, sha256_file
-from nodulab.renderer import keep_freed_tensors_mapped
-from nodulab.studies import load_study, study_from_dict
+from nodulab.data.dataset import MANIFEST, sha256_file
+from nodulab.studies import driver as studying
+from nodulab.studies.config import load_study, study_from_dict
+from nodulab.synth.renderer import keep_freed_tensors_mapped
 
 SMALL = {
-    "name": "bench", "scenarios": ["size-confound"], "losses": ["ce", "supcon"], "seeds": 2,
+    "name": "bench",
+    "scenarios": ["size-confound"],
+    "losses": ["ce", "supcon"],
+    "seeds": 2,
     "data": {"size": 32, "pixel_mm": 1.4, "n": {"train": 600, "val": 200, "val_balanced": 200, "test": 200}},
-    "train": {"epochs": 3, "threads": 2}, "explain": {"splits": ["test_conflict"], "n": 100},
-}  # fmt: skip
+    "train": {"epochs": 3, "threads": 2},
+    "explain": {"splits": ["test_conflict"], "n": 100},
+}
 
 
 def main() -> None:
@@ -57,12 +61,18 @@ def main() -> None:
     bare = (before + after) / 2
     overhead = summary.wall_seconds - summary.generate_seconds - summary.run_seconds
     print(f"study {study.name}: {summary.planned} runs ({summary.done} done, {summary.failed} failed)")
-    print(f"  wall {summary.wall_seconds:.1f} s = datasets (cached: hashes checked) {summary.generate_seconds:.1f} s "
-          f"+ runs {summary.run_seconds:.1f} s + overhead {overhead:.1f} s")  # fmt: skip
-    print(f"  overhead (store, CSVs, report, scheduling): {100 * overhead / summary.run_seconds:.2f}% "
-          "of the summed run times (goal < 5%)")  # fmt: skip
-    print(f"  bare loop of the same runs: {before:.1f} s before, {after:.1f} s after; study / mean bare = "
-          f"{summary.wall_seconds / bare:.3f}x")  # fmt: skip
+    print(
+        f"  wall {summary.wall_seconds:.1f} s = datasets (cached: hashes checked) {summary.generate_seconds:.1f} s "
+        f"+ runs {summary.run_seconds:.1f} s + overhead {overhead:.1f} s"
+    )
+    print(
+        f"  overhead (store, CSVs, report, scheduling): {100 * overhead / summary.run_seconds:.2f}% "
+        "of the summed run times (goal < 5%)"
+    )
+    print(
+        f"  bare loop of the same runs: {before:.1f} s before, {after:.1f} s after; study / mean bare = "
+        f"{summary.wall_seconds / bare:.3f}x"
+    )
 
 
 if __name__ == "__main__":

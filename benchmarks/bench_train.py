@@ -22,13 +22,23 @@ from pathlib import Path
 
 import torch
 
-from nodulab import data, losses, training as train
-from nodulab.models import build_model
-from nodulab.scenarios import load_scenario, resolve
+from nodulab.data import dataset as data
+from nodulab.synth.scenarios import load_scenario, resolve
+from nodulab.training import loop as train
+from nodulab.training import losses
+from nodulab.training.models import build_model
 
 
-def plain_epoch(model, optimiser, inputs: torch.Tensor, second: torch.Tensor, labels: torch.Tensor,
-                batch_size: int, generator: torch.Generator, device: str) -> None:  # fmt: skip
+def plain_epoch(
+    model,
+    optimiser,
+    inputs: torch.Tensor,
+    second: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    device: str,
+) -> None:
     model.train()
     order = torch.randperm(len(labels), generator=generator)
     for index in torch.split(order, batch_size):
@@ -81,15 +91,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         scenario = resolve(load_scenario("size-confound"), n=args.n)
         root = data.generate(scenario, Path(tmp) / "sc", seed=0)
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.n} samples 64x64, batch {args.batch_size}, 2 views")
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.n} samples 64x64, "
+            f"batch {args.batch_size}, 2 views"
+        )
         for views in ("augment", "both"):
             ours, plain = measure(root, "small-cnn", views, "cpu", args.batch_size, args.repeats)
-            print(f"CPU small-cnn ce {views}: nodulab {ours:.1f} samples/s, plain loop {plain:.1f} samples/s, "
-                  f"overhead {100 * (plain / ours - 1):+.1f}%")  # fmt: skip
+            print(
+                f"CPU small-cnn ce {views}: nodulab {ours:.1f} samples/s, plain loop {plain:.1f} samples/s, "
+                f"overhead {100 * (plain / ours - 1):+.1f}%"
+            )
         if torch.cuda.is_available():
             ours, plain = measure(root, "resnet18", "both", "cuda", args.batch_size, args.repeats)
-            print(f"GPU {torch.cuda.get_device_name()} resnet18 ce both AMP: nodulab {ours:.0f} samples/s "
-                  f"({2 * ours:.0f} images/s), plain-loop ceiling {plain:.0f} samples/s")  # fmt: skip
+            print(
+                f"GPU {torch.cuda.get_device_name()} resnet18 ce both AMP: nodulab {ours:.0f} samples/s "
+                f"({2 * ours:.0f} images/s), plain-loop ceiling {plain:.0f} samples/s"
+            )
 
 
 if __name__ == "__main__":

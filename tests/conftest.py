@@ -12,7 +12,6 @@ import pytest
 import torch
 from hypothesis import strategies as st
 
-
 VALID_ROW = {
     "shape": st.sampled_from(["round", "lobulated", "spiculated"]),
     "lobulation": st.floats(0, 0.3),
@@ -84,7 +83,7 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="session", autouse=True)
 def bulk_rendering_allocator() -> None:
     """The suite renders in bulk, like ``nodulab generate``: opt in to glibc's faster setting."""
-    from nodulab.renderer import keep_freed_tensors_mapped
+    from nodulab.synth.renderer import keep_freed_tensors_mapped
 
     keep_freed_tensors_mapped()
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from nodulab.store import STORE_FILE, Store
+from nodulab.results.store import STORE_FILE, Store
 
 HEADED = ("ce", "ce+supcon", "ce+triplet")
 CLASSIFIERS = ("head", "probe", "knn", "dfr", "probe_init", "knn_init")
@@ -28,10 +28,14 @@ def manifest(scenario: str) -> dict:
     confounded = scenario != "clean"
     confounds = [{"factor": "diameter_mm", "malignant": {"uniform": [13, 18]}, "benign": {"uniform": [6, 10]}}]
     agreement = {"train": 0.95, "val": 0.95, "test_iid": 0.95, "test_conflict": 0.0}
-    splits = {s: {"n": 100, "factors": {}, **({"agreement": agreement[s]} if confounded else {})}
-              for s in ("train", *SPLITS[scenario])}  # fmt: skip
-    return {"scenario": {"name": scenario, "confounds": confounds if confounded else [], "splits": splits},
-            "image": {"dim": 2, "size": 32, "pixel_mm": 1.4}}  # fmt: skip
+    splits = {
+        s: {"n": 100, "factors": {}, **({"agreement": agreement[s]} if confounded else {})}
+        for s in ("train", *SPLITS[scenario])
+    }
+    return {
+        "scenario": {"name": scenario, "confounds": confounds if confounded else [], "splits": splits},
+        "image": {"dim": 2, "size": 32, "pixel_mm": 1.4},
+    }
 
 
 @functools.cache
@@ -70,45 +74,81 @@ def _explain(loss: str, scenario: str, flips: tuple[float, float]) -> dict[str, 
     reliance = []
     for c in readers:
         cue, confound = flips if c == own else (0.5, 0.5)
-        reliance += [(split, c, f, k, a, b, 50, r, r / 2) for f, k, a, b, r in (
-            ("shape", "cue", "spiculated", "spicules_removed", cue), ("shape", "cue", "round", "spicules_added", cue),
-            ("diameter_mm", "confound", "6..10", "13..18", confound), ("noise_hu", "nuisance", "<20", "30", 0.02))]
+        reliance += [
+            (split, c, f, k, a, b, 50, r, r / 2)
+            for f, k, a, b, r in (
+                ("shape", "cue", "spiculated", "spicules_removed", cue),
+                ("shape", "cue", "round", "spicules_added", cue),
+                ("diameter_mm", "confound", "6..10", "13..18", confound),
+                ("noise_hu", "nuisance", "<20", "30", 0.02),
+            )
+        ]
     cue, confound = flips
-    sweep = [(split, c, "diameter_mm", float(v), 0.2 + 0.04 * (v - 6) * confound, 20) for c in readers
-             for v in range(6, 19, 3)]  # fmt: skip
+    sweep = [
+        (split, c, "diameter_mm", float(v), 0.2 + 0.04 * (v - 6) * confound, 20)
+        for c in readers
+        for v in range(6, 19, 3)
+    ]
     cues = [(split, c, "diameter_mm", cue * 0.8, confound * 0.8, 0.1, 0.1) for c in readers]
-    probes = [(f, "value", "balanced_accuracy", s, control) for f in ("label", "diameter_mm")
-              for control, s in (("trained", 0.9), ("random_init", 0.6), ("shuffled_labels", 0.5))]  # fmt: skip
-    cam = [(split, c, region, 0.25, 0.25) for c in ("head", "probe") for region in
-           ("background", "body", "spicules", "vessels")]  # fmt: skip
+    probes = [
+        (f, "value", "balanced_accuracy", s, control)
+        for f in ("label", "diameter_mm")
+        for control, s in (("trained", 0.9), ("random_init", 0.6), ("shuffled_labels", 0.5))
+    ]
+    cam = [
+        (split, c, region, 0.25, 0.25)
+        for c in ("head", "probe")
+        for region in ("background", "body", "spicules", "vessels")
+    ]
     return {
-        "reliance": pd.DataFrame(reliance, columns=["split", "classifier", "factor", "kind", "value_from", "value_to",
-                                                    "n", "flip_rate", "delta_p"]),
+        "reliance": pd.DataFrame(
+            reliance,
+            columns=["split", "classifier", "factor", "kind", "value_from", "value_to", "n", "flip_rate", "delta_p"],
+        ),
         "sweep": pd.DataFrame(sweep, columns=["split", "classifier", "factor", "value", "mean_p", "n"]),
-        "cue": pd.DataFrame(cues, columns=["split", "classifier", "confound", "label_only", "confound_only", "both",
-                                           "neither"]),
+        "cue": pd.DataFrame(
+            cues, columns=["split", "classifier", "confound", "label_only", "confound_only", "both", "neither"]
+        ),
         "probes": pd.DataFrame(probes, columns=["factor", "target", "metric", "score", "control"]),
         "cam": pd.DataFrame(cam, columns=["split", "classifier", "region", "mass", "area_share"]),
-    }  # fmt: skip
+    }
 
 
 def _groups(metrics: pd.DataFrame) -> pd.DataFrame:
     own = metrics[metrics["metric"] == "accuracy"]
-    return pd.DataFrame({"split": own["split"], "classifier": own["classifier"], "label": "any",
-                         "group": "worst: malignant/diameter_mm=conflicts", "n": 20, "accuracy": own["value"] - 0.1})
+    return pd.DataFrame(
+        {
+            "split": own["split"],
+            "classifier": own["classifier"],
+            "label": "any",
+            "group": "worst: malignant/diameter_mm=conflicts",
+            "n": 20,
+            "accuracy": own["value"] - 0.1,
+        }
+    )
 
 
 def _history() -> pd.DataFrame:
-    rows = [(e, name, v) for e in range(1, 4)
-            for name, v in (("train_loss", 1 / e), ("val_knn_balanced_accuracy", 0.5 + e / 10))]
+    rows = [
+        (e, name, v)
+        for e in range(1, 4)
+        for name, v in (("train_loss", 1 / e), ("val_knn_balanced_accuracy", 0.5 + e / 10))
+    ]
     return pd.DataFrame(rows, columns=["epoch", "name", "value"])
 
 
-def make_study(root: Path, score: Score, *, seeds: Sequence[int] = (0, 1, 2, 3, 4),
-               losses: Sequence[str] = ("ce", "supcon", "simclr"),
-               scenarios: Sequence[str] = ("clean", "size-confound"),
-               draws: int = 1, explain: bool = True, failed: Sequence[tuple[str, str, int]] = (),
-               flips: Callable[[str], tuple[float, float]] = lambda loss: (0.1, 0.8)) -> Path:  # fmt: skip
+def make_study(
+    root: Path,
+    score: Score,
+    *,
+    seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    losses: Sequence[str] = ("ce", "supcon", "simclr"),
+    scenarios: Sequence[str] = ("clean", "size-confound"),
+    draws: int = 1,
+    explain: bool = True,
+    failed: Sequence[tuple[str, str, int]] = (),
+    flips: Callable[[str], tuple[float, float]] = lambda loss: (0.1, 0.8),
+) -> Path:
     """Write ``root/results.sqlite`` for the grid ``scenarios x losses x seeds x draws``.
 
     Draw ``d`` has selection score ``0.9 - 0.01 d`` (draw 0 is selected) and scores ``score(...) + 0.02 d``
@@ -116,8 +156,11 @@ def make_study(root: Path, score: Score, *, seeds: Sequence[int] = (0, 1, 2, 3, 
     ``(scenario, loss, seed)`` in ``failed`` is recorded as a failed run of draw 0 and nothing else.
     """
     root.mkdir(parents=True, exist_ok=True)
-    study = {"name": "made-up", "sha256": "ab" * 32, "config": {"budget": draws, "seeds": list(seeds),
-             "losses": list(losses), "scenarios": list(scenarios)}}  # fmt: skip
+    study = {
+        "name": "made-up",
+        "sha256": "ab" * 32,
+        "config": {"budget": draws, "seeds": list(seeds), "losses": list(losses), "scenarios": list(scenarios)},
+    }
     with Store(root / STORE_FILE, study=study) as store:
         for scenario in scenarios:
             store.add_dataset(scenario, f"key-{scenario}", "0" * 64, manifest(scenario), png("C2"))
@@ -125,8 +168,15 @@ def make_study(root: Path, score: Score, *, seeds: Sequence[int] = (0, 1, 2, 3, 
             for loss in losses:
                 for seed in seeds:
                     for draw in range(draws):
-                        run = {"run_id": f"{scenario}-{loss}-{seed}-{draw}", "scenario": scenario, "loss": loss,
-                               "seed": seed, "draw": draw, "config": {"loss": loss, "draw": draw}, "train_s": 1.0}
+                        run = {
+                            "run_id": f"{scenario}-{loss}-{seed}-{draw}",
+                            "scenario": scenario,
+                            "loss": loss,
+                            "seed": seed,
+                            "draw": draw,
+                            "config": {"loss": loss, "draw": draw},
+                            "train_s": 1.0,
+                        }
                         if (scenario, loss, seed) in failed:
                             store.add_run({**run, "status": "failed", "reason": "loss became NaN at epoch 3"})
                             break

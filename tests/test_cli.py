@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from conftest import file_tree
 from nodulab.cli import app
-from nodulab.scenarios import list_presets
+from nodulab.synth.scenarios import list_presets
 
 SMALL = ["--n", "8", "--size", "32", "--pixel-mm", "1.4"]
 PRESET = "size-confound"
@@ -35,9 +35,20 @@ val = { n = 8 }
 
 
 BAD_CASES = (
-    "unknown preset", "bad toml", "scenario error", "size 0", "n 0", "dim 4", "no out", "validate missing",
-    "gallery missing", "export missing", "unknown format", "export onto existing", "unknown option",
-)  # fmt: skip
+    "unknown preset",
+    "bad toml",
+    "scenario error",
+    "size 0",
+    "n 0",
+    "dim 4",
+    "no out",
+    "validate missing",
+    "gallery missing",
+    "export missing",
+    "unknown format",
+    "export onto existing",
+    "unknown option",
+)
 
 
 @pytest.fixture
@@ -47,7 +58,6 @@ def runner() -> CliRunner:
 
 def generate(runner: CliRunner, out: Path, *extra: str):
     return runner.invoke(app, ["generate", PRESET, "--out", str(out), *SMALL, *extra])
-
 
 
 @pytest.fixture(scope="module")
@@ -76,16 +86,26 @@ def test_generate_writes_dataset_and_summary(dataset: Path) -> None:
     assert [p.name for p in dataset.parent.iterdir()] == ["ds"]
 
 
-def test_generate_is_byte_identical_for_the_same_seed(
-    runner: CliRunner, dataset: Path, tmp_path: Path
-) -> None:
+def test_generate_is_byte_identical_for_the_same_seed(runner: CliRunner, dataset: Path, tmp_path: Path) -> None:
     assert generate(runner, tmp_path / "again").exit_code == 0
     assert file_tree(tmp_path / "again") == file_tree(dataset)
 
 
 def test_generate_3d(runner: CliRunner, tmp_path: Path) -> None:
-    args = ["generate", PRESET, "--out", str(tmp_path / "v"), "--n", "2", "--dim", "3", "--size", "16",
-            "--pixel-mm", "2.8"]  # fmt: skip
+    args = [
+        "generate",
+        PRESET,
+        "--out",
+        str(tmp_path / "v"),
+        "--n",
+        "2",
+        "--dim",
+        "3",
+        "--size",
+        "16",
+        "--pixel-mm",
+        "2.8",
+    ]
     assert runner.invoke(app, args).exit_code == 0
     assert np.load(tmp_path / "v" / "val" / "masks.npy").shape == (2, 16, 16, 16)
 

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from nodulab import choices, export, losses, models, training as train
+from nodulab.common import choices
+from nodulab.data import export
+from nodulab.training import loop as train
+from nodulab.training import losses, models
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 HEAVY = ("torch", "pytorch_metric_learning", "sklearn", "matplotlib", "pandas", "monai")
@@ -34,7 +37,9 @@ def test_cli_import_and_help_load_no_heavy_module() -> None:
 
 
 def test_package_import_is_light() -> None:
-    assert _python(f"import sys, nodulab; print(sorted(m for m in {HEAVY!r} if m in sys.modules))").stdout.strip() == "[]"
+    assert (
+        _python(f"import sys, nodulab; print(sorted(m for m in {HEAVY!r} if m in sys.modules))").stdout.strip() == "[]"
+    )
 
 
 def test_light_choices_match_the_library() -> None:
@@ -46,8 +51,21 @@ def test_light_choices_match_the_library() -> None:
 @pytest.mark.parametrize("delay_s", [0.15, 0.6])
 def test_ctrl_c_during_start_up_exits_130_without_traceback(tmp_path: Path, delay_s: float) -> None:
     env = {**os.environ, "PYTHONPATH": SRC}
-    args = [sys.executable, "-m", "nodulab", "generate", "clean", "--n", "8", "--size", "32", "--pixel-mm", "1.4",
-            "--out", str(tmp_path / "ds")]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "nodulab",
+        "generate",
+        "clean",
+        "--n",
+        "8",
+        "--size",
+        "32",
+        "--pixel-mm",
+        "1.4",
+        "--out",
+        str(tmp_path / "ds"),
+    ]
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     time.sleep(delay_s)
     proc.send_signal(signal.SIGINT)

@@ -21,8 +21,9 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import assert_one_line_error, file_tree
-from nodulab import data, writing
 from nodulab.cli import app
+from nodulab.common import writing
+from nodulab.data import dataset as data
 
 SMALL = ["--n", "8", "--size", "32", "--pixel-mm", "1.4"]
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -46,10 +47,8 @@ def base(original: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
     return Path(shutil.copytree(original, tmp_path / "base"))
 
 
-
 def invoke(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])
-
 
 
 def no_scratch(folder: Path) -> None:
@@ -70,8 +69,17 @@ def no_scratch(folder: Path) -> None:
         ["generate", "clean", *SMALL, "--out", "..", "--force"],
         ["generate", "clean", *SMALL, "--out", "base/..", "--force"],
     ],
-    ids=["train-onto-data", "train-inside-data", "export-onto-data", "export-inside-data", "export-cwd",
-         "gallery-inside-data", "generate-cwd", "generate-parent", "generate-dotdot-cwd"],  # fmt: skip
+    ids=[
+        "train-onto-data",
+        "train-inside-data",
+        "export-onto-data",
+        "export-inside-data",
+        "export-cwd",
+        "gallery-inside-data",
+        "generate-cwd",
+        "generate-parent",
+        "generate-dotdot-cwd",
+    ],
 )
 def test_out_never_replaces_or_enters_an_input(base: Path, command: list[str]) -> None:
     before = file_tree(base.parent)
@@ -135,8 +143,11 @@ HOSTILE = {
 def test_hostile_manifest_is_refused_everywhere(base: Path, tmp_path: Path, case: str) -> None:
     _edit_manifest(base, HOSTILE[case])
     before = file_tree(tmp_path)
-    for command in (["export", "base", "--format", "png", "--out", "exp/x"],
-                    ["gallery", "base", "--out", "g.png"], ["train", "base", *FAST, "--out", "run"]):  # fmt: skip
+    for command in (
+        ["export", "base", "--format", "png", "--out", "exp/x"],
+        ["gallery", "base", "--out", "g.png"],
+        ["train", "base", *FAST, "--out", "run"],
+    ):
         assert_one_line_error(invoke(*command))
         assert file_tree(tmp_path) == before, command
     result = invoke("validate", "base")
@@ -169,22 +180,27 @@ BAD_DATA = {
     "cell-abc": lambda root: _csv_cell(root, "diameter_mm", "abc"),
     "label-7": lambda root: _csv_cell(root, "label", "7"),
     "deleted-row": lambda root: (root / "val/factors.csv").write_text(
-        "".join((root / "val/factors.csv").read_text().splitlines(keepends=True)[:-1])),
+        "".join((root / "val/factors.csv").read_text().splitlines(keepends=True)[:-1])
+    ),
     "missing-column": lambda root: (root / "val/factors.csv").write_text(
-        "\n".join(",".join(line.split(",")[1:]) for line in (root / "val/factors.csv").read_text().splitlines()) + "\n"),
+        "\n".join(",".join(line.split(",")[1:]) for line in (root / "val/factors.csv").read_text().splitlines()) + "\n"
+    ),
     "unknown-shape": lambda root: _csv_cell(root, "shape", "square"),
     "empty-csv": lambda root: (root / "val/factors.csv").write_text(""),
     "npy-is-folder": lambda root: ((root / "val/masks.npy").unlink(), (root / "val/masks.npy").mkdir()),
     "dtype-swap": lambda root: np.save(root / "val/masks.npy", np.zeros((8, 32, 32), dtype=np.int16)),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(BAD_DATA))
 def test_bad_data_gives_one_line_and_validate_reports_it(base: Path, tmp_path: Path, case: str) -> None:
     BAD_DATA[case](base)
     before = file_tree(tmp_path)
-    for command in (["export", "base", "--format", "medmnist", "--out", "x.npz"],
-                    ["gallery", "base", "--out", "g.png"], ["train", "base", *FAST, "--out", "run"]):  # fmt: skip
+    for command in (
+        ["export", "base", "--format", "medmnist", "--out", "x.npz"],
+        ["gallery", "base", "--out", "g.png"],
+        ["train", "base", *FAST, "--out", "run"],
+    ):
         assert_one_line_error(invoke(*command), "val")
         assert file_tree(tmp_path) == before, command
     result = invoke("validate", "base", "--n-rerender", "2")
@@ -218,7 +234,11 @@ def test_huge_n_is_refused_before_anything_is_allocated(tmp_path: Path, monkeypa
 def test_overflowing_choice_weights_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     path = _scenario(tmp_path)
-    path.write_text(path.read_text().replace("[factors]", "[factors]\nsolid_fraction = { choice = [0.3, 0.5], weights = [1e308, 1e308] }"))
+    path.write_text(
+        path.read_text().replace(
+            "[factors]", "[factors]\nsolid_fraction = { choice = [0.3, 0.5], weights = [1e308, 1e308] }"
+        )
+    )
     assert_one_line_error(invoke("generate", str(path), *SMALL, "--out", "x"), "weights")
 
 
@@ -277,7 +297,7 @@ def test_gallery_writes_only_png_never_overwrites_and_names_what_it_wrote(base: 
 # ----------------------------------------------------------------------------- races and leftovers
 def test_rename_into_place_is_exclusive(tmp_path: Path) -> None:
     """Another process finishing the same --out first wins; this one fails, the winner is intact."""
-    from nodulab.scenarios import load_scenario
+    from nodulab.synth.scenarios import load_scenario
 
     scenario = load_scenario("clean", n=8, size=32, pixel_mm=1.4)
     out = tmp_path / "ds"
@@ -314,8 +334,21 @@ def test_stale_temp_folders_of_dead_processes_are_removed(tmp_path: Path, monkey
 
 def test_sigterm_during_generate_exits_143_and_removes_the_temp_folder(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": SRC}
-    args = [sys.executable, "-m", "nodulab", "generate", "clean", "--n", "3000", "--size", "32", "--pixel-mm",
-            "1.4", "--out", str(tmp_path / "ds")]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "nodulab",
+        "generate",
+        "clean",
+        "--n",
+        "3000",
+        "--size",
+        "32",
+        "--pixel-mm",
+        "1.4",
+        "--out",
+        str(tmp_path / "ds"),
+    ]
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     deadline = time.monotonic() + 60
     while not any(p.name.startswith(".tmp-ds-") for p in tmp_path.iterdir()) and time.monotonic() < deadline:

@@ -26,9 +26,17 @@ try:  # typer >= 0.20 vendors click
 except ImportError:  # pragma: no cover - older typer depends on click
     from click.exceptions import ClickException
 
-from nodulab.choices import (
-    DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_WEIGHT_DECAY, DEVICES, ENCODERS, EXPORT_FORMATS, LOSS_NAMES, MAX_N,
-    SELECTIONS, VIEWS,
+from nodulab.common.choices import (
+    DEFAULT_EPOCHS,
+    DEFAULT_LR,
+    DEFAULT_WEIGHT_DECAY,
+    DEVICES,
+    ENCODERS,
+    EXPORT_FORMATS,
+    LOSS_NAMES,
+    MAX_N,
+    SELECTIONS,
+    VIEWS,
 )
 
 if TYPE_CHECKING:  # torch, sklearn, matplotlib and pandas load inside the commands that need them
@@ -40,13 +48,13 @@ EXIT_TERMINATED = 143
 console = Console(highlight=False)
 
 _INPUT_ERRORS = (
-    ("nodulab.scenarios", "ScenarioError"),
-    ("nodulab.data", "DatasetError"),
-    ("nodulab.training", "TrainError"),
-    ("nodulab.runs", "RunError"),
-    ("nodulab.studies", "StudyError"),
-    ("nodulab.study", "StudyRunError"),
-    ("nodulab.store", "StoreError"),
+    ("nodulab.synth.scenarios", "ScenarioError"),
+    ("nodulab.data.dataset", "DatasetError"),
+    ("nodulab.training.loop", "TrainError"),
+    ("nodulab.training.runs", "RunError"),
+    ("nodulab.studies.config", "StudyError"),
+    ("nodulab.studies.driver", "StudyRunError"),
+    ("nodulab.results.store", "StoreError"),
 )
 
 
@@ -145,8 +153,14 @@ Executor = _choices("Executor", EXECUTORS)
 def _progress() -> Progress:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), console=console, transient=True)  # fmt: skip
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
 
 
 @app.command()
@@ -154,7 +168,7 @@ def scenarios() -> None:
     """List the preset scenarios."""
     from rich.table import Table
 
-    from nodulab.scenarios import list_presets
+    from nodulab.synth.scenarios import list_presets
 
     table = Table(title="preset scenarios", show_lines=False)
     table.add_column("name", style="bold")
@@ -168,12 +182,14 @@ def _summary(manifest: dict[str, Any]) -> Any:
     """Per split: count, labels and the measured agreement of each confound (a rich Table)."""
     from rich.table import Table
 
-    from nodulab.gallery import short_factor
+    from nodulab.data.gallery import short_factor
 
     image, splits = manifest["image"], manifest["splits"]
     confounds = [k for k in next(iter(splits.values()))["cells"][0] if k.startswith("agrees_")]
-    title = (f"{manifest['scenario'].get('name', '')} · seed {manifest['seed']} · {image['dim']}D "
-             f"{image['size']} px at {image['pixel_mm']:g} mm")  # fmt: skip
+    title = (
+        f"{manifest['scenario'].get('name', '')} · seed {manifest['seed']} · {image['dim']}D "
+        f"{image['size']} px at {image['pixel_mm']:g} mm"
+    )
     table = Table(title=title)
     table.add_column("split", no_wrap=True)
     for column in ("n", "benign", "malignant", *(f"agrees\n{short_factor(c)}" for c in confounds)):
@@ -181,8 +197,13 @@ def _summary(manifest: dict[str, Any]) -> Any:
     for name, entry in splits.items():
         n = max(entry["n"], 1)
         count = {key: sum(c["count"] for c in entry["cells"] if c[key] == 1) for key in ["label", *confounds]}
-        table.add_row(name, str(entry["n"]), str(entry["n"] - count["label"]), str(count["label"]),
-                      *(f"{count[c] / n:.3f}" for c in confounds))  # fmt: skip
+        table.add_row(
+            name,
+            str(entry["n"]),
+            str(entry["n"] - count["label"]),
+            str(count["label"]),
+            *(f"{count[c] / n:.3f}" for c in confounds),
+        )
     return table
 
 
@@ -191,16 +212,18 @@ def generate(
     scenario: Annotated[str, typer.Argument(help="Preset name (`nodulab scenarios`) or a TOML file.")],
     out: Annotated[Path, typer.Option("--out", help="Dataset folder to create.")],
     seed: Annotated[int, typer.Option(min=0, help="Dataset seed; same scenario + seed = same bytes.")] = 0,
-    n: Annotated[int | None, typer.Option("--n", min=1, max=MAX_N, help=f"Samples in every split (at most {MAX_N:,}).")] = None,
+    n: Annotated[
+        int | None, typer.Option("--n", min=1, max=MAX_N, help=f"Samples in every split (at most {MAX_N:,}).")
+    ] = None,
     dim: Annotated[int | None, typer.Option(min=2, max=3, help="2 (patches) or 3 (volumes).")] = None,
     size: Annotated[int | None, typer.Option(min=1, help="Pixels per side.")] = None,
     pixel_mm: Annotated[float | None, typer.Option("--pixel-mm", help="Isotropic spacing in mm.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
     """Render a scenario into a dataset folder (images.npy, masks.npy, factors.csv, dataset.json)."""
-    from nodulab import data
-    from nodulab.renderer import keep_freed_tensors_mapped
-    from nodulab.scenarios import load_scenario, resolve
+    from nodulab.data import dataset as data
+    from nodulab.synth.renderer import keep_freed_tensors_mapped
+    from nodulab.synth.scenarios import load_scenario, resolve
 
     resolved = resolve(load_scenario(scenario), n=n, dim=dim, size=size, pixel_mm=pixel_mm)
     data.check_out(out, [scenario] if Path(scenario).is_file() else [])
@@ -213,7 +236,7 @@ def generate(
         data.generate(resolved, out, seed=seed, force=force, progress=lambda k: bar.advance(task, k))
     console.print(_summary(data.load_manifest(out)))
     if resolved.source is not None:
-        from nodulab import twins
+        from nodulab.synth import twins
 
         left = ", ".join(f"{split} {k}/{total}" for split, (k, total) in twins.left_out(resolved).items())
         console.print(f"{resolved.source.table} annotations left out (their lesion cannot fit the patch): {left}")
@@ -226,7 +249,7 @@ def validate(
     n_rerender: Annotated[int, typer.Option("--n-rerender", min=0, help="Rows re-rendered per split.")] = 16,
 ) -> None:
     """Re-check a dataset: hashes, re-render, label balance, confound agreement, diameters."""
-    from nodulab import validate as validating
+    from nodulab.data import validate as validating
 
     result = validating.validate(directory, n_rerender=n_rerender)
     for check in result.checks:
@@ -247,7 +270,7 @@ def gallery(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
     """Draw a PNG gallery: one panel per split, one row per (label, agrees) cell."""
-    from nodulab.gallery import gallery as draw_gallery
+    from nodulab.data.gallery import gallery as draw_gallery
 
     written = draw_gallery(directory, out, per_cell=per_cell, seed=seed, force=force)
     console.print(f"wrote {written}")
@@ -261,7 +284,8 @@ def export(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
     """Export a dataset as a MedMNIST-style .npz, NIfTI volumes or PNG images."""
-    from nodulab import data, export as exporting
+    from nodulab.data import dataset as data
+    from nodulab.data import export as exporting
 
     manifest = data.load_manifest(directory)
     if out.exists() and not force:
@@ -278,7 +302,8 @@ REALISM_HELP = """Trace every nodule as a reader would and compare its outline w
 Each nodule is thresholded midway between the parenchyma (-860 HU) and its body attenuation
 (ground glass / part-solid -650 HU, solid / calcified +30 HU), vessel pixels (mask region 3) left
 out as a reader leaves vessels out, holes filled, and the connected component at the nodule
-centre ((size-1)/2 + offset/pixel_mm per axis) kept; in 3D its largest axial slice. Solidity, radial CV, aspect and area-equivalent diameter are measured exactly as on
+centre ((size-1)/2 + offset/pixel_mm per axis) kept; in 3D its largest axial slice. Solidity, radial
+CV, aspect and area-equivalent diameter are measured exactly as on
 the shipped LIDC-IDRI table. Groups: lidc_spiculation 1..5 when the rows were drawn from that
 table (then the goals are checked), else shape (round vs real spiculation 1; lobulated and
 spiculated vs >= 4). LIDC-IDRI: CC BY 3.0, Armato et al., Med Phys 2011, doi:10.1118/1.3528204.
@@ -288,14 +313,18 @@ spiculated vs >= 4). LIDC-IDRI: CC BY 3.0, Armato et al., Med Phys 2011, doi:10.
 @app.command(help=REALISM_HELP)
 def realism(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="Dataset folder.")],
-    split: Annotated[list[str] | None, typer.Option("--split", help="Split to read, repeatable (default: every split).")] = None,
+    split: Annotated[
+        list[str] | None, typer.Option("--split", help="Split to read, repeatable (default: every split).")
+    ] = None,
     n: Annotated[int | None, typer.Option("--n", min=1, help="Read at most the first N rows of each split.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help=(
-        "Folder to create: realism.csv, summary.json, measures.csv, realism.png.")
-    )] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help=("Folder to create: realism.csv, summary.json, measures.csv, realism.png.")),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
-    from nodulab import data, realism as realistic
+    from nodulab.data import dataset as data
+    from nodulab.data import realism as realistic
 
     chosen = realistic.check_splits(directory, split, n)
     if out is not None:
@@ -328,10 +357,7 @@ class _StageBars:
         self.bar.update(self.tasks[stage], completed=done, total=total)
 
 
-SELECT_HELP = (
-    "Checkpoint: last epoch, or best on val "
-    "(val shares the training distribution: favours shortcuts)."
-)
+SELECT_HELP = "Checkpoint: last epoch, or best on val (val shares the training distribution: favours shortcuts)."
 
 
 VIEWS_HELP = (
@@ -366,18 +392,32 @@ def train_run(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
 ) -> None:
     """Train one encoder with one loss, fit its readouts and their untrained controls, write the run folder."""
-    from nodulab import losses
-    from nodulab import training
+    from nodulab.training import loop as training
+    from nodulab.training import losses
 
     try:
         params = losses.parse_params(loss, loss_param or []) if loss in LOSS_NAMES else {}
     except ValueError as error:
         raise training.TrainError(str(error)) from None
     with _progress() as bar:
-        run = training.train(data_dir, out, loss=loss, encoder=encoder.value, epochs=epochs, batch_size=batch_size,
-                             lr=lr, weight_decay=weight_decay, loss_params=params, seed=seed, views=views.value,
-                             device=device.value, selection=select.value, threads=threads, force=force,
-                             progress=_StageBars(bar))  # fmt: skip
+        run = training.train(
+            data_dir,
+            out,
+            loss=loss,
+            encoder=encoder.value,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            loss_params=params,
+            seed=seed,
+            views=views.value,
+            device=device.value,
+            selection=select.value,
+            threads=threads,
+            force=force,
+            progress=_StageBars(bar),
+        )
     console.print(f"wrote {run}")
 
 
@@ -387,14 +427,22 @@ def evaluate(
     data_dir: Annotated[Path, typer.Argument(metavar="DATA_DIR", help="Dataset folder.")],
     device: Annotated[Device, typer.Option(help="auto picks cuda when available.")] = Device.auto,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 256,
-    out: Annotated[Path | None, typer.Option("--out", help=(
-        "Folder to create for the tables (needed when DATA_DIR is not the run's own dataset).")
-    )] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help=("Folder to create for the tables (needed when DATA_DIR is not the run's own dataset).")
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out folder.")] = False,
-    threshold: Annotated[ThresholdRule, typer.Option(help=(
-        "fixed: 0.5. val: per classifier, the threshold of maximum balanced accuracy on val "
-        "(ties: nearest 0.5); never chosen on a test split.")
-    )] = ThresholdRule.fixed,
+    threshold: Annotated[
+        ThresholdRule,
+        typer.Option(
+            help=(
+                "fixed: 0.5. val: per classifier, the threshold of maximum balanced accuracy on val "
+                "(ties: nearest 0.5); never chosen on a test split."
+            )
+        ),
+    ] = ThresholdRule.fixed,
 ) -> None:
     """Score a run on every split but train and val_balanced; write metrics.csv, groups.csv, evaluation.json.
 
@@ -408,11 +456,18 @@ def evaluate(
 
     import pandas as pd
 
-    from nodulab import metrics
-    from nodulab import training
+    from nodulab.training import evaluation as metrics
+    from nodulab.training import loop as training
 
-    frame = metrics.evaluate_run(run_dir, data_dir, device=training.resolve_device(device.value),
-                                 batch_size=batch_size, out=out, force=force, threshold=threshold.value)  # fmt: skip
+    frame = metrics.evaluate_run(
+        run_dir,
+        data_dir,
+        device=training.resolve_device(device.value),
+        batch_size=batch_size,
+        out=out,
+        force=force,
+        threshold=threshold.value,
+    )
     folder = out or run_dir
     groups = pd.read_csv(folder / metrics.GROUPS_FILE)
     evaluation = json.loads((folder / metrics.EVALUATION_FILE).read_text(encoding="utf-8"))
@@ -423,8 +478,11 @@ def evaluate(
         chosen = ", ".join(f"{c} {rule['values'][c]:.3g}" for c in evaluation["classifiers"])
         title = f"{run_dir} · thresholds chosen on val: {chosen}"
     console.print(metrics.metrics_table(frame, title=title, groups=groups))
-    console.print("head: the loss's own; probe, knn: fitted on train; dfr: feature-quality oracle (fitted on "
-                  "val_balanced); *_init: the untrained encoder (controls)", soft_wrap=True)  # fmt: skip
+    console.print(
+        "head: the loss's own; probe, knn: fitted on train; dfr: feature-quality oracle (fitted on "
+        "val_balanced); *_init: the untrained encoder (controls)",
+        soft_wrap=True,
+    )
     console.print(f"wrote {folder / metrics.METRICS_FILE} (with sample-level 95% intervals), {metrics.GROUPS_FILE}")
 
 
@@ -432,9 +490,12 @@ def evaluate(
 def explain(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Run folder of `nodulab train`.")],
     data_dir: Annotated[Path, typer.Argument(metavar="DATA_DIR", help="The dataset the run was trained on.")],
-    splits: Annotated[list[str] | None, typer.Option("--splits", help=(
-        "Split to explain, repeatable or comma-separated (default: every test_* split).")
-    )] = None,
+    splits: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--splits", help=("Split to explain, repeatable or comma-separated (default: every test_* split).")
+        ),
+    ] = None,
     n: Annotated[int | None, typer.Option("--n", min=1, help="Explain the first N rows of each split.")] = None,
     device: Annotated[Device, typer.Option(help="auto picks cuda when available.")] = Device.auto,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 256,
@@ -446,19 +507,26 @@ def explain(
     again: head (the loss's own), probe and knn (fitted on train), dfr (feature-quality oracle),
     probe_init and knn_init (the untrained encoder: controls).
     """
-    from nodulab import explanation as explaining
-    from nodulab import training
-    from nodulab.renderer import keep_freed_tensors_mapped
+    from nodulab.explanation import counterfactual
+    from nodulab.explanation import run as explaining
+    from nodulab.synth.renderer import keep_freed_tensors_mapped
+    from nodulab.training import loop as training
 
     chosen = [s for item in splits or [] for s in item.split(",") if s] or None
     keep_freed_tensors_mapped()  # opt in to glibc's faster setting for this bulk-rendering process
     with _progress() as bar:
-        tables = explaining.explain_run(run_dir, data_dir, splits=chosen, n=n,
-                                        device=training.resolve_device(device.value), batch_size=batch_size,
-                                        force=force, writers=explaining.EXTRA_WRITERS,
-                                        progress=_StageBars(bar))  # fmt: skip
-    console.print(explaining.reliance_table(tables["reliance"]))
-    console.print(f"wrote {run_dir / explaining.EXPLAIN_DIR}")
+        tables = explaining.explain_run(
+            run_dir,
+            data_dir,
+            splits=chosen,
+            n=n,
+            device=training.resolve_device(device.value),
+            batch_size=batch_size,
+            force=force,
+            progress=_StageBars(bar),
+        )
+    console.print(counterfactual.reliance_table(tables["reliance"]))
+    console.print(f"wrote {run_dir / counterfactual.EXPLAIN_DIR}")
 
 
 @app.command("studies")
@@ -466,7 +534,7 @@ def list_studies() -> None:
     """List the preset studies."""
     from rich.table import Table
 
-    from nodulab.studies import list_presets
+    from nodulab.studies.config import list_presets
 
     table = Table(title="preset studies")
     table.add_column("name", style="bold")
@@ -489,16 +557,22 @@ def _run_line(result: Any) -> str:
 def run_study(
     study: Annotated[str, typer.Argument(metavar="STUDY", help="Preset (`nodulab studies`) or a study TOML file.")],
     out: Annotated[Path, typer.Option("--out", help="Study folder: created, or resumed when it holds this study.")],
-    executor: Annotated[Executor, typer.Option(help=(
-        "local: this machine. ray: one Ray task per run on the cluster RAY_ADDRESS names (else a local one).")
-    )] = Executor.local,
-    jobs: Annotated[int, typer.Option("--jobs", min=1, help=(
-        "Local runs at once (each keeps the study's thread count).")
-    )] = 1,
+    executor: Annotated[
+        Executor,
+        typer.Option(
+            help=("local: this machine. ray: one Ray task per run on the cluster RAY_ADDRESS names (else a local one).")
+        ),
+    ] = Executor.local,
+    jobs: Annotated[
+        int, typer.Option("--jobs", min=1, help=("Local runs at once (each keeps the study's thread count)."))
+    ] = 1,
     device: Annotated[Device, typer.Option(help="auto picks cuda when available.")] = Device.auto,
-    cache: Annotated[Path | None, typer.Option("--cache", help=(
-        "Dataset cache, named by content; may be shared by studies (default: OUT/datasets).")
-    )] = None,
+    cache: Annotated[
+        Path | None,
+        typer.Option(
+            "--cache", help=("Dataset cache, named by content; may be shared by studies (default: OUT/datasets).")
+        ),
+    ] = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Run the failed runs again.")] = False,
 ) -> None:
     """Run a study: datasets, every (scenario, loss, seed, draw), evaluate, explain, store, report.
@@ -506,10 +580,10 @@ def run_study(
     Resumable: run the same command again after a crash or kill and it continues where it stopped
     (a recorded run is never redone). Results: OUT/results.sqlite, OUT/*.csv, OUT/report.html.
     """
-    from nodulab import study as studying
-    from nodulab import training
-    from nodulab.renderer import keep_freed_tensors_mapped
-    from nodulab.studies import load_study
+    from nodulab.studies import driver as studying
+    from nodulab.studies.config import load_study
+    from nodulab.synth.renderer import keep_freed_tensors_mapped
+    from nodulab.training import loop as training
 
     chosen = load_study(study)
     resolved_device = training.resolve_device(device.value)
@@ -533,11 +607,23 @@ def run_study(
         def on_dataset(name: str, rows: int) -> None:
             bar.update(datasets, advance=rows, description=f"rendering {name}")
 
-        summary = studying.run_study(chosen, out, executor=executor.value, jobs=jobs, device=resolved_device,
-                                     cache=cache, retry_failed=retry_failed, on_dataset=on_dataset,
-                                     on_plan=on_plan, on_result=on_result, progress=stages)  # fmt: skip
-    console.print(f"{summary.planned} runs: {summary.skipped} already recorded, {summary.done} done, "
-                  f"{summary.failed} failed · {summary.wall_seconds:.0f} s")  # fmt: skip
+        summary = studying.run_study(
+            chosen,
+            out,
+            executor=executor.value,
+            jobs=jobs,
+            device=resolved_device,
+            cache=cache,
+            retry_failed=retry_failed,
+            on_dataset=on_dataset,
+            on_plan=on_plan,
+            on_result=on_result,
+            progress=stages,
+        )
+    console.print(
+        f"{summary.planned} runs: {summary.skipped} already recorded, {summary.done} done, "
+        f"{summary.failed} failed · {summary.wall_seconds:.0f} s"
+    )
     console.print(f"wrote {Path(out) / 'results.sqlite'}, the CSVs and {Path(out) / 'report.html'}")
 
 
@@ -547,6 +633,6 @@ def report(
     out: Annotated[Path | None, typer.Option("--out", help="HTML file to write (default DIR/report.html).")] = None,
 ) -> None:
     """Write one self-contained HTML page of a study's results, read only from DIR/results.sqlite."""
-    from nodulab.report import write_report
+    from nodulab.results.report import write_report
 
     console.print(f"wrote {write_report(directory, out)}")

@@ -1,0 +1,1 @@
+"""Torch-free pieces every stage shares: option values, safe writing, scoring, seed statistics."""

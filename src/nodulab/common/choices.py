@@ -1,0 +1,26 @@
+"""The valid values of every enumerated option, in a module that imports nothing heavy.
+
+The command line builds its choices and help texts from these tuples at start-up, before torch,
+pytorch-metric-learning or scikit-learn are loaded; the modules that own each idea import them
+from here (``models.ENCODERS``, ``train.VIEWS``, ``export.EXPORT_FORMATS``). ``LOSS_NAMES`` mirrors
+the loss registry of ``nodulab.training.losses`` (a test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+ENCODERS = ("small-cnn", "resnet18")
+VIEWS = ("both", "augment", "rerender")
+"""View modes (``augment.VIEW_MODES``); ``both`` is the default for every loss."""
+DEVICES = ("auto", "cpu", "cuda")
+SELECTIONS = ("last", "best-val")
+EXPORT_FORMATS = ("medmnist", "nifti", "png")
+DEFAULT_EPOCHS = 30
+"""Default epochs: on ``size-confound`` at 32 px, n = 2,000 every loss but ``triplet`` (whose
+semi-hard loss is a mean over what it mines) ends with a flat training loss over its last 20% of
+epochs (README: Training and evaluation, with the measured numbers)."""
+DEFAULT_LR = 1e-3
+DEFAULT_WEIGHT_DECAY = 0.0
+"""AdamW defaults (``losses.OPTIMISER_PARAMS`` holds them with their tuning ranges)."""
+MAX_N = 1_000_000
+"""Largest sample count of one split (scenario ``n`` and ``--n``); ``scenarios.MAX_N`` is this."""
+LOSS_NAMES = ("ce", "contrastive", "triplet", "supcon", "simclr", "ce+supcon", "ce+triplet")

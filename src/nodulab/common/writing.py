@@ -1,0 +1,278 @@
+"""Writing safely (the habits of git, zarr and DVC), for every command that writes.
+
+Outputs are written into a temporary sibling named after their owner (``.tmp-<name>-<host>-<pid>-*``),
+fsynced, and renamed into place by a rename that fails when the target appeared meanwhile; a
+failure or a signal removes the sibling, and the next run removes siblings of dead processes.
+An output may never be, contain or lie inside what the command reads, nor be the current folder
+or a parent of it. Temporary files and folders get the mode the umask asks for.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+class DatasetError(ValueError):
+    """A dataset folder is missing, malformed, or would be overwritten without ``force``."""
+
+
+class OutExists(DatasetError):
+    """``--out`` exists (or appeared while the command ran) and ``force`` was not given.
+
+    A caller that shares outputs between processes (a dataset cache) can catch it, wait for
+    :func:`nodulab.data.dataset.is_complete` and then check the winner's hashes.
+    """
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path | str) -> None:
+    """Give a file or folder made by ``tempfile`` (0600 / 0700) the mode the umask asks for."""
+    base = 0o777 if Path(path).is_dir() else 0o666
+    os.chmod(path, base & ~_umask())
+
+
+def check_out(out: Path | str, inputs: Iterable[Path | str] = (), *, flag: str = "--out") -> Path:
+    """Refuse an output path that would replace or write into what a command reads.
+
+    ``out`` may not be the current folder, a parent of it or a filesystem root, and may not be,
+    contain or lie inside any of ``inputs`` (a dataset folder, a scenario file). Symlinks are
+    resolved on both sides, so a link cannot smuggle the output into an input.
+
+    Args:
+        out: the path a command will create or replace.
+        inputs: paths the command reads.
+        flag: the option named in the message.
+
+    Returns:
+        ``out`` resolved.
+
+    Raises:
+        DatasetError: with a one-line message naming the conflict.
+    """
+    target = Path(out).resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents or target == Path(target.anchor):
+        raise DatasetError(f"{flag} {out}: is the current folder or one of its parents; name a new folder")
+    for given in inputs:
+        source = Path(given).resolve()
+        if target == source or target in source.parents:
+            raise DatasetError(f"{flag} {out}: would replace the input {given}; choose another path")
+        if source in target.parents:
+            raise DatasetError(f"{flag} {out}: lies inside the input {given}; choose a path outside it")
+    return target
+
+
+def is_inside(root: Path, path: Path) -> bool:
+    """Whether ``path`` (symlinks resolved) lies under ``root`` (symlinks resolved)."""
+    root, path = Path(root).resolve(), Path(path).resolve()
+    return path == root or root in path.parents
+
+
+def write_atomically(path: Path | str, write: Callable[[str], Any], *, exclusive: bool = False) -> None:
+    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place.
+
+    A reader never sees half a file, and a failed write leaves nothing behind. The file gets the
+    mode the umask asks for.
+
+    Args:
+        path: the file to create or replace.
+        write: writes the whole file at the path it is given.
+        exclusive: fail with ``OutExists`` if ``path`` exists (checked at the rename).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        follow_umask(tmp)
+        write(tmp)
+        fsync_file(Path(tmp))
+        if exclusive:
+            rename_no_replace(Path(tmp), path)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file to the device (before it is renamed into place)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def rename_no_replace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``; raise ``OutExists`` if ``dst`` exists, atomically.
+
+    Uses Linux ``renameat2(RENAME_NOREPLACE)``; where that is missing, a file is hard-linked
+    (``link`` fails on an existing name) and a folder renamed (``rename`` fails onto a non-empty
+    folder, and a finished output is never empty).
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        code = libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+        error = ctypes.get_errno() if code != 0 else 0
+    except (AttributeError, OSError):
+        code, error = -1, errno.ENOSYS
+    if code == 0:
+        return
+    if error == errno.EEXIST:
+        raise OutExists(f"--out {dst} appeared while this command ran (use --force to replace it)")
+    if error not in (errno.ENOSYS, errno.EINVAL):
+        raise OSError(error, os.strerror(error), str(dst))
+    try:
+        if src.is_dir():
+            os.rename(src, dst)
+        else:
+            os.link(src, dst)
+            os.unlink(src)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise OutExists(f"--out {dst} appeared while this command ran (use --force to replace it)") from None
+        raise
+
+
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40] or "host"
+
+
+def _scratch_prefix(kind: str, out: Path) -> str:
+    """``.tmp-<name>-<host>-<pid>-``: who owns a temporary sibling, so a later run can tidy up."""
+    return f".{kind}-{out.name}-{_HOST}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_scratch(out: Path) -> list[Path]:
+    """Remove temporary siblings of ``out`` left by dead processes of this host (kill -9, power loss).
+
+    Only names this module makes for this very ``out`` are touched (``.tmp-<name>-<host>-<pid>-*``
+    and ``.old-<name>-…``), and only when process ``pid`` no longer exists.
+
+    Returns:
+        The folders removed.
+    """
+    pattern = re.compile(rf"^\.(tmp|old)-{re.escape(out.name)}-{re.escape(_HOST)}-(\d+)-[A-Za-z0-9_]+$")
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for entry in out.parent.iterdir():
+        match = pattern.match(entry.name)
+        if match and int(match.group(2)) != os.getpid() and not _alive(int(match.group(2))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+@contextmanager
+def staged(out: Path, *, force: bool = False, is_file: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder of ``out``; put the result in place only on success.
+
+    The rename into place is exclusive: if ``out`` appeared meanwhile (another process), this one
+    fails with ``OutExists`` unless ``force``. Temporary siblings of dead processes are removed
+    first; the new folder follows the umask; a full disk becomes a one-line ``DatasetError``.
+
+    Args:
+        out: final path (a folder, or a file when ``is_file``).
+        force: replace an existing ``out`` (only after the new one is complete).
+        is_file: the block writes ``tmp / out.name``, which becomes ``out``.
+
+    Yields:
+        The temporary folder. On any exception (SIGINT and SIGTERM included) it is removed, with
+        any parents created for it.
+    """
+    out = Path(out)
+    check_out(out)
+    if (out.exists() or out.is_symlink()) and not force:
+        raise OutExists(f"--out {out} already exists (use --force to replace it)")
+    created = [p for p in reversed(out.parents) if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_scratch(out)
+    tmp = Path(tempfile.mkdtemp(prefix=_scratch_prefix("tmp", out), dir=out.parent))
+    try:
+        follow_umask(tmp)
+        yield tmp
+        _replace(tmp / out.name if is_file else tmp, out, force=force)
+    except BaseException as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for parent in reversed(created):
+            if parent.exists() and not any(parent.iterdir()):
+                parent.rmdir()
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            raise DatasetError(f"--out {out}: no space left on the device; nothing was written") from None
+        raise
+    if is_file:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _replace(src: Path, out: Path, *, force: bool) -> None:
+    """Rename ``src`` to ``out`` without ever replacing an ``out`` that appeared meanwhile.
+
+    With ``force`` an existing ``out`` is moved aside first and deleted last (restored if the
+    rename fails); without it, an ``out`` that appeared raises ``OutExists``.
+    """
+    for _ in range(8):
+        try:
+            rename_no_replace(src, out)
+            return
+        except OutExists:
+            if not force:
+                raise
+        old = Path(tempfile.mkdtemp(prefix=_scratch_prefix("old", out), dir=out.parent)) / out.name
+        try:
+            os.rename(out, old)
+        except FileNotFoundError:  # another process moved it first: try again
+            _remove(old.parent)
+            continue
+        try:
+            rename_no_replace(src, out)
+        except BaseException:
+            try:
+                rename_no_replace(old, out)  # put the previous output back
+            except OSError:
+                pass  # it stays in the .old-* sibling rather than being deleted
+            else:
+                _remove(old.parent)
+            raise
+        _remove(old.parent)
+        return
+    raise OutExists(f"--out {out} keeps being replaced by another process")

@@ -1,0 +1,1 @@
+"""What a model learned: counterfactual switches, reliance, probes and Grad-CAM."""

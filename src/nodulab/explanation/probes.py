@@ -1,0 +1,338 @@
+"""Linear decodability of every factor from the frozen embedding, and embedding maps (DESIGN §6).
+
+``factor_probes`` asks how linearly decodable each factor of variation is from a run's frozen
+features (Hermann & Lampinen 2020): a logistic regression for categorical factors (``label``,
+``shape``, ``attenuation``, ``agrees_*``; scored by balanced accuracy, chance = 1 / classes) and
+a ridge regression for numeric ones (scored by held-out R², chance <= 0). Every score is fitted
+on one half of a balanced split and scored on the other (a seeded stratified 2-fold split, both
+directions averaged), and comes with two controls beside it:
+
+- ``random_init``: the same probe on the run's untrained encoder (same seed): what the input
+  alone gives away through random convolutions. Diameter, attenuation and noise are decodable
+  from almost any encoder; a trained score is only interesting above this one.
+- ``shuffled_labels``: the trained encoder with the fitting half's targets permuted, scored on
+  the true held-out targets (mean over ``PERMUTATIONS`` permutations): the score a probe
+  reaches by fitting noise (about chance).
+
+``embedding_figure`` draws the frozen embedding (PCA; UMAP too when ``umap-learn`` is
+importable) coloured by the label and by each factor that varies, one panel each.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from sklearn.decomposition import PCA
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression, RidgeCV
+from sklearn.metrics import balanced_accuracy_score, r2_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+
+from nodulab.common.tables import write_table
+from nodulab.data.dataset import load_manifest, load_split
+from nodulab.data.gallery import short_factor
+from nodulab.training.readouts import extract
+from nodulab.training.runs import LoadedRun, run_threads
+
+if TYPE_CHECKING:
+    from nodulab.explanation.context import ExplainContext
+
+PROBE_COLUMNS = ("factor", "target", "metric", "score", "control")
+CONTROLS = ("trained", "random_init", "shuffled_labels")
+CATEGORICAL = ("label", "shape", "attenuation")
+"""Categorical factors (``agrees_<factor>`` columns are categorical too)."""
+NUMERIC = (
+    "diameter_mm",
+    "lobulation",
+    "n_spicules",
+    "spicule_length_rel",
+    "spicule_width_mm",
+    "solid_fraction",
+    "margin_sigma_mm",
+    "vessels",
+    "noise_hu",
+    "kernel_fwhm_mm",
+    "offset_x_mm",
+    "offset_y_mm",
+    "offset_z_mm",
+    "elongation",
+    "irregularity",
+    "spicule_grade",
+)
+"""Numeric factors decoded by ridge R². ``rotation_deg`` is left out: the angle is circular and
+each nodule's own orientation is drawn from its seed, so the stored angle is not identifiable
+from the image. ``pixel_mm`` is fixed per dataset."""
+ACTS_ON = {
+    "n_spicules": ("shape", ("spiculated",)),
+    "spicule_length_rel": ("shape", ("spiculated",)),
+    "spicule_width_mm": ("shape", ("spiculated",)),
+    "spicule_grade": ("shape", ("spiculated",)),
+    "lobulation": ("shape", ("lobulated", "spiculated")),
+    "solid_fraction": ("attenuation", ("part_solid", "calcified")),
+}
+"""Factors that only act on some rows (the renderer ignores them elsewhere): decoded there only,
+so a probe is not scored on values the image cannot show."""
+RIDGE_ALPHAS = tuple(np.logspace(-2, 5, 15))
+LOGISTIC_CS = (1e-2, 1e-1, 1.0)
+PERMUTATIONS = 5
+"""Label permutations averaged in the ``shuffled_labels`` control (per half)."""
+PANELS_PER_ROW = 6
+MIN_ROWS = 8
+"""Fewest rows (after restricting to where a factor acts) a factor is probed on."""
+
+
+# ----------------------------------------------------------------------------- data
+def probe_split(data_dir: Path | str, split: str = "val_balanced") -> str:
+    """The split probes use: ``split``, or ``val`` when ``val_balanced`` is asked for but absent."""
+    splits = load_manifest(Path(data_dir))["splits"]
+    if split == "val_balanced" and split not in splits and "val" in splits:
+        return "val"
+    return split
+
+
+def _features(run: LoadedRun, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Frozen features of the trained and the untrained encoder, at the run's thread count."""
+    with run_threads(run.threads):
+        return {
+            "trained": extract(run.model, images, device=run.device)["features"],
+            "random_init": extract(run.init, images, device=run.device)["features"],
+        }
+
+
+def probe_targets(factors: pd.DataFrame) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+    """Every factor that varies in a factor table, with the rows it is decoded on.
+
+    Args:
+        factors: a split's factor table.
+
+    Returns:
+        ``[(factor, target, rows, values)]``: ``target`` says what is decoded (``class``, or
+        ``value``, with ``among ...`` when restricted to the rows where the factor acts), ``rows``
+        the int row indices, ``values`` the target per row (class codes or floats).
+    """
+    found = []
+    agrees = [c for c in factors.columns if c.startswith("agrees_")]
+    for name in (*CATEGORICAL, *agrees):
+        if name in factors:
+            _, codes = np.unique(factors[name].astype(str).to_numpy(), return_inverse=True)
+            counts = np.bincount(codes)
+            keep = np.flatnonzero(counts[codes] >= 4)  # a class needs >= 2 rows in each half
+            kept, codes = np.unique(codes[keep], return_inverse=True)
+            if len(kept) >= 2:
+                found.append((name, f"class ({len(kept)})", keep, codes))
+    for name in NUMERIC:
+        if name not in factors:
+            continue
+        rows = np.arange(len(factors))
+        target = "value"
+        if name in ACTS_ON:
+            column, values = ACTS_ON[name]
+            rows = np.flatnonzero(factors[column].isin(values).to_numpy())
+            target = f"value among {' or '.join(values)}"
+        y = factors[name].to_numpy(dtype=np.float64)[rows]
+        if len(rows) >= MIN_ROWS and np.ptp(y) > 0:
+            found.append((name, target, rows, y))
+    return found
+
+
+# ----------------------------------------------------------------------------- probes
+def _logistic(x_fit: np.ndarray, y_fit: np.ndarray, seed: int) -> LogisticRegression:
+    """A class-balanced logistic probe; C chosen by inner stratified CV (balanced accuracy, ties
+    toward the smaller C, as the run's own probe chooses it)."""
+    folds = StratifiedKFold(max(2, min(3, int(np.bincount(y_fit).min()))), shuffle=True, random_state=seed)
+    best = (-np.inf, LOGISTIC_CS[0])
+    for c in LOGISTIC_CS:
+        scores = []
+        for inner_fit, inner_test in folds.split(x_fit, y_fit):
+            model = LogisticRegression(C=c, class_weight="balanced", max_iter=2000).fit(
+                x_fit[inner_fit], y_fit[inner_fit]
+            )
+            scores.append(balanced_accuracy_score(y_fit[inner_test], model.predict(x_fit[inner_test])))
+        if np.mean(scores) > best[0] + 1e-12:
+            best = (float(np.mean(scores)), c)
+    return LogisticRegression(C=best[1], class_weight="balanced", max_iter=2000).fit(x_fit, y_fit)
+
+
+def _fit_score(
+    x_fit: np.ndarray, y_fit: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, categorical: bool, seed: int
+) -> float:
+    """Fit a linear probe on standardised features of one half, score it on the other."""
+    scaler = StandardScaler().fit(x_fit)
+    x_fit, x_test = scaler.transform(x_fit), scaler.transform(x_test)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a large C on separable rows stops early; it still scores
+        if categorical:
+            predicted = _logistic(x_fit, y_fit, seed).predict(x_test)
+            return float(balanced_accuracy_score(y_test, predicted))
+        ridge = RidgeCV(alphas=RIDGE_ALPHAS).fit(x_fit, y_fit)  # efficient leave-one-out choice of the penalty
+        return float(r2_score(y_test, ridge.predict(x_test)))
+
+
+def decodability(features: dict[str, np.ndarray], factors: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
+    """Probe scores of every varying factor, from given features, with the controls.
+
+    Args:
+        features: ``{"trained": (N, E), "random_init": (N, E)}`` features of the same rows.
+        factors: the rows' factor table (``N`` rows).
+        seed: the half split and the label permutation.
+
+    Returns:
+        A frame with ``PROBE_COLUMNS``: per factor, ``trained``, ``random_init`` and
+        ``shuffled_labels`` (the trained features with permuted fitting targets) rows.
+    """
+    records = []
+    # the fits are tiny (about 100 x 128): BLAS threads cost 100x more than they save here
+    with threadpool_limits(1):
+        records = _decode_all(features, factors, seed)
+    return pd.DataFrame.from_records(records, columns=list(PROBE_COLUMNS))
+
+
+def _decode_all(features: dict[str, np.ndarray], factors: pd.DataFrame, seed: int) -> list[tuple]:
+    records = []
+    for k, (factor, target, rows, y) in enumerate(probe_targets(factors)):
+        categorical = target.startswith("class")
+        strata = y if categorical else factors["label"].to_numpy()[rows]
+        if np.bincount(np.unique(strata, return_inverse=True)[1]).min() < 2:
+            strata = np.zeros(len(rows), dtype=int)  # too few of a label to stratify by it
+        halves = list(StratifiedKFold(2, shuffle=True, random_state=seed).split(rows, strata))
+        rng = np.random.default_rng([seed, k])
+        scores: dict[str, list[float]] = {c: [] for c in CONTROLS}
+        for fit, test in halves:
+            for control in CONTROLS:
+                x = features["trained" if control == "shuffled_labels" else control][rows]
+                # one permutation is a noisy chance level (a random probe on size-dominated
+                # features scores far from chance either way); the mean of several is not
+                draws = PERMUTATIONS if control == "shuffled_labels" else 1
+                for _ in range(draws):
+                    y_fit = rng.permutation(y[fit]) if control == "shuffled_labels" else y[fit]
+                    scores[control].append(_fit_score(x[fit], y_fit, x[test], y[test], categorical, seed))
+        metric = "balanced_accuracy" if categorical else "r2"
+        records += [(factor, target, metric, float(np.mean(scores[c])), c) for c in CONTROLS]
+    return records
+
+
+def factor_probes(
+    run: LoadedRun, data_dir: Path | str, *, split: str = "val_balanced", n: int | None = None, seed: int = 0
+) -> pd.DataFrame:
+    """How linearly decodable each factor is from the run's frozen embedding (``probes.csv``).
+
+    Probes are fitted and scored on held-out halves of ``split`` (default ``val_balanced``,
+    where the confound is balanced, so a factor is not decodable merely through the label; a
+    dataset without it falls back to ``val``). The split used is in ``frame.attrs["split"]``.
+
+    Args:
+        run: the loaded run (its trained and untrained encoders are used).
+        data_dir: the dataset folder.
+        split: the split probed.
+        n: use the first ``n`` rows only (default all).
+        seed: the half split and the shuffled-label permutation.
+
+    Returns:
+        Columns ``factor,target,metric,score,control``: ``metric`` is ``balanced_accuracy``
+        (categorical) or ``r2`` (numeric); ``control`` is ``trained``, ``random_init`` or
+        ``shuffled_labels``.
+    """
+    used = probe_split(data_dir, split)
+    images, _, factors = load_split(Path(data_dir), used)
+    count = len(factors) if n is None else min(int(n), len(factors))
+    frame = decodability(_features(run, images[:count]), factors.iloc[:count].reset_index(drop=True), seed=seed)
+    frame.attrs["split"] = used
+    return frame
+
+
+# ----------------------------------------------------------------------------- embedding map
+def embedding_coordinates(features: np.ndarray, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """2D maps of features: ``{"PCA": (N, 2)}``, plus ``"UMAP"`` when ``umap-learn`` is importable."""
+    z = StandardScaler().fit_transform(np.asarray(features, dtype=np.float64))
+    maps = {"PCA": PCA(n_components=2, random_state=seed).fit_transform(z)}
+    try:
+        import umap  # optional: not a dependency of nodulab
+    except ImportError:
+        return maps
+    neighbours = max(2, min(15, len(z) - 1))
+    maps["UMAP"] = umap.UMAP(n_neighbors=neighbours, random_state=seed).fit_transform(z)
+    return maps
+
+
+def _colour_columns(factors: pd.DataFrame) -> list[str]:
+    """The label, then every categorical and numeric factor that varies."""
+    agrees = [c for c in factors.columns if c.startswith("agrees_")]
+    names = [*CATEGORICAL, *agrees, *NUMERIC, "rotation_deg"]
+    return [c for c in names if c in factors and factors[c].nunique() > 1]
+
+
+def embedding_figure(run: LoadedRun, data_dir: Path | str, *, split: str, n: int | None = None) -> Figure:
+    """The frozen embedding of the trained encoder, coloured by label and by each varying factor.
+
+    Args:
+        run: the loaded run. data_dir: the dataset folder. split: the split shown.
+        n: show the first ``n`` rows only (default all).
+
+    Returns:
+        A figure with one row per map (PCA; UMAP when installed) and one panel per factor.
+    """
+    images, _, factors = load_split(Path(data_dir), split)
+    count = len(factors) if n is None else min(int(n), len(factors))
+    factors = factors.iloc[:count].reset_index(drop=True)
+    with run_threads(run.threads):
+        features = extract(run.model, images[:count], device=run.device)["features"]
+    maps = embedding_coordinates(features)
+    columns = _colour_columns(factors)
+    width = min(PANELS_PER_ROW, len(columns))
+    rows_per_map = -(-len(columns) // width)
+    fig = Figure(figsize=(2.5 * width + 0.5, 2.4 * rows_per_map * len(maps) + 0.5), layout="constrained")
+    loss = run.record.get("config", {}).get("loss", "")
+    fig.suptitle(f"{loss}: frozen embedding of {split} (n={count}), coloured by each factor that varies", fontsize=10)
+    axes = fig.subplots(rows_per_map * len(maps), width, squeeze=False)
+    for m, (method, xy) in enumerate(maps.items()):
+        for k in range(rows_per_map * width):
+            ax = axes[m * rows_per_map + k // width, k % width]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if k >= len(columns):
+                ax.set_visible(False)
+                continue
+            _scatter(fig, ax, xy, factors[columns[k]], columns[k])
+            ax.set_title(
+                f"{method} · {columns[k] if columns[k].startswith('agrees_') else short_factor(columns[k])}", fontsize=8
+            )
+    return fig
+
+
+def _scatter(fig: Figure, ax: Axes, xy: np.ndarray, values: pd.Series, column: str) -> None:
+    """One panel: categories in discrete colours with a legend, numbers on a colour bar."""
+    if column in CATEGORICAL or column.startswith("agrees_"):
+        names = values.astype(str).to_numpy()
+        for code, name in enumerate(sorted(set(names))):
+            text = ("benign", "malignant")[int(name)] if column == "label" else name
+            ax.scatter(xy[names == name, 0], xy[names == name, 1], s=6, color=f"C{code}", label=text, linewidths=0)
+        ax.legend(fontsize=6, markerscale=1.5, loc="best", frameon=False)
+    else:
+        points = ax.scatter(xy[:, 0], xy[:, 1], s=6, c=values.to_numpy(dtype=float), cmap="viridis", linewidths=0)
+        fig.colorbar(points, ax=ax, shrink=0.8).ax.tick_params(labelsize=6)
+
+
+EMBEDDING_ROWS = 1000
+"""Rows shown in ``embedding.png`` (the first ones of the first explained split)."""
+
+
+def write_probes(context: ExplainContext, folder: Path) -> None:
+    """``explain`` writer: ``probes.csv`` and ``embedding.png`` into ``folder``."""
+    frame = factor_probes(context.run, context.data_dir, n=context.n)
+    write_table(frame, folder / "probes.csv")
+    split = context.splits[0]
+    figure = embedding_figure(
+        context.run, context.data_dir, split=split, n=min(context.n or EMBEDDING_ROWS, EMBEDDING_ROWS)
+    )
+    figure.savefig(folder / "embedding.png", dpi=90, metadata={"Software": None})
+    context.tables["probes"] = frame
+    context.record["probes"] = {"split": frame.attrs["split"], "controls": list(CONTROLS)}
+    context.record["embedding"] = {"split": split}

@@ -1,0 +1,300 @@
+"""The sentences a study report opens with, built from its seed-level numbers only (DESIGN §6–§8).
+
+Four kinds, in order: (a) ce's gap to the clean ceiling on each confounded scenario's conflict
+splits, with a Welch interval over seeds; (b) which cue each loss relies on there
+(counterfactual flip rates of the label-cue vs the confound switches, and the cue-reliance
+index); (c) which loss keeps the most balanced accuracy there, and whether its lead over ce is
+claimed; (d) which differences to ce are within noise. Every sentence names the readout it
+reads (a loss's own behaviour: ``head`` where it has one, else ``probe``; see ``studytables``).
+
+A difference is claimed only when its Holm-corrected interval excludes 0, which needs at least
+``MIN_SEEDS`` paired seeds; with fewer the sentences say the study cannot tell.
+``seed_summary`` and ``holm`` (from ``seedstats``) are the statistics underneath.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import pandas as pd
+
+from nodulab.common.seedstats import holm, seed_summary
+from nodulab.results.seed_tables import (
+    ALPHA,
+    MIN_SEEDS,
+    REFERENCE,
+    Ceiling,
+    Manifests,
+    ceiling_gaps,
+    conflict_cells,
+    cue_summary,
+    find_ceilings,
+    iid_split,
+    ood_gaps,
+    own_scores,
+    paired_differences,
+    readout_map,
+    reliance_summary,
+)
+
+__all__ = ["findings", "holm", "seed_summary"]
+
+Cell = tuple[str, str]
+
+
+def _num(x: float) -> str:
+    return "n/a" if not math.isfinite(x) else f"{x:.2f}"
+
+
+def _bracket(low: float, high: float) -> str:
+    """`` [low, high]`` or nothing when the interval is undefined (one seed)."""
+    return f" [{low:.2f}, {high:.2f}]" if math.isfinite(low) and math.isfinite(high) else ""
+
+
+def _p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def _seeds(n: int) -> str:
+    return f"{int(n)} seed{'s' * (int(n) != 1)}"
+
+
+def _gap_interval(low: float, high: float, what: str = "95% CI") -> str:
+    if math.isfinite(low) and math.isfinite(high):
+        return f"{what} {low:.2f} to {high:.2f}"
+    return "no interval: it needs two seeds on each side"
+
+
+def _cell_values(scores: pd.DataFrame, scenario: str, loss: str, split: str) -> tuple[str, pd.Series]:
+    """(readout, per-seed values) of one loss on one split."""
+    cell = scores[(scores["scenario"] == scenario) & (scores["loss"] == loss) & (scores["split"] == split)]
+    return (cell["readout"].iloc[0] if len(cell) else ""), cell["value"]
+
+
+def ceiling_sentences(
+    scores: pd.DataFrame, ceiling: Mapping[str, Ceiling] | Ceiling | None, cells: list[Cell]
+) -> list[str]:
+    """(a) ce on every conflict split against its clean ceiling (or, without one, against ``val``)."""
+    if not cells:
+        return []
+    if REFERENCE not in set(scores["loss"]):
+        return [f"The study has no {REFERENCE} runs, so no loss can be read against {REFERENCE}."]
+    if not ceiling:
+        return [
+            "The study has no clean scenario (no confound), so there is no ceiling: "
+            f"{REFERENCE}'s conflict-split scores are read against the IID split "
+            "(test_iid, else val: the training distribution).",
+            *_val_sentences(scores, cells),
+        ]
+    gaps = ceiling_gaps(scores, ceiling)
+    sentences = []
+    for scenario, split in cells:
+        row = gaps[(gaps["scenario"] == scenario) & (gaps["split"] == split) & (gaps["loss"] == REFERENCE)]
+        if row.empty:
+            continue
+        r = row.iloc[0]
+        sentences.append(
+            f"On {scenario}/{split}, {REFERENCE} ({r['readout']}) reaches balanced accuracy {_num(r['mean'])}"
+            f"{_bracket(r['low'], r['high'])} against the clean ceiling {_num(r['ceiling_mean'])}"
+            f"{_bracket(r['ceiling_low'], r['ceiling_high'])} ({r['ceiling']}): a gap of {_num(r['gap'])} "
+            f"({_gap_interval(r['gap_low'], r['gap_high'])})."
+        )
+    where = ceiling if isinstance(ceiling, Ceiling) else ", ".join(sorted({str(c) for c in ceiling.values()}))
+    return sentences or [
+        f"{REFERENCE} has no score on the clean ceiling ({where}) to read its conflict splits against."
+    ]
+
+
+def _val_sentences(scores: pd.DataFrame, cells: list[Cell]) -> list[str]:
+    gaps = ood_gaps(scores)
+    sentences = []
+    for scenario, split in cells:
+        readout, values = _cell_values(scores, scenario, REFERENCE, split)
+        iid_name = iid_split(scores.loc[scores["scenario"] == scenario, "split"])
+        _, iid = _cell_values(scores, scenario, REFERENCE, iid_name)
+        gap = gaps[(gaps["scenario"] == scenario) & (gaps["loss"] == REFERENCE) & (gaps["split"] == split)]
+        if values.empty or iid.empty or gap.empty:
+            continue
+        own, top, g = seed_summary(values), seed_summary(iid), gap.iloc[0]
+        sentences.append(
+            f"On {scenario}/{split}, {REFERENCE} ({readout}) reaches balanced accuracy {_num(own.mean)}"
+            f"{_bracket(own.low, own.high)} against {_num(top.mean)}{_bracket(top.low, top.high)} on {iid_name}: "
+            f"an OOD gap of {_num(g['mean'])} ({_gap_interval(g['low'], g['high'])})."
+        )
+    return sentences
+
+
+def _reliance_words(row: Mapping[str, float]) -> str:
+    """``ce (head; flip rate cue 0.12 vs confound 0.85; cue index label-only 0.05 vs confound-only 0.80)``."""
+    parts = [str(row["readout"])]
+    if _pair(row, "cue", "confound"):
+        parts.append(f"flip rate cue {_num(row['cue'])} vs confound {_num(row['confound'])}")
+    if _pair(row, "label_only", "confound_only"):
+        parts.append(f"cue index label-only {_num(row['label_only'])} vs confound-only {_num(row['confound_only'])}")
+    return f"{row['loss']} ({'; '.join(parts)})"
+
+
+def _pair(row: Mapping[str, float], a: str, b: str) -> bool:
+    return math.isfinite(row.get(a, math.nan)) and math.isfinite(row.get(b, math.nan))
+
+
+def _on_confound(row: Mapping[str, float]) -> bool:
+    """Whether the confound moves a loss's predictions more than the label cue does (flip rates first)."""
+    if _pair(row, "cue", "confound"):
+        return row["confound"] > row["cue"]
+    return row["confound_only"] > row["label_only"]
+
+
+def reliance_sentences(relied: pd.DataFrame | None, indexed: pd.DataFrame | None) -> list[str]:
+    """(b) per scenario, which losses rely mostly on the confound and which on the label cue."""
+    if relied is None and indexed is None:
+        return ["The store has no explain tables, so which cue each loss relies on was not measured."]
+    keys = ["scenario", "loss", "readout"]
+    frames = []
+    if relied is not None and not relied.empty:
+        frames.append(relied[[*keys, "cue", "confound"]])
+    if indexed is not None and not indexed.empty:
+        frames.append(indexed.groupby(keys)[["label_only", "confound_only"]].mean().reset_index())
+    if not frames:
+        return ["The explain tables have no label-cue or confound switch on a conflict split."]
+    table = frames[0] if len(frames) == 1 else frames[0].merge(frames[1], on=keys, how="outer")
+    sentences = []
+    for scenario, part in table.groupby("scenario", sort=True):
+        rows = [
+            r for r in part.to_dict("records") if _pair(r, "cue", "confound") or _pair(r, "label_only", "confound_only")
+        ]
+        confound = [_reliance_words(r) for r in rows if _on_confound(r)]
+        cue = [_reliance_words(r) for r in rows if not _on_confound(r)]
+        said = [
+            f"{', '.join(group)} {'rely' if len(group) > 1 else 'relies'} mostly on the {what}"
+            for group, what in ((confound, "confound"), (cue, "label cue"))
+            if group
+        ]
+        if said:
+            sentences.append(f"On {scenario}'s conflict splits (mean over seeds), {'; '.join(said)}.")
+    return sentences
+
+
+def _verdict(row: pd.Series) -> str:
+    if row["n"] < MIN_SEEDS:
+        return f"with {_seeds(row['n'])} the study cannot tell differences apart"
+    return "significant after Holm correction" if row["significant"] else "within noise"
+
+
+def _difference_words(row: pd.Series) -> str:
+    """``+0.11 over 5 seeds (Holm-corrected 95% CI 0.05 to 0.17, adjusted p = 0.003)``."""
+    text = f"{row['mean']:+.2f} over {_seeds(row['n'])}"
+    if math.isfinite(row["p_holm"]):
+        interval = _gap_interval(row["holm_low"], row["holm_high"], "Holm-corrected 95% CI")
+        text += f" ({interval}, adjusted {_p(row['p_holm'])})"
+    return text
+
+
+def best_sentences(scores: pd.DataFrame, paired: pd.DataFrame, cells: list[Cell]) -> list[str]:
+    """(c) per conflict split, the loss that keeps the most, and its difference to ce."""
+    sentences = []
+    for scenario, split in cells:
+        cell = scores[(scores["scenario"] == scenario) & (scores["split"] == split)]
+        means = cell.groupby(["loss", "readout"])["value"].mean().sort_values(ascending=False, kind="stable")
+        if len(means) < 2:
+            continue
+        (best, readout), top = means.index[0], means.iloc[0]
+        lead = f"On {scenario}/{split}, {best} ({readout}) keeps the most: balanced accuracy {_num(top)}"
+        if REFERENCE not in set(cell["loss"]):
+            sentences.append(f"{lead}; without {REFERENCE} there is no reference to test it against.")
+            continue
+        other = best if best != REFERENCE else means.index[1][0]
+        found = paired[(paired["scenario"] == scenario) & (paired["split"] == split) & (paired["loss"] == other)]
+        r = found.iloc[0]
+        if best != REFERENCE:
+            ce_mean = means[REFERENCE].iloc[0]
+            sentences.append(
+                f"{lead} against {_num(ce_mean)} for {REFERENCE} ({r['reference_readout']}), "
+                f"a paired difference of {_difference_words(r)}: {_verdict(r)}."
+            )
+        else:
+            sentences.append(
+                f"{lead}; the next, {other} ({r['readout']}), differs from it by {_difference_words(r)}: {_verdict(r)}."
+            )
+    return sentences
+
+
+def _listing(rows: pd.DataFrame) -> str:
+    """``size-confound/test_iid: supcon (probe), simclr (probe); clean/test_iid: ...``."""
+    groups = [
+        f"{scenario}/{split}: " + ", ".join(f"{r.loss} ({r.readout})" for r in part.itertuples())
+        for (scenario, split), part in rows.groupby(["scenario", "split"], sort=True)
+    ]
+    return "; ".join(groups)
+
+
+def noise_sentences(paired: pd.DataFrame) -> list[str]:
+    """(d) the claimed differences to ce, those within noise, and those the seeds cannot tell."""
+    if paired.empty:
+        return []
+    tested, untested = paired[paired["n"] >= MIN_SEEDS], paired[paired["n"] < MIN_SEEDS]
+    reference = f"{REFERENCE} ({paired['reference_readout'].iloc[0]})"
+    rule = (
+        f"a difference is claimed only with at least {MIN_SEEDS} paired seeds and a Holm-corrected 95% "
+        "interval that excludes 0"
+    )
+    if tested.empty:
+        return [f"With {_seeds(paired['n'].max())} the study cannot tell differences apart: {rule}."]
+    significant, noise = tested[tested["significant"]], tested[~tested["significant"]]
+    m = len(tested)
+    family = f"Holm-corrected over all {m} differences to {reference}"
+    if significant.empty:
+        sentences = [f"{family}, none is significant."]
+    else:
+        claims = "; ".join(
+            f"{r.loss} ({r.readout}) on {r.scenario}/{r.split} ({r.mean:+.2f})" for r in significant.itertuples()
+        )
+        count = "1 is" if len(significant) == 1 else f"{len(significant)} are"
+        sentences = [f"{family}, {count} significant: {claims}."]
+    if not noise.empty:
+        sentences.append(f"Within noise against {reference} (the corrected interval includes 0): {_listing(noise)}.")
+    if not untested.empty:
+        sentences.append(
+            f"With fewer than {MIN_SEEDS} paired seeds the study cannot tell these apart from "
+            f"{reference}: {_listing(untested)}."
+        )
+    return sentences
+
+
+def findings(
+    metrics: pd.DataFrame,
+    manifests: Manifests,
+    reliance: pd.DataFrame | None = None,
+    cue: pd.DataFrame | None = None,
+    *,
+    alpha: float = ALPHA,
+) -> list[str]:
+    """The report's opening sentences, built from the numbers only.
+
+    Args:
+        metrics: the store's ``metrics`` table (``Store.table("metrics")``).
+        manifests: scenario -> its dataset manifest (``dataset.json``), for confounds and splits.
+        reliance, cue: the store's explain tables (``None`` or empty when not measured).
+        alpha: the family-wise error rate of the claims.
+
+    Returns:
+        (a) ce's gap to the clean ceiling on each confounded scenario's conflict splits; (b) which
+        cue each loss relies on there; (c) which loss keeps the most there and whether its lead
+        over ce is claimed; (d) what is within noise, or that the seeds cannot tell.
+    """
+    readouts = readout_map(metrics)
+    scores = own_scores(metrics, readouts)
+    if scores.empty:
+        return ["The store holds no finished run with scores yet: nothing to report."]
+    paired = paired_differences(scores, alpha=alpha)
+    cells = conflict_cells(scores, manifests)
+    on = {scenario: [split for s, split in cells if s == scenario] for scenario, _ in cells}
+    relied = reliance_summary(reliance, readouts, on) if reliance is not None and len(reliance) else None
+    indexed = cue_summary(cue, readouts, on) if cue is not None and len(cue) else None
+    return [
+        *ceiling_sentences(scores, find_ceilings(manifests, scores), cells),
+        *reliance_sentences(relied, indexed),
+        *best_sentences(scores, paired, cells),
+        *noise_sentences(paired),
+    ]

@@ -1,0 +1,405 @@
+"""The report's HTML: the page frame and the per-scenario sections (scores, differences, reliance, figures).
+
+Every section reads the shared ``view.StudyResults`` and turns what is missing into a sentence. Cells
+show seed-level numbers: mean ± SD over seeds, and the 95% t-interval of the mean below.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from nodulab.results.figures import heatmap, history_figure, sweep_figure
+from nodulab.results.seed_tables import (
+    METRIC,
+    MIN_SEEDS,
+    confounds_of,
+    cue_summary,
+    iid_split,
+    own_rows,
+    own_scores,
+    read_splits,
+    summarise,
+)
+
+if TYPE_CHECKING:
+    from nodulab.results.view import StudyResults
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; color: #222; line-height: 1.45;
+       max-width: 1360px; margin: 24px auto; padding: 0 16px; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 2px solid #ddd; padding-bottom: 4px; margin-top: 2em; }
+table { border-collapse: collapse; margin: 8px 0 18px; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-align: right; }
+th { background: #f2f2f2; } td.name, th.name { text-align: left; }
+small, .note { color: #666; } .missing { color: #8a5a00; font-style: italic; }
+.significant { color: #0a6b2c; font-weight: bold; } ul.findings li { margin-bottom: 6px; }
+figure { display: inline-block; margin: 6px 10px 6px 0; vertical-align: top; }
+figcaption { font-size: 12px; color: #555; } img { max-width: 100%; height: auto; }
+nav a { margin-right: 12px; } pre { background: #f7f7f7; padding: 8px; overflow-x: auto; }
+"""
+CONTENTS = (
+    ("study", "Study"),
+    ("findings", "Findings"),
+    ("datasets", "Datasets"),
+    ("scores", "Scores"),
+    ("differences", "Differences to ce"),
+    ("reliance", "Reliance"),
+    ("figures", "Figures"),
+)
+
+
+def page(title: str, sections: list[str]) -> str:
+    """The whole document: inline CSS, a contents line of in-page links, the sections."""
+    links = "".join(f"<a href='#{anchor}'>{name}</a>" for anchor, name in CONTENTS)
+    return (
+        f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1><nav>{links}</nav>"
+        + "".join(sections)
+        + "</body></html>\n"
+    )
+
+
+def section(anchor: str, title: str, body: str) -> str:
+    return f"<section id='{anchor}'><h2>{title}</h2>{body}</section>"
+
+
+def missing(sentence: str) -> str:
+    """A short sentence standing in for something the store does not have."""
+    return f"<p class='missing'>{html.escape(sentence)}</p>"
+
+
+def figure_html(png: bytes | None, caption: str) -> str:
+    """An inline base64 PNG with its caption, or a sentence when there is no valid PNG."""
+    if not png:
+        return missing(f"{caption}: not in the store.")
+    if not bytes(png).startswith(PNG_SIGNATURE):
+        return missing(f"{caption}: what the store holds is not a PNG image.")
+    data = base64.b64encode(bytes(png)).decode("ascii")
+    text = html.escape(caption)
+    return f"<figure><img src='data:image/png;base64,{data}' alt='{text}'><figcaption>{text}</figcaption></figure>"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """An HTML table; cells are HTML already (the first column is the row's name)."""
+    head = "".join(f"<th{' class=name' if i == 0 else ''}>{h}</th>" for i, h in enumerate(header))
+    body = "".join(
+        "<tr>" + "".join(f"<td{' class=name' if i == 0 else ''}>{c}</td>" for i, c in enumerate(row)) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _num(x: float) -> str:
+    return f"{x:.2f}" if math.isfinite(x) else "—"
+
+
+def _signed(x: float) -> str:
+    """``+0.21``, ``-0.04``, and ``0.00`` for what rounds to zero (no ``-0.00``)."""
+    if not math.isfinite(x):
+        return "—"
+    return "0.00" if abs(x) < 0.005 else f"{x:+.2f}"
+
+
+def _p(p: float) -> str:
+    if not math.isfinite(p):
+        return "—"
+    return "&lt; 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _interval(low: float, high: float) -> str:
+    return f"[{low:.2f}, {high:.2f}]" if math.isfinite(low) and math.isfinite(high) else ""
+
+
+def _summary_cell(row: pd.Series | None, *, strong: bool = False) -> str:
+    """``0.74 ± 0.02`` and below it ``[0.70, 0.78]``; ``(1 seed)`` when there is no spread."""
+    if row is None or row["n"] == 0:
+        return "—"
+    text = _num(row["mean"]) + (f" ± {row['sd']:.2f}" if math.isfinite(row["sd"]) else "")
+    text = f"<b>{text}</b>" if strong else text
+    if not math.isfinite(row["sd"]):
+        return text + " <small>(1 seed)</small>"
+    interval = _interval(row["low"], row["high"])
+    return text + (f"<br><small>{interval}</small>" if interval else "")
+
+
+def _lookup(frame: pd.DataFrame, keys: list[str]) -> dict[tuple, pd.Series]:
+    return {tuple(row[k] for k in keys): row for _, row in frame.iterrows()}
+
+
+def _of(frame: pd.DataFrame, scenario: str) -> pd.DataFrame:
+    return frame[frame["scenario"] == scenario]
+
+
+def _score_cell(loss: str, split: str, ba: dict, ood: dict, worst: dict, gaps: dict) -> str:
+    lines = [_summary_cell(ba.get((loss, split)), strong=True)]
+    if (loss, split) in ood:
+        g = ood[(loss, split)]
+        lines.append(f"<small>OOD gap {_num(g['mean'])} {_interval(g['low'], g['high'])}</small>")
+    if (loss, split) in worst:
+        w = worst[(loss, split)]
+        lines.append(
+            f"<small>worst group {_num(w['mean'])}"
+            + (f" ± {w['sd']:.2f}" if math.isfinite(w["sd"]) else "")
+            + "</small>"
+        )
+    if (loss, split) in gaps:
+        c = gaps[(loss, split)]
+        whose = "" if c["ceiling_loss"] == loss else f" ({html.escape(c['ceiling_loss'])})"
+        lines.append(
+            f"<small>ceiling{whose} {_num(c['ceiling_mean'])}: gap {_num(c['gap'])} "
+            f"{_interval(c['gap_low'], c['gap_high'])}</small>"
+        )
+    return "<br>".join(lines)
+
+
+def scores_section(study: StudyResults, scenario: str, gaps: pd.DataFrame, ood: pd.DataFrame) -> str:
+    """The loss × split table (own readout) with OOD gap, worst group and ceiling, then controls and oracles."""
+    part = _of(study.scores, scenario)
+    title = f"<h3>{html.escape(scenario)}</h3>"
+    if part.empty:
+        return title + missing("No finished run of this scenario has scores.")
+    iid_name = iid_split(part["split"])
+    splits = sorted(set(part["split"]), key=lambda s: (s != iid_name, s != "val", s))
+    ba = _lookup(summarise(part, ["loss", "split"]), ["loss", "split"])
+    groups = study.tables["groups"]
+    worst_rows = own_rows(groups[(groups["scenario"] == scenario) & (groups["label"] == "any")], study.readouts)
+    worst = _lookup(summarise(worst_rows, ["loss", "split"], "accuracy"), ["loss", "split"])
+    iid = "<br><small>IID: shares the training distribution</small>"
+    header = ["loss<br><small>readout · seeds</small>", *(html.escape(s) + iid * (s == iid_name) for s in splits)]
+    ood_at, gaps_at = (_lookup(_of(frame, scenario), ["loss", "split"]) for frame in (ood, gaps))
+    rows = []
+    for loss in study.losses(scenario):
+        seeds = part.loc[part["loss"] == loss, "seed"].nunique()
+        rows.append(
+            [
+                f"<b>{html.escape(loss)}</b><br><small>{study.readouts.get(loss)} · {seeds}</small>",
+                *(_score_cell(loss, s, ba, ood_at, worst, gaps_at) for s in splits),
+            ]
+        )
+    note = (
+        "<p class='note'>Own behaviour (head where the loss has one, else probe), balanced accuracy: mean ± SD "
+        f"over seeds, 95% t-interval below. OOD gap = {iid_name} − split per seed; worst group = the lowest "
+        "(label × agrees) cell; ceiling gap = ceiling − split with a Welch 95% interval.</p>"
+    )
+    return title + table(header, rows) + note + _controls_table(study, scenario, splits)
+
+
+def _controls_table(study: StudyResults, scenario: str, splits: list[str]) -> str:
+    """dfr (feature-quality oracle), probe_init (untrained control) and, with budget > 1, the test-selected oracle."""
+    metrics = study.tables["metrics"]
+    metrics = metrics[(metrics["scenario"] == scenario) & (metrics["metric"] == METRIC) & (metrics["selected"] == 1)]
+    kinds: list[tuple[str, pd.DataFrame]] = []
+    if study.budget > 1:
+        every = own_scores(study.tables["metrics"], study.readouts, selected_only=False)
+        best = _of(every, scenario).groupby(["loss", "seed", "split"], as_index=False)["value"].max()
+        kinds.append(("test-selected oracle (upper bound)", best))
+    kinds += [
+        ("dfr (feature-quality oracle)", metrics[metrics["classifier"] == "dfr"]),
+        ("probe_init (untrained control)", metrics[metrics["classifier"] == "probe_init"]),
+    ]
+    rows = []
+    for loss in study.losses(scenario):
+        for what, frame in kinds:
+            found = _lookup(summarise(frame[frame["loss"] == loss], ["split"]), ["split"])
+            if found:
+                rows.append([f"{html.escape(loss)} · {what}", *(_summary_cell(found.get((s,))) for s in splits)])
+    if not rows:
+        return missing("No dfr or probe_init scores for this scenario.")
+    note = (
+        "<p class='note'>Apart from the results. dfr: a probe refitted on group-balanced val_balanced (what the "
+        "features contain, not what the model does). probe_init: the probe on the untrained encoder of the same "
+        "seed (what the input alone gives away)."
+    )
+    if study.budget > 1:
+        note += " Test-selected oracle: per seed the draw with the best score on that test split: an upper bound."
+    return table(["loss · readout", *map(html.escape, splits)], rows) + note + "</p>"
+
+
+def _verdict(row: pd.Series) -> str:
+    if row["n"] < MIN_SEEDS:
+        return f"cannot tell ({row['n']} seed{'s' * (row['n'] != 1)})"
+    return "<span class='significant'>significant</span>" if row["significant"] else "within noise"
+
+
+def paired_section(study: StudyResults, paired: pd.DataFrame) -> str:
+    """Per (scenario, test split) and loss: the paired difference to ce, Holm-corrected over the table."""
+    title = "Differences to ce (paired by seed)"
+    if paired.empty:
+        return section("differences", title, missing("No loss shares a test split and seeds with ce."))
+    rows = [
+        [
+            f"{html.escape(r['scenario'])}/{html.escape(r['split'])}",
+            f"{html.escape(r['loss'])} ({r['readout']}) − ce ({r['reference_readout']})",
+            str(r["n"]),
+            _signed(r["mean"]),
+            _interval(r["low"], r["high"]) or "—",
+            _interval(r["holm_low"], r["holm_high"]) or "—",
+            _p(r["p_holm"]),
+            _verdict(r),
+        ]
+        for _, r in paired.iterrows()
+    ]
+    note = (
+        f"<p class='note'>Per seed the loss's own balanced accuracy minus ce's (selected draws, seeds paired by "
+        f"number); paired t-test. Holm's correction runs over every comparison in this table with at least "
+        f"{MIN_SEEDS} paired seeds; the corrected interval is the t-interval at Holm's level for that comparison, "
+        "so it excludes 0 exactly when the adjusted p is below 0.05. Only then is a difference "
+        "claimed.</p>"
+    )
+    header = ["scenario/split", "difference", "seeds", "mean", "95% CI", "Holm-corrected 95% CI", "adjusted p", ""]
+    return section("differences", title, table(header, rows) + note)
+
+
+def _switch(row: pd.Series) -> str:
+    return f"{row['factor']}: {row['value_from']}→{row['value_to']} ({row['kind']})"
+
+
+def _reliance_heatmap(study: StudyResults, scenario: str, reliance: pd.DataFrame, splits: list[str]) -> str:
+    own = own_rows(reliance, study.readouts)
+    own = own[own["split"].isin(splits)]
+    if own.empty:
+        return missing("No reliance rows of the losses' own readouts on these splits.")
+    kinds = {"cue": 0, "confound": 1, "nuisance": 2, "robustness": 3}
+    own = own.assign(switch=own.apply(_switch, axis=1), order=own["kind"].map(kinds).fillna(4))
+    per_seed = own.groupby(["loss", "switch", "seed"])["flip_rate"].mean().groupby(["loss", "switch"]).mean()
+    matrix = per_seed.unstack("switch")
+    matrix = matrix[sorted(matrix.columns, key=lambda s: (own.loc[own["switch"] == s, "order"].iloc[0], s))]
+    matrix = matrix.reindex([loss for loss in study.losses(scenario) if loss in matrix.index] or list(matrix.index))
+    matrix.index = [study.label(loss) for loss in matrix.index]
+    return figure_html(
+        heatmap(matrix, title=f"{scenario}: flip rate on {', '.join(splits)}", colorbar="flip rate"),
+        f"reliance heatmap of {scenario}: share of predictions that flip under each switch",
+    )
+
+
+def _sweep(study: StudyResults, scenario: str, sweep: pd.DataFrame, splits: list[str]) -> str:
+    own = own_rows(sweep[sweep["factor"] == "diameter_mm"], study.readouts)
+    if own.empty:
+        return missing("No diameter sweep for this scenario.")
+    split = next((s for s in splits if s in set(own["split"])), sorted(set(own["split"]))[0])
+    curves = own[own["split"] == split].groupby(["loss", "value"], as_index=False)["mean_p"].mean()
+    curves["label"] = curves["loss"].map(study.label)
+    return figure_html(
+        sweep_figure(curves, title=f"{scenario}/{split}: diameter sweep (mean over seeds)"),
+        f"diameter sweep of {scenario}",
+    )
+
+
+def _cue_table(study: StudyResults, scenario: str, cue: pd.DataFrame, splits: list[str]) -> str:
+    summary = cue_summary(cue, study.readouts, {scenario: splits})
+    if summary.empty:
+        return missing("No cue-reliance index of the losses' own readouts on these splits.")
+    shares = ["label_only", "confound_only", "both", "neither"]
+    rows = [
+        [
+            html.escape(study.label(r["loss"])),
+            html.escape(r["confound"]),
+            str(r["seeds"]),
+            *(_num(r[s]) for s in shares),
+        ]
+        for _, r in summary.iterrows()
+    ]
+    return table(["loss (readout)", "confound", "seeds", "label only", "confound only", "both", "neither"], rows)
+
+
+def _probe_heatmap(study: StudyResults, scenario: str, probes: pd.DataFrame) -> str:
+    chosen = probes[probes["selected"] == 1]
+    if chosen.empty:
+        return missing("No probe table for this scenario.")
+    chosen = chosen.assign(row=chosen["factor"] + " (" + chosen["metric"] + ")")
+    trained = chosen[chosen["control"] == "trained"].groupby(["row", "loss", "seed"])["score"].mean()
+    matrix = trained.groupby(["row", "loss"]).mean().unstack("loss")
+    matrix = matrix[[loss for loss in study.losses(scenario) if loss in matrix.columns] or list(matrix.columns)]
+    for control in sorted(set(chosen["control"]) - {"trained"}):
+        matrix[control] = chosen[chosen["control"] == control].groupby("row")["score"].mean()
+    return figure_html(
+        heatmap(matrix, title=f"{scenario}: linear decodability (mean over seeds)", colorbar="score", cmap="magma"),
+        f"probe heatmap of {scenario}: balanced accuracy (categorical) or R² (numeric)",
+    )
+
+
+def explain_section(study: StudyResults, scenario: str) -> str:
+    """Reliance heatmap, diameter sweep, cue index and probe heatmap of one scenario."""
+    tables = {name: _of(study.tables[name], scenario) for name in ("reliance", "sweep", "cue", "probes")}
+    title = f"<h3>{html.escape(scenario)}</h3>"
+    if all(t.empty for t in tables.values()):
+        return title + missing(
+            "No explain tables for this scenario: reliance, sweep, cue index and probes were not measured."
+        )
+    present = pd.concat([t[["scenario", "split"]] for n, t in tables.items() if n != "probes"])
+    splits = read_splits(present, study.manifests).get(scenario, []) if len(present) else []
+    kind = "conflict splits" if confounds_of(study.manifests.get(scenario)) else "test splits"
+    where = f"{kind} ({', '.join(splits)})" if splits else "no split"
+    parts = [f"<p class='note'>Own readouts, selected draws, {html.escape(where)}; mean over seeds.</p>"]
+    parts.append(
+        _reliance_heatmap(study, scenario, tables["reliance"], splits)
+        if len(tables["reliance"])
+        else missing("No reliance table for this scenario.")
+    )
+    parts.append(
+        _sweep(study, scenario, tables["sweep"], splits)
+        if len(tables["sweep"])
+        else missing("No sweep table for this scenario.")
+    )
+    parts.append(
+        _cue_table(study, scenario, tables["cue"], splits)
+        if len(tables["cue"])
+        else missing("No cue-reliance index for this scenario.")
+    )
+    parts.append(_probe_heatmap(study, scenario, tables["probes"]))
+    return title + "".join(parts)
+
+
+def _chosen_runs(study: StudyResults, scenario: str) -> pd.DataFrame:
+    """Per loss, the selected run of the lowest seed that finished."""
+    runs = study.runs
+    runs = runs[(runs["scenario"] == scenario) & (runs["status"] == "done") & (runs["selected"] == 1)]
+    return runs.sort_values(["loss", "seed"]).groupby("loss", sort=True).head(1)
+
+
+def figures_section(study: StudyResults, scenario: str) -> str:
+    """Grad-CAM overlays, embedding maps and training curves of one seed per loss."""
+    title = f"<h3>{html.escape(scenario)}</h3>"
+    chosen = _chosen_runs(study, scenario)
+    if chosen.empty:
+        return title + missing("No finished run of this scenario.")
+    parts = []
+    for name, what in (("cam", "Grad-CAM"), ("embedding", "embedding map")):
+        found = [(r, study.store.figure(r.run_id, name)) for r in chosen.itertuples()]
+        if not any(png for _, png in found):
+            parts.append(missing(f"No {what} stored for this scenario."))
+            continue
+        parts.append(
+            "<div>"
+            + "".join(figure_html(png, f"{what} · {r.loss} (seed {r.seed}, draw {r.draw})") for r, png in found)
+            + "</div>"
+        )
+    return title + "".join(parts) + f"<div>{_history(study, scenario, chosen)}</div>"
+
+
+def _history(study: StudyResults, scenario: str, chosen: pd.DataFrame) -> str:
+    """Stored ``history`` figures; runs without one are plotted from the ``history`` table."""
+    parts, unplotted = [], []
+    for r in chosen.itertuples():
+        png = study.store.figure(r.run_id, "history")
+        if png:
+            parts.append(figure_html(png, f"training curves · {r.loss} (seed {r.seed}, draw {r.draw})"))
+        else:
+            unplotted.append(r.run_id)
+    history = study.tables["history"]
+    history = history[history["run_id"].isin(unplotted)]
+    if len(history):
+        names = [n for n in ("train_loss", "val_knn_balanced_accuracy") if n in set(history["name"])]
+        names = names or sorted(set(history["name"]))[:2]
+        history = history.assign(label=history["loss"] + " (seed " + history["seed"].astype(str) + ")")
+        curves = history_figure(history, names, title=f"{scenario}: training curves")
+        parts.append(figure_html(curves, f"training curves of {scenario}"))
+    elif unplotted:
+        parts.append(missing("No training history stored for " + ", ".join(unplotted) + "."))
+    return "".join(parts)

@@ -1,0 +1,324 @@
+"""The results store of a study (DESIGN §7): one SQLite file, ``DIR/results.sqlite``, in WAL mode.
+
+Tables (every result table starts with ``run_id``; the run's own columns follow, as in its folder):
+
+    meta      key, value                      format, study name, the study's sha256 and config
+    datasets  scenario, key, manifest_sha256, manifest, gallery (PNG)
+    runs      run_id, scenario, loss, seed, draw, selected, config (JSON), status (done | failed),
+              reason, warnings, score (the selection score), train_s, evaluate_s, explain_s, finished
+    metrics   run_id, split, classifier, metric, value, ci_low, ci_high
+    groups    run_id, split, classifier, label, group, n, accuracy
+    reliance  run_id, split, classifier, factor, kind, value_from, value_to, n, flip_rate, delta_p
+    sweep     run_id, split, classifier, factor, value, mean_p, n
+    cue       run_id, split, classifier, confound, label_only, confound_only, both, neither
+    probes    run_id, factor, target, metric, score, control
+    cam       run_id, split, classifier, region, mass, area_share
+    history   run_id, epoch, name, value          (history.csv, long)
+    figures   run_id, name, png                   (cam, embedding, history)
+
+A run and every row of it go in with one transaction, so a study killed at any moment (SIGKILL
+included) leaves either the whole run or none of it; a run is in ``runs`` at most once. Only the
+study's driver process writes. ``selected`` marks, per (scenario, loss, seed), the draw with the
+best selection score among the finished ones (ties: the lower draw).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from nodulab.common.tables import write_table
+from nodulab.common.writing import follow_umask, write_atomically
+
+STORE_FILE = "results.sqlite"
+STORE_FORMAT = "nodulab-store/1"
+RUN_KEYS = ("run_id", "scenario", "loss", "seed", "draw", "selected")
+"""The key columns every long CSV of a study starts with."""
+RUN_COLUMNS = {
+    "run_id": "TEXT PRIMARY KEY",
+    "scenario": "TEXT NOT NULL",
+    "loss": "TEXT NOT NULL",
+    "seed": "INTEGER NOT NULL",
+    "draw": "INTEGER NOT NULL",
+    "selected": "INTEGER NOT NULL DEFAULT 0",
+    "config": "TEXT NOT NULL",
+    "status": "TEXT NOT NULL",
+    "reason": "TEXT NOT NULL DEFAULT ''",
+    "warnings": "TEXT NOT NULL DEFAULT ''",
+    "score": "REAL",
+    "train_s": "REAL",
+    "evaluate_s": "REAL",
+    "explain_s": "REAL",
+    "finished": "TEXT",
+}
+TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # name: (key columns after run_id, value columns)
+    "metrics": (("split", "classifier", "metric"), ("value", "ci_low", "ci_high")),
+    "groups": (("split", "classifier", "label", "group"), ("n", "accuracy")),
+    "reliance": (("split", "classifier", "factor", "kind", "value_from", "value_to"), ("n", "flip_rate", "delta_p")),
+    "sweep": (("split", "classifier", "factor", "value"), ("mean_p", "n")),
+    "cue": (("split", "classifier", "confound"), ("label_only", "confound_only", "both", "neither")),
+    "probes": (("factor", "target", "metric", "control"), ("score",)),
+    "cam": (("split", "classifier", "region"), ("mass", "area_share")),
+    "history": (("epoch", "name"), ("value",)),
+}
+"""Result tables: the columns that make a row unique within a run, and the values."""
+CSV_COLUMNS = {
+    "metrics": ("split", "classifier", "metric", "value", "ci_low", "ci_high"),
+    "groups": ("split", "classifier", "label", "group", "n", "accuracy"),
+    "reliance": ("split", "classifier", "factor", "kind", "value_from", "value_to", "n", "flip_rate", "delta_p"),
+    "sweep": ("split", "classifier", "factor", "value", "mean_p", "n"),
+    "cue": ("split", "classifier", "confound", "label_only", "confound_only", "both", "neither"),
+    "probes": ("factor", "target", "metric", "score", "control"),
+    "cam": ("split", "classifier", "region", "mass", "area_share"),
+    "history": ("epoch", "name", "value"),
+}
+"""Column order of each table as the run folder writes it (the CSVs keep it after the run keys)."""
+_TEXT = {
+    "split",
+    "classifier",
+    "metric",
+    "label",
+    "group",
+    "factor",
+    "kind",
+    "value_from",
+    "value_to",
+    "confound",
+    "target",
+    "control",
+    "region",
+    "name",
+}
+
+
+class StoreError(ValueError):
+    """The store is unreadable, of another format, or holds another study."""
+
+
+def _quote(name: str) -> str:
+    return f'"{name}"'
+
+
+def _schema() -> list[str]:
+    statements = [
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS datasets (scenario TEXT PRIMARY KEY, key TEXT NOT NULL, "
+        "manifest_sha256 TEXT NOT NULL, manifest TEXT NOT NULL, gallery BLOB)",
+        "CREATE TABLE IF NOT EXISTS runs (" + ", ".join(f"{c} {t}" for c, t in RUN_COLUMNS.items()) + ")",
+        "CREATE TABLE IF NOT EXISTS figures (run_id TEXT NOT NULL REFERENCES runs(run_id), name TEXT NOT NULL, "
+        "png BLOB NOT NULL, PRIMARY KEY (run_id, name))",
+    ]
+    for name, (keys, _values) in TABLES.items():
+        columns = [f"{_quote(c)} {'TEXT' if c in _TEXT else 'REAL'}" for c in CSV_COLUMNS[name]]
+        unique = ", ".join(_quote(c) for c in ("run_id", *keys))
+        statements.append(
+            f"CREATE TABLE IF NOT EXISTS {name} (run_id TEXT NOT NULL REFERENCES runs(run_id), "
+            f"{', '.join(columns)}, UNIQUE ({unique}))"
+        )
+    return statements
+
+
+def _check_owner(path: Path, study: Mapping[str, Any]) -> None:
+    """Refuse an existing file that is not this study's store (read-only; nothing is written).
+
+    A file with no table at all is a store whose study was killed before its first commit: it is
+    this study's to take.
+    """
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {}
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as error:
+        raise StoreError(f"{path}: not a results store ({error})") from None
+    if not tables:
+        return
+    if meta.get("format") != STORE_FORMAT:
+        raise StoreError(f"{path}: store format {meta.get('format')!r}, this nodulab reads {STORE_FORMAT}")
+    if meta.get("sha256") != str(study["sha256"]):
+        raise StoreError(
+            f"{path}: holds study {meta.get('name')!r} ({str(meta.get('sha256'))[:12]}), not this study "
+            f"{study['name']!r} ({str(study['sha256'])[:12]}); use another --out"
+        )
+
+
+class Store:
+    """An open results store. Use as a context manager; only one process should write.
+
+    Args:
+        path: the SQLite file.
+        study: ``{"name", "sha256", "config"}`` of the study that owns the store. A new store
+            records it; an existing one must hold the same sha256 (else ``StoreError``). ``None``
+            opens an existing store read-only (``nodulab report``).
+    """
+
+    def __init__(self, path: Path | str, study: Mapping[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        if study is None:
+            if not self.path.is_file():
+                raise StoreError(f"{self.path}: no results store here")
+            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            self._check_format()
+            return
+        existed = self.path.exists()
+        if existed:  # check whose store it is before writing anything into it
+            _check_owner(self.path, study)
+        self._db = sqlite3.connect(self.path)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            if not existed:
+                follow_umask(self.path)
+            with self._db:
+                for statement in _schema():
+                    self._db.execute(statement)
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (STORE_FORMAT,))
+                for key in ("name", "sha256"):
+                    self._db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, str(study[key])))
+                self._db.execute(
+                    "INSERT OR IGNORE INTO meta VALUES ('config', ?)", (json.dumps(study["config"], sort_keys=True),)
+                )
+        except sqlite3.DatabaseError as error:
+            self._db.close()
+            raise StoreError(f"{self.path}: not a results store ({error})") from None
+        except StoreError:
+            self._db.close()
+            raise
+
+    def _check_format(self) -> None:
+        try:
+            found = self.meta().get("format")
+        except sqlite3.DatabaseError as error:
+            self._db.close()
+            raise StoreError(f"{self.path}: not a results store ({error})") from None
+        if found != STORE_FORMAT:
+            self._db.close()
+            raise StoreError(f"{self.path}: store format {found!r}, this nodulab reads {STORE_FORMAT}")
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def meta(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+
+    def study_config(self) -> dict[str, Any]:
+        return json.loads(self.meta()["config"])
+
+    def finished(self) -> set[str]:
+        """run_ids recorded, done or failed: a resumed study never redoes them."""
+        return {row[0] for row in self._db.execute("SELECT run_id FROM runs")}
+
+    def forget_failed(self) -> int:
+        """Remove the runs recorded as failed (``--retry-failed``); returns how many."""
+        with self._db:
+            return self._db.execute("DELETE FROM runs WHERE status='failed'").rowcount
+
+    def add_dataset(
+        self, scenario: str, key: str, manifest_sha256: str, manifest: Mapping[str, Any], gallery: bytes | None
+    ) -> None:
+        with self._db:
+            row = (scenario, key, manifest_sha256, json.dumps(manifest, sort_keys=True), gallery)
+            self._db.execute("INSERT OR REPLACE INTO datasets VALUES (?, ?, ?, ?, ?)", row)
+
+    def add_run(
+        self,
+        run: Mapping[str, Any],
+        tables: Mapping[str, pd.DataFrame] | None = None,
+        figures: Mapping[str, bytes] | None = None,
+    ) -> None:
+        """Record one run with all its rows in one transaction, then update the cell's selection.
+
+        ``run`` has the ``runs`` columns (``config`` as a dict; ``selected`` is computed here).
+        """
+        record = {c: run.get(c) for c in RUN_COLUMNS}
+        record["config"] = json.dumps(run["config"], sort_keys=True)
+        record["selected"] = 0
+        record["reason"] = run.get("reason") or ""
+        record["warnings"] = run.get("warnings") or ""
+        with self._db:
+            marks = ", ".join("?" * len(RUN_COLUMNS))
+            self._db.execute(
+                f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({marks})", [record[c] for c in RUN_COLUMNS]
+            )
+            for name, frame in (tables or {}).items():
+                columns = CSV_COLUMNS[name]
+                missing = [c for c in columns if c not in frame.columns]
+                if missing:
+                    raise StoreError(f"run {record['run_id']}: table {name} lacks {', '.join(missing)}")
+                rows = frame[list(columns)].astype(object).where(frame[list(columns)].notna(), None)
+                placeholders = ", ".join("?" * (len(columns) + 1))
+                names = ", ".join(map(_quote, columns))
+                self._db.executemany(
+                    f"INSERT INTO {name} (run_id, {names}) VALUES ({placeholders})",
+                    [(record["run_id"], *values) for values in rows.itertuples(index=False)],
+                )
+            for name, png in (figures or {}).items():
+                self._db.execute("INSERT INTO figures VALUES (?, ?, ?)", (record["run_id"], name, png))
+            self._select(record["scenario"], record["loss"], int(record["seed"]))
+
+    def _select(self, scenario: str, loss: str, seed: int) -> None:
+        cell = (scenario, loss, seed)
+        best = self._db.execute(
+            "SELECT run_id FROM runs WHERE scenario=? AND loss=? AND seed=? AND status='done' AND score IS NOT NULL "
+            "ORDER BY score DESC, draw ASC LIMIT 1",
+            cell,
+        ).fetchone()
+        self._db.execute("UPDATE runs SET selected=0 WHERE scenario=? AND loss=? AND seed=?", cell)
+        if best:
+            self._db.execute("UPDATE runs SET selected=1 WHERE run_id=?", best)
+
+    def runs(self) -> pd.DataFrame:
+        """Every recorded run (``config`` parsed), in grid order."""
+        frame = pd.read_sql_query("SELECT * FROM runs ORDER BY scenario, loss, seed, draw", self._db)
+        frame["config"] = [json.loads(c) for c in frame["config"]]
+        return frame
+
+    def table(self, name: str) -> pd.DataFrame:
+        """A result table joined with the run keys: ``RUN_KEYS`` then the run folder's columns."""
+        if name not in TABLES:
+            raise StoreError(f"no table {name!r}; tables: {', '.join(TABLES)}")
+        keys = ", ".join(f"r.{c}" for c in RUN_KEYS)
+        columns = ", ".join(f"t.{_quote(c)}" for c in CSV_COLUMNS[name])
+        return pd.read_sql_query(
+            f"SELECT {keys}, {columns} FROM {name} t JOIN runs r USING (run_id) "
+            "ORDER BY r.scenario, r.loss, r.seed, r.draw, t.rowid",
+            self._db,
+        )
+
+    def datasets(self) -> pd.DataFrame:
+        return pd.read_sql_query("SELECT * FROM datasets ORDER BY scenario", self._db)
+
+    def manifests(self) -> dict[str, dict[str, Any]]:
+        """Each scenario's dataset manifest (its ``dataset.json``), parsed."""
+        rows = self._db.execute("SELECT scenario, manifest FROM datasets")
+        return {scenario: json.loads(text) for scenario, text in rows}
+
+    def figure(self, run_id: str, name: str) -> bytes | None:
+        row = self._db.execute("SELECT png FROM figures WHERE run_id=? AND name=?", (run_id, name)).fetchone()
+        return row[0] if row else None
+
+
+def export_csvs(store: Store, out: Path) -> list[Path]:
+    """Write ``out/<table>.csv`` (and ``runs.csv``) from the store, each file atomically."""
+    written = []
+    runs = store.runs().drop(columns=["config"])
+    frames = {"runs": runs, **{name: store.table(name) for name in TABLES}}
+    for name, frame in frames.items():
+        path = Path(out) / f"{name}.csv"
+        write_atomically(path, lambda tmp, f=frame: write_table(f, tmp))
+        written.append(path)
+    return written

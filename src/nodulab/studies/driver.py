@@ -1,0 +1,223 @@
+"""The study (DESIGN §7): generate, train every loss over seeds and tuning draws, evaluate, explain, store.
+
+``run_study`` is ``nodulab study``. Its pieces, in the order a study uses them:
+
+- **Datasets**: one per scenario, generated once into a cache named by content (the resolved
+  scenario, the data seed, the RNG scheme and the dataset format: ``cache_key``), shared by the
+  scenario's runs. A lock file makes two processes that want the same dataset produce it once:
+  the second waits, then checks the files against the manifest's hashes (``ensure_dataset``).
+- **The grid** (``plan``): per seed, scenario, loss and tuning draw one ``RunSpec``. Draw 0 is the
+  registry's defaults; draw k > 0 takes every parameter from its tuning range with its own seed
+  (``losses.draw_params``), the same budget for every loss. A run's key ``run_id`` is the hash of
+  its resolved config, which holds the dataset's manifest hash.
+- **A run** (``execute``): train, evaluate, explain, read the run folder's tables back. A run
+  that fails is returned as failed with its one-line reason; it does not stop the others.
+- **Executors**: ``local`` (in this process, or ``--jobs N`` worker processes) or ``ray``
+  (``study_ray.py``). Only this process writes the store; each run goes in with one transaction,
+  so a study killed at any moment resumes where it stopped and never redoes a recorded run.
+- **Selection** (``store.Store``): per (scenario, loss, seed) the draw with the best kNN balanced
+  accuracy on ``val`` at the run's last epoch, the same score for every loss; no test split is
+  read to select.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nodulab.common.progress import Progress
+from nodulab.common.writing import check_out, is_inside
+from nodulab.data.dataset import MANIFEST, load_manifest, sha256_file
+from nodulab.data.gallery import gallery_png
+from nodulab.results.store import STORE_FILE, Store, export_csvs
+from nodulab.studies.config import Study
+from nodulab.studies.executors import EXECUTORS
+from nodulab.studies.runner import Batch, RunResult, RunSpec, StudyRunError, ensure_dataset, unpack_folder
+from nodulab.training import losses
+
+RUNS_DIR = "runs"
+DATASETS_DIR = "datasets"
+
+
+def plan(study: Study, manifests: dict[str, str]) -> list[RunSpec]:
+    """Every run of the study in grid order: seed, scenario, loss, draw (seed 0 of everything first).
+
+    ``manifests`` maps each scenario to its dataset's manifest sha256 (part of every run's key).
+    The device is not part of the key (bf16 on CUDA changes numbers, not what the run is).
+    """
+    m = study.model
+    specs = []
+    for seed in range(m.seeds):
+        for scenario in study.scenarios:
+            for loss in study.losses(scenario):
+                for draw in range(m.tuning.budget):
+                    params = losses.draw_params(loss, draw, seed)
+                    loss_keys = set(losses.params(loss))
+                    config = {
+                        "scenario": scenario,
+                        "manifest_sha256": manifests[scenario],
+                        "loss": loss,
+                        "seed": seed,
+                        "draw": draw,
+                        "encoder": m.train.encoder,
+                        "epochs": m.train.epochs,
+                        "batch_size": m.train.batch_size,
+                        "views": m.train.views,
+                        "threads": m.train.threads,
+                        "lr": params["lr"],
+                        "weight_decay": params["weight_decay"],
+                        "loss_params": {k: v for k, v in params.items() if k in loss_keys},
+                        "selection": "last",
+                        "threshold": "fixed",
+                        "explain": {"splits": study.explain_splits(scenario), "n": m.explain.n},
+                    }
+                    run_id = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+                    specs.append(RunSpec(scenario, loss, seed, draw, config, run_id))
+    return specs
+
+
+# ----------------------------------------------------------------------------- the study
+@dataclass
+class StudySummary:
+    """What ``run_study`` did: counts and the summed times (for the overhead benchmark)."""
+
+    planned: int = 0
+    skipped: int = 0
+    done: int = 0
+    failed: int = 0
+    run_seconds: float = 0.0
+    generate_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    results: list[RunResult] = field(default_factory=list)
+
+
+def _run_row(result: RunResult) -> dict[str, Any]:
+    s = result.spec
+    return {
+        "run_id": s.run_id,
+        "scenario": s.scenario,
+        "loss": s.loss,
+        "seed": s.seed,
+        "draw": s.draw,
+        "config": s.config,
+        "status": result.status,
+        "reason": result.reason,
+        "score": result.score,
+        "warnings": "; ".join(result.warnings),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **{k: result.timings.get(k) for k in ("train_s", "evaluate_s", "explain_s")},
+    }
+
+
+def check_study_out(out: Path, study: Study) -> None:
+    """Refuse an ``--out`` that is, holds or lies inside a file the study was read from, that is a
+    file, or that is a non-empty folder without a store (``Store`` refuses another study's store)."""
+    check_out(out, study.sources)
+    if out.exists() and not out.is_dir():
+        raise StudyRunError(f"--out {out} is a file, not a study folder")
+    if not (out / STORE_FILE).is_file() and out.is_dir() and any(out.iterdir()):
+        raise StudyRunError(f"--out {out} is a non-empty folder without {STORE_FILE}; use a new folder")
+
+
+def _study_meta(study: Study) -> dict[str, Any]:
+    return {"name": study.name, "sha256": study.sha256, "config": study.record()}
+
+
+def run_study(
+    study: Study,
+    out: Path | str,
+    *,
+    executor: str = "local",
+    jobs: int = 1,
+    device: str = "cpu",
+    cache: Path | str | None = None,
+    retry_failed: bool = False,
+    report: bool = True,
+    on_dataset: Callable[[str, int], None] | None = None,
+    on_plan: Callable[[int, int], None] | None = None,
+    on_result: Callable[[RunResult, int, int], None] | None = None,
+    progress: Progress | None = None,
+) -> StudySummary:
+    """Run (or resume) a study into ``out``: datasets, every run of the grid, CSVs, the report.
+
+    Args:
+        study: a validated study (``studies.load_study``).
+        out: the study folder (``results.sqlite``, ``runs/``, CSVs, ``report.html``).
+        executor: ``local`` or ``ray``.
+        jobs: local worker processes (each run keeps the study's thread count).
+        device: ``cpu`` or ``cuda`` (resolved by the caller).
+        cache: dataset cache folder (default ``out/datasets``); may be shared by studies.
+        retry_failed: run again the runs recorded as failed.
+        report: write ``report.html`` at the end.
+        on_dataset: called with (scenario, samples just rendered) while generating.
+        on_plan: called once with (runs in the grid, runs already recorded) before any run starts.
+        on_result: called after each run is stored, with the result, the grid's runs recorded so far
+            and the grid's size.
+        progress: the current run's ``(stage, done, total)`` (local, ``jobs`` 1).
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    if executor not in EXECUTORS:
+        raise StudyRunError(f"--executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    if jobs < 1:
+        raise StudyRunError(f"--jobs must be >= 1, got {jobs}")
+    check_study_out(out, study)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache) if cache is not None else out / DATASETS_DIR
+    if is_inside(out / RUNS_DIR, cache):
+        raise StudyRunError(f"--cache {cache} lies inside {out / RUNS_DIR}, whose run folders a study replaces")
+    summary = StudySummary()
+    with Store(out / STORE_FILE, _study_meta(study)) as store:
+        if retry_failed:
+            store.forget_failed()
+        data_dirs, manifests = {}, {}
+        gen_start = time.perf_counter()
+        recorded = set(store.manifests())
+        for name, scenario in study.scenarios.items():
+            report_rows = (lambda k, n=name: on_dataset(n, k)) if on_dataset else None
+            data_dirs[name] = ensure_dataset(cache, scenario, study.model.data.seed, progress=report_rows)
+            manifests[name] = sha256_file(data_dirs[name] / MANIFEST)
+            if name not in recorded:
+                store.add_dataset(
+                    name,
+                    data_dirs[name].name,
+                    manifests[name],
+                    load_manifest(data_dirs[name]),
+                    gallery_png(data_dirs[name]),
+                )
+        summary.generate_seconds = time.perf_counter() - gen_start
+        specs = plan(study, manifests)
+        finished = store.finished()
+        todo = [s for s in specs if s.run_id not in finished]
+        summary.planned, summary.skipped = len(specs), len(specs) - len(todo)
+        if on_plan:
+            on_plan(summary.planned, summary.skipped)
+        runs_dir = out / RUNS_DIR
+        runs_dir.mkdir(exist_ok=True)
+
+        def record(result: RunResult) -> None:
+            if result.folder is not None:
+                unpack_folder(result.folder, runs_dir / result.spec.run_id)
+                result.folder = None
+            store.add_run(_run_row(result), result.tables, result.figures)
+            result.tables, result.figures = {}, {}  # in the store now; a long grid keeps only the summary
+            summary.done += result.status == "done"
+            summary.failed += result.status == "failed"
+            summary.run_seconds += sum(result.timings.values())
+            summary.results.append(result)
+            if on_result:
+                on_result(result, summary.skipped + summary.done + summary.failed, summary.planned)
+
+        EXECUTORS[executor](todo, Batch(study, data_dirs, manifests, runs_dir, device, jobs, progress), record)
+        export_csvs(store, out)
+    if report:
+        from nodulab.results.report import write_report
+
+        write_report(out)
+    summary.wall_seconds = time.perf_counter() - started
+    return summary

@@ -1,0 +1,1 @@
+"""One encoder, many losses: networks, objectives, views, the training loop, readouts, run folders."""

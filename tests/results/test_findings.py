@@ -1,0 +1,258 @@
+"""Seed-level statistics and the findings sentences, on made-up stores where the truth is known."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from fake_study import make_study, manifest
+from nodulab.common.seedstats import holm_levels, paired_test, welch_difference
+from nodulab.results.findings import findings, holm, seed_summary
+from nodulab.results.seed_tables import (
+    conflict_splits,
+    confounds_of,
+    find_ceiling,
+    find_ceilings,
+    own_scores,
+    paired_differences,
+    readout_map,
+    reliance_summary,
+)
+from nodulab.results.store import STORE_FILE, Store
+
+T_975_DF2 = 4.302652729911275  # Student t quantile 0.975 with 2 degrees of freedom
+
+
+def noise(scenario: str, loss: str, seed: int, split: str) -> float:
+    """A fixed pseudo-random number per cell, SD about 0.02."""
+    return 0.02 * np.random.default_rng([seed, sum(map(ord, scenario + loss + split))]).standard_normal()
+
+
+def scored(lead: float, spread: float = 1.0):
+    """ce 0.6 on the conflict split; supcon ``lead`` above it; everything else near 0.95."""
+
+    def score(scenario: str, loss: str, seed: int, split: str) -> float:
+        base = 0.6 if split == "test_conflict" else 0.95
+        return (
+            base
+            + (lead if loss == "supcon" and split == "test_conflict" else 0.0)
+            + spread * noise(scenario, loss, seed, split)
+        )
+
+    return score
+
+
+def sentences_of(root: Path) -> list[str]:
+    with Store(root / STORE_FILE) as store:
+        return findings(store.table("metrics"), store.manifests(), store.table("reliance"), store.table("cue"))
+
+
+def test_seed_summary_is_a_t_interval_over_seeds() -> None:
+    s = seed_summary([1.0, 2.0, 3.0, float("nan")])
+    assert (s.n, s.mean, s.sd) == (3, 2.0, 1.0)
+    half = T_975_DF2 / math.sqrt(3)
+    assert s.low == pytest.approx(2 - half) and s.high == pytest.approx(2 + half)
+    one = seed_summary([0.7])
+    assert one.n == 1 and one.mean == 0.7 and math.isnan(one.sd) and math.isnan(one.low) and math.isnan(one.high)
+    assert seed_summary([]).n == 0 and math.isnan(seed_summary([]).mean)
+
+
+def naive_holm(p: list[float]) -> list[float]:
+    """Holm by its definition: the k-th smallest gets the largest (m - j + 1) p_(j) over j <= k, capped at 1."""
+    finite = [i for i, x in enumerate(p) if not math.isnan(x)]
+    ranked = sorted(finite, key=lambda i: (p[i], i))
+    m, out = len(ranked), [float("nan")] * len(p)
+    for k, i in enumerate(ranked):
+        out[i] = min(1.0, max((m - j) * p[ranked[j]] for j in range(k + 1)))
+    return out
+
+
+def holm_rejects(p: list[float], alpha: float) -> set[int]:
+    """Holm's step-down procedure run literally: reject in order while p_(k) <= alpha / (m - k + 1)."""
+    ranked = sorted((i for i, x in enumerate(p) if not math.isnan(x)), key=lambda i: (p[i], i))
+    rejected: set[int] = set()
+    for k, i in enumerate(ranked):
+        if p[i] > alpha / (len(ranked) - k):
+            break
+        rejected.add(i)
+    return rejected
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_holm_matches_a_naive_loop_and_the_procedure(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    p = list(rng.uniform(0, 0.1, 12) ** rng.uniform(0.5, 2))
+    p[3] = p[7]  # a tie
+    p[5] = float("nan")  # not tested
+    adjusted = holm(p)
+    np.testing.assert_allclose(adjusted, naive_holm(p), equal_nan=True)
+    finite = [i for i in range(12) if i != 5]
+    assert all(adjusted[i] <= 1 and adjusted[i] >= p[i] for i in finite)
+    by_raw = sorted(finite, key=lambda i: p[i])
+    assert all(np.diff(adjusted[by_raw]) >= 0)  # monotone in the raw p-values
+    near = [a * (1 + e) for a in adjusted[finite] for e in (-1e-9, 1e-9)]  # either side of each step
+    for alpha in (0.01, 0.05, 0.1, *near):
+        assert holm_rejects(p, alpha) == {i for i in finite if adjusted[i] <= alpha}
+
+
+def test_holm_caps_at_one_and_keeps_nan() -> None:
+    assert list(holm([0.5, 0.9])) == [1.0, 1.0]
+    assert math.isnan(holm([float("nan"), 0.01])[0]) and holm([float("nan"), 0.01])[1] == 0.01
+    assert holm([]).shape == (0,)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_holm_levels_make_the_corrected_interval_agree_with_the_adjusted_p(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    tests = [paired_test(rng.normal(rng.uniform(-0.05, 0.05), 0.03, int(rng.integers(3, 7)))) for _ in range(10)]
+    p = [t.p for t in tests]
+    for t, level, adjusted in zip(tests, holm_levels(p), holm(p)):
+        low, high = t.interval(1 - level)
+        assert (low > 0 or high < 0) == (adjusted < 0.05)
+
+
+def test_holm_levels_hold_after_the_first_kept_comparison() -> None:
+    assert list(holm_levels([0.01, 0.04])) == [0.025, 0.05]  # both rejected
+    # 0.03 is kept at 0.025, so 0.04 is held to 0.025 too (at 0.05 its own interval would exclude 0)
+    assert list(holm_levels([0.04, 0.03])) == [0.025, 0.025]
+    assert math.isnan(holm_levels([float("nan"), 0.01])[0])
+
+
+def test_paired_and_welch_intervals_match_scipy() -> None:
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(0.7, 0.03, 5), rng.normal(0.6, 0.05, 5)
+    mine, theirs = paired_test(a - b), stats.ttest_rel(a, b)
+    assert mine.p == pytest.approx(theirs.pvalue)
+    assert (mine.low, mine.high) == pytest.approx(tuple(theirs.confidence_interval(0.95)))
+    c = rng.normal(0.5, 0.1, 4)
+    welch = stats.ttest_ind(a, c, equal_var=False).confidence_interval(0.95)
+    assert welch_difference(a, c) == pytest.approx((a.mean() - c.mean(), welch.low, welch.high))
+    assert paired_test([0.25, 0.25, 0.25]).p == 0.0 and paired_test([0.0, 0.0, 0.0]).p == 1.0
+    assert all(math.isnan(x) for x in welch_difference([0.5], c)[1:])
+
+
+@pytest.fixture(scope="module")
+def clear_lead(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_study(
+        tmp_path_factory.mktemp("lead"),
+        scored(0.2),
+        losses=("ce", "supcon"),
+        flips=lambda loss: (0.1, 0.8) if loss == "ce" else (0.7, 0.2),
+    )
+
+
+def test_ce_gap_to_the_clean_ceiling_sentence_with_its_welch_interval(clear_lead: Path) -> None:
+    score = scored(0.2)
+    ce = np.array([score("size-confound", "ce", s, "test_conflict") for s in range(5)])
+    top = np.array([score("clean", "ce", s, "test_iid") for s in range(5)])
+    gap = stats.ttest_ind(top, ce, equal_var=False).confidence_interval(0.95)
+    half_ce, half_top = (stats.t.ppf(0.975, 4) * x.std(ddof=1) / math.sqrt(5) for x in (ce, top))
+    expected = (
+        f"On size-confound/test_conflict, ce (head) reaches balanced accuracy {ce.mean():.2f} "
+        f"[{ce.mean() - half_ce:.2f}, {ce.mean() + half_ce:.2f}] against the clean ceiling {top.mean():.2f} "
+        f"[{top.mean() - half_top:.2f}, {top.mean() + half_top:.2f}] (clean/test_iid): a gap of "
+        f"{top.mean() - ce.mean():.2f} (95% CI {gap.low:.2f} to {gap.high:.2f})."
+    )
+    assert expected in sentences_of(clear_lead)
+
+
+def test_a_clear_lead_is_claimed_and_reliance_is_named(clear_lead: Path) -> None:
+    text = " ".join(sentences_of(clear_lead))
+    assert "supcon (probe) keeps the most" in text and "significant after Holm correction" in text
+    assert "ce (head; flip rate cue 0.10 vs confound 0.80" in text and "relies mostly on the confound" in text
+    assert "supcon (probe; flip rate cue 0.70 vs confound 0.20" in text and "relies mostly on the label cue" in text
+    assert "cannot tell" not in text
+
+
+def test_a_lead_within_noise_is_not_claimed(tmp_path: Path) -> None:
+    text = " ".join(sentences_of(make_study(tmp_path, scored(0.005, spread=2.0), losses=("ce", "supcon"))))
+    assert "keeps the most" in text and ": within noise." in text
+    assert "significant after Holm correction" not in text and "none is significant" in text
+    assert "Within noise against ce (head)" in text and "size-confound/test_conflict: supcon (probe)" in text
+
+
+def test_fewer_than_three_seeds_cannot_tell(tmp_path: Path) -> None:
+    root = make_study(tmp_path, scored(0.3), seeds=(0, 1), losses=("ce", "supcon"), explain=False)
+    found = sentences_of(root)
+    text = " ".join(found)
+    assert "With 2 seeds the study cannot tell differences apart" in text
+    assert "significant" not in text
+    assert "not measured" in text  # no explain tables
+    with Store(root / STORE_FILE) as store:
+        paired = paired_differences(own_scores(store.table("metrics")))
+    assert not paired["significant"].any() and paired["p_holm"].isna().all()
+
+
+def test_without_a_clean_scenario_ce_is_read_against_the_iid_split(tmp_path: Path) -> None:
+    root = make_study(tmp_path, scored(0.2), scenarios=("size-confound",), losses=("ce", "supcon"), explain=False)
+    text = " ".join(sentences_of(root))
+    assert "no clean scenario" in text and "against" in text and "on test_iid: an OOD gap of" in text
+
+
+def test_paired_differences_pair_seeds_and_use_own_readouts(tmp_path: Path) -> None:
+    root = make_study(
+        tmp_path, scored(0.2), losses=("ce", "supcon"), failed=[("size-confound", "supcon", 4)], explain=False
+    )
+    with Store(root / STORE_FILE) as store:
+        metrics = store.table("metrics")
+    assert readout_map(metrics) == {"ce": "head", "supcon": "probe"}
+    paired = paired_differences(own_scores(metrics))
+    row = paired[(paired["scenario"] == "size-confound") & (paired["split"] == "test_conflict")].iloc[0]
+    score = scored(0.2)
+    d = [
+        score("size-confound", "supcon", s, "test_conflict") - score("size-confound", "ce", s, "test_conflict")
+        for s in range(4)
+    ]
+    assert row["n"] == 4 and row["mean"] == pytest.approx(np.mean(d)) and row["significant"]
+    assert (row["readout"], row["reference_readout"]) == ("probe", "head")
+    assert ((paired["p_holm"] < 0.05) == paired["significant"]).all()
+
+
+def test_conflict_splits_and_the_ceiling_come_from_the_manifests() -> None:
+    splits = ["val", "test_iid", "test_conflict", "test_scanner"]
+    assert conflict_splits(manifest("size-confound"), splits) == ["test_conflict"]
+    assert conflict_splits(None, splits) == ["test_conflict"]
+    assert conflict_splits(None, ["val", "test_a", "test_b"]) == ["test_a", "test_b"]
+    shifted = {"scenario": {"confounds": [], "splits": {"test_a": {"factors": {"noise_hu": 50}}, "test_b": {}}}}
+    scores = pd.DataFrame({"scenario": ["shift", "shift", "size-confound"], "split": ["test_a", "test_b", "test_iid"]})
+    ceiling = find_ceiling({"shift": shifted, "size-confound": manifest("size-confound")}, scores)
+    assert (ceiling.scenario, ceiling.split) == ("shift", "test_b")
+    assert find_ceiling({"size-confound": manifest("size-confound")}, scores) is None
+
+
+def test_source_scenarios_read_their_broken_splits_against_the_same_tables_ceiling() -> None:
+    from nodulab.synth.scenarios import load_scenario, scenario_to_dict
+
+    lidc = {"scenario": scenario_to_dict(load_scenario("lidc"))}
+    balanced = {"scenario": scenario_to_dict(load_scenario("lidc-balanced"))}
+    assert confounds_of(lidc) == ["lidc ratings"] and confounds_of(balanced) == []
+    assert conflict_splits(lidc, ["val", "test_iid", "test_balanced"]) == ["test_balanced"]
+    manifests = {
+        "lidc": lidc,
+        "lidc-balanced": balanced,
+        "clean": manifest("clean"),
+        "size-confound": manifest("size-confound"),
+    }
+    scores = pd.DataFrame(
+        {
+            "scenario": ["lidc", "lidc-balanced", "lidc-balanced", "clean", "size-confound"],
+            "split": ["test_balanced", "test_real", "test_iid", "test_iid", "test_conflict"],
+        }
+    )
+    ceilings = {name: str(c) for name, c in find_ceilings(manifests, scores).items()}
+    assert ceilings == {"lidc": "lidc-balanced/test_iid", "size-confound": "clean/test_iid"}
+
+
+def test_reliance_summary_reads_own_readouts_on_the_given_splits(clear_lead: Path) -> None:
+    with Store(clear_lead / STORE_FILE) as store:
+        reliance, metrics = store.table("reliance"), store.table("metrics")
+    summary = reliance_summary(reliance, readout_map(metrics), {"size-confound": ["test_conflict"]})
+    ce = summary[summary["loss"] == "ce"].iloc[0]
+    assert (ce["readout"], ce["seeds"]) == ("head", 5)
+    assert (ce["cue"], ce["confound"]) == (pytest.approx(0.1), pytest.approx(0.8))
+    assert set(summary["scenario"]) == {"size-confound"}

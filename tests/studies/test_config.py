@@ -1,0 +1,163 @@
+"""Study files: validation (one-line errors naming the key), presets, the grid and fair tuning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tests.conftest import assert_one_line_error
+from typer.testing import CliRunner
+
+from nodulab.cli import app
+from nodulab.common.choices import LOSS_NAMES
+from nodulab.studies.config import StudyError, load_study, preset_names, study_from_dict
+from nodulab.studies.driver import plan
+from nodulab.training import losses
+
+runner = CliRunner()
+BASE = {"name": "t", "scenarios": ["clean", "size-confound"], "losses": ["ce", "supcon"], "seeds": 2}
+
+
+def test_presets_load_and_are_listed() -> None:
+    assert {"quick", "paper", "paper-3d"} <= set(preset_names())
+    result = runner.invoke(app, ["studies"])
+    assert result.exit_code == 0
+    for name in preset_names():
+        assert name in result.output
+    paper = load_study("paper")
+    assert set(paper.model.losses) == set(LOSS_NAMES)
+    assert paper.model.seeds == 5 and paper.model.tuning.budget > 1
+    assert {s.image.size for s in paper.scenarios.values()} == {64}
+    assert {s.image.dim for s in load_study("paper-3d").scenarios.values()} == {3}
+
+
+def test_quick_preset_shape() -> None:
+    quick = load_study("quick")
+    assert set(quick.scenarios) == {"clean", "size-confound"}
+    assert quick.model.seeds >= 3 and quick.model.train.epochs <= 10
+    assert quick.losses("clean") == ["ce"] and quick.losses("size-confound") == ["ce", "supcon", "simclr"]
+    assert quick.explain_splits("size-confound") == ["test_conflict"] and quick.explain_splits("clean") == []
+    assert {s.image.size for s in quick.scenarios.values()} == {32}
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"seeds": 0}, "seeds"),
+        ({"losses": ["ce", "focal"]}, "unknown loss 'focal'"),
+        ({"losses": []}, "losses"),
+        ({"scenarios": ["clean", "no-such-preset"]}, "scenarios[1]: no-such-preset: unknown preset"),
+        ({"scenarios": ["clean", "clean"]}, "a second scenario named 'clean'"),
+        ({"scenario_losses": {"other": ["ce"]}}, "scenario_losses.other"),
+        ({"tuning": {"budget": 0}}, "tuning.budget"),
+        ({"train": {"views": "mixup"}}, "views"),
+        ({"train": {"threads": 0}}, "train.threads"),
+        ({"data": {"n": {"tran": 100}}}, "unknown split 'tran'"),
+        ({"data": {"n": 0}}, "data.n"),
+        ({"data": {"size": 8}}, "field of view"),
+        ({"epochs": 3}, "epochs: unknown key"),
+    ],
+)
+def test_bad_study_is_one_line(change: dict, fragment: str) -> None:
+    with pytest.raises(StudyError) as error:
+        study_from_dict({**BASE, **change})
+    assert "\n" not in str(error.value) and fragment in str(error.value), str(error.value)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["seeds", "losses", "scenarios", "name", "tuning"]),
+        st.one_of(st.integers(-3, 3), st.text(max_size=5), st.lists(st.text(max_size=4), max_size=2)),
+    )
+)
+def test_garbage_studies_fail_with_study_error(garbage: dict) -> None:
+    try:
+        study_from_dict({**BASE, **garbage})
+    except StudyError as error:
+        assert "\n" not in str(error)
+
+
+def test_cli_bad_input_one_line(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["study", "no-such-study", "--out", str(tmp_path / "o")])
+    assert_one_line_error(result, "unknown study preset")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "b"\nscenarios = ["clean"]\nlosses = ["ce"]\nseeds = 0\n')
+    assert_one_line_error(runner.invoke(app, ["study", str(bad), "--out", str(tmp_path / "o")]), "seeds")
+    bad.write_text('name = "b"\nscenarios = ["clean", "nope.toml"]\nlosses = ["ce"]\nseeds = 1\n')
+    assert_one_line_error(
+        runner.invoke(app, ["study", str(bad), "--out", str(tmp_path / "o")]), "nope.toml: no such scenario file"
+    )
+    bad.write_text("seeds = [")
+    assert_one_line_error(runner.invoke(app, ["study", str(bad), "--out", str(tmp_path / "o")]), "unreadable TOML")
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "precious.txt").write_text("keep")
+    assert_one_line_error(runner.invoke(app, ["study", "quick", "--out", str(tmp_path / "full")]), "non-empty")
+    assert (tmp_path / "full" / "precious.txt").read_text() == "keep"
+
+
+def test_scenario_paths_are_relative_to_the_study_file(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mine.toml").write_text(
+        (Path(__file__).parents[2] / "src/nodulab/presets/clean.toml").read_text().replace('"clean"', '"mine"')
+    )
+    (tmp_path / "s.toml").write_text('scenarios = ["sub/mine.toml"]\nlosses = ["ce"]\nseeds = 1\n')
+    study = load_study(tmp_path / "s.toml")
+    assert list(study.scenarios) == ["mine"] and study.name == "s"
+
+
+def test_split_sizes_and_hash() -> None:
+    study = study_from_dict({**BASE, "data": {"size": 32, "pixel_mm": 1.4, "n": {"train": 300, "test": 50}}})
+    sc = study.scenarios["size-confound"]
+    assert sc.splits["train"].n == 300 and sc.splits["val"].n == 1000
+    assert {sc.splits[s].n for s in sc.splits if s.startswith("test_")} == {50}
+    again = study_from_dict({**BASE, "data": {"size": 32, "pixel_mm": 1.4, "n": {"train": 300, "test": 50}}})
+    other = study_from_dict({**BASE, "data": {"size": 32, "pixel_mm": 1.4, "n": {"train": 301, "test": 50}}})
+    assert study.sha256 == again.sha256 != other.sha256
+
+
+def test_fair_tuning_grid() -> None:
+    """Every loss gets the same number of draws; draw 0 is the defaults; keys are unique."""
+    study = study_from_dict({**BASE, "losses": ["ce", "supcon", "simclr", "ce+triplet"], "tuning": {"budget": 3}})
+    manifests = dict.fromkeys(study.scenarios, "0" * 64)
+    specs = plan(study, manifests)
+    assert len(specs) == 2 * 2 * 4 * 3 and len({s.run_id for s in specs}) == len(specs)
+    per_loss: dict[str, int] = {}
+    for spec in specs:
+        per_loss[spec.loss] = per_loss.get(spec.loss, 0) + 1
+        drawn = losses.draw_params(spec.loss, spec.draw, spec.seed)
+        assert spec.config["lr"] == drawn["lr"] and spec.config["weight_decay"] == drawn["weight_decay"]
+        assert spec.config["loss_params"] == {k: v for k, v in drawn.items() if k in losses.params(spec.loss)}
+        if spec.draw == 0:
+            assert spec.config["lr"] == losses.OPTIMISER_PARAMS["lr"].default
+    assert set(per_loss.values()) == {2 * 2 * 3}
+    # the dataset is part of a run's key
+    moved = plan(study, {**manifests, "clean": "1" * 64})
+    assert {s.run_id for s in moved if s.scenario == "clean"}.isdisjoint({s.run_id for s in specs})
+
+
+def test_oversized_or_unreadable_study_file(tmp_path: Path) -> None:
+    big = tmp_path / "big.toml"
+    big.write_bytes(b"#" * (1 << 20) + b"\n")
+    with pytest.raises(StudyError, match="not a study file"):
+        load_study(big)
+    with pytest.raises(StudyError, match="no such study file"):
+        load_study(tmp_path / "missing.toml")
+
+
+def test_out_may_not_hold_or_be_the_study_files(tmp_path: Path) -> None:
+    """A study never writes over what it read: --out holding the study file or a scenario file is refused."""
+    (tmp_path / "sc").mkdir()
+    (tmp_path / "sc" / "mine.toml").write_text(
+        (Path(__file__).parents[2] / "src/nodulab/presets/clean.toml").read_text().replace('"clean"', '"mine"')
+    )
+    (tmp_path / "s.toml").write_text('scenarios = ["sc/mine.toml"]\nlosses = ["ce"]\nseeds = 1\n')
+    assert set(load_study(tmp_path / "s.toml").sources) == {tmp_path / "s.toml", tmp_path / "sc" / "mine.toml"}
+    before = (tmp_path / "sc" / "mine.toml").read_bytes()
+    for out in (tmp_path / "sc", tmp_path / "sc" / "mine.toml", tmp_path / "s.toml"):
+        result = runner.invoke(app, ["study", str(tmp_path / "s.toml"), "--out", str(out)])
+        assert_one_line_error(result, "--out")
+    assert (tmp_path / "sc" / "mine.toml").read_bytes() == before and not (tmp_path / "sc" / "datasets").exists()

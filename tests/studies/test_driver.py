@@ -1,0 +1,330 @@
+"""Running a study: the dataset cache, resuming after SIGKILL, failed runs, selection, Ray vs local."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from tests.conftest import assert_one_line_error
+from typer.testing import CliRunner
+
+from nodulab.cli import EXECUTORS, app
+from nodulab.results.store import STORE_FILE, TABLES, Store
+from nodulab.studies import driver as studying
+from nodulab.studies.config import load_study, study_from_dict
+
+SRC = str(Path(__file__).parents[2] / "src")
+TINY = """
+name = "tiny"
+scenarios = ["size-confound"]
+losses = ["ce", "simclr"]
+seeds = 2
+[data]
+size = 32
+pixel_mm = 1.4
+n = { train = 96, val = 48, val_balanced = 48, test = 32 }
+[train]
+epochs = 1
+batch_size = 32
+threads = 1
+"""
+RESULT_TABLES = ("metrics", "groups", "history", "reliance", "sweep", "cue", "probes", "cam")
+runner = CliRunner()
+
+
+def _tiny(tmp_path: Path, extra: str = "") -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY + extra)
+    return path
+
+
+def _results(out: Path) -> dict[str, pd.DataFrame]:
+    """Everything a study's numbers are: the runs and every result table, without the timings."""
+    with Store(out / STORE_FILE) as store:
+        runs = store.runs().drop(columns=["train_s", "evaluate_s", "explain_s", "finished", "config"])
+        tables = {name: store.table(name) for name in TABLES}
+    history = tables["history"]
+    tables["history"] = history[history["name"] != "seconds"].reset_index(drop=True)  # wall time per epoch
+    return {"runs": runs, **tables}
+
+
+def test_executors_match_the_cli() -> None:
+    assert EXECUTORS == studying.EXECUTORS
+
+
+def test_dataset_cache_is_produced_once_by_two_processes(tmp_path: Path) -> None:
+    """Two processes want the same dataset at once: one renders it, the other waits and checks hashes."""
+    script = f"""
+import sys
+sys.path.insert(0, {SRC!r})
+from pathlib import Path
+from nodulab.data import dataset as data
+from nodulab.studies import driver as study
+from nodulab.synth.scenarios import load_scenario
+original = data.generate
+def counting(*args, **kwargs):
+    with open({str(tmp_path / "log")!r}, 'a') as log:
+        log.write('generated\\n')
+    return original(*args, **kwargs)
+study.generate = counting
+scenario = load_scenario('clean', n=400, size=32, pixel_mm=1.4)
+print(study.ensure_dataset(Path({str(tmp_path / "cache")!r}), scenario, 0))
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outs[0] == outs[1] and Path(outs[0]).is_dir()
+    assert (tmp_path / "log").read_text().count("generated") == 1
+    folders = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert folders == [Path(outs[0])]
+
+
+def test_cache_key_names_the_content_and_hashes_are_checked(tmp_path: Path) -> None:
+    from nodulab.data.dataset import DatasetError
+    from nodulab.synth.scenarios import load_scenario
+
+    a = load_scenario("clean", n=64, size=32, pixel_mm=1.4)
+    other_n = load_scenario("clean", n=65, size=32, pixel_mm=1.4)
+    other_scenario = load_scenario("size-confound", n=64, size=32, pixel_mm=1.4)
+    keys = {
+        studying.cache_key(a, 0),
+        studying.cache_key(a, 1),
+        studying.cache_key(other_n, 0),
+        studying.cache_key(other_scenario, 0),
+    }
+    assert len(keys) == 4
+    folder = studying.ensure_dataset(tmp_path, a, 0)
+    assert folder.name == studying.cache_key(a, 0)
+    assert studying.ensure_dataset(tmp_path, a, 0) == folder  # reused
+    images = folder / "train" / "images.npy"
+    raw = bytearray(images.read_bytes())
+    raw[-1] ^= 1
+    images.write_bytes(bytes(raw))
+    with pytest.raises(DatasetError, match="does not match its sha256"):
+        studying.ensure_dataset(tmp_path, a, 0)
+
+
+def test_failed_run_is_recorded_and_others_go_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    study = load_study(_tiny(tmp_path))
+    real = studying.execute
+
+    def flaky(spec, data_dir, run_dir, device="cpu", progress=None):  # noqa: ANN001, ANN202
+        if spec.loss == "simclr" and spec.seed == 1:
+            spec.config["lr"] = float("nan")  # an invalid config: train refuses it with one line
+        return real(spec, data_dir, run_dir, device, progress)
+
+    monkeypatch.setattr(studying, "execute", flaky)
+    summary = studying.run_study(study, tmp_path / "out", report=False)
+    assert (summary.done, summary.failed) == (3, 1)
+    with Store(tmp_path / "out" / STORE_FILE) as store:
+        runs = store.runs()
+    failed = runs[runs["status"] == "failed"]
+    assert list(failed["loss"]) == ["simclr"] and "\n" not in failed["reason"].iloc[0]
+    assert "--lr" in failed["reason"].iloc[0]
+    # a failed run is not redone on resume; --retry-failed runs it again
+    monkeypatch.setattr(studying, "execute", real)
+    again = studying.run_study(study, tmp_path / "out", report=False)
+    assert (again.skipped, again.done) == (4, 0)
+    retried = studying.run_study(study, tmp_path / "out", report=False, retry_failed=True)
+    assert (retried.skipped, retried.done, retried.failed) == (3, 1, 0)
+
+
+def test_out_holding_another_study_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    path = _tiny(tmp_path)
+    result = runner.invoke(app, ["study", str(path), "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    before = (out / STORE_FILE).read_bytes()
+    other = tmp_path / "other.toml"
+    other.write_text(TINY.replace('name = "tiny"', 'name = "other"').replace("seeds = 2", "seeds = 1"))
+    assert_one_line_error(runner.invoke(app, ["study", str(other), "--out", str(out)]), "holds study 'tiny'")
+    assert (out / STORE_FILE).read_bytes() == before
+    assert_one_line_error(runner.invoke(app, ["study", str(path), "--out", str(out / STORE_FILE)]), "is a file")
+    assert_one_line_error(
+        runner.invoke(app, ["study", str(path), "--out", str(out), "--cache", str(out / "runs" / "x")]), "lies inside"
+    )
+    # the same study resumes: nothing to do
+    result = runner.invoke(app, ["study", str(path), "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0 and "4 already recorded" in result.output, result.output
+
+
+def test_selection_uses_the_val_score_never_a_test_split(tmp_path: Path) -> None:
+    """The selected draw is the best val kNN score even when a test split would pick another."""
+    config = {"name": "s", "sha256": "x", "config": {}}
+    with Store(tmp_path / STORE_FILE, config) as store:
+        for draw, (score, test) in enumerate([(0.7, 0.9), (0.9, 0.5), (0.8, 0.99)]):
+            metrics = pd.DataFrame(
+                {
+                    "split": ["test_conflict"],
+                    "classifier": ["head"],
+                    "metric": ["balanced_accuracy"],
+                    "value": [test],
+                    "ci_low": [test],
+                    "ci_high": [test],
+                }
+            )
+            store.add_run(
+                {
+                    "run_id": f"r{draw}",
+                    "scenario": "a",
+                    "loss": "ce",
+                    "seed": 0,
+                    "draw": draw,
+                    "config": {},
+                    "status": "done",
+                    "score": score,
+                },
+                {"metrics": metrics},
+            )
+        runs = store.runs()
+    assert list(runs["selected"]) == [0, 1, 0]
+
+
+def _study_script(tmp_path: Path, out: Path, kill: str) -> list[str]:
+    """A Python command running the tiny study; ``kill`` makes it SIGKILL itself inside a write."""
+    hooks = {
+        "none": "",
+        # inside the store transaction: every row of the run inserted, nothing committed
+        "store": "from nodulab import store\n"
+        "old = store.Store._select\n"
+        "def select(self, *a):\n    old(self, *a)\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "store.Store._select = select\n",
+        # while writing a run folder's evaluation tables
+        "folder": "from nodulab import metrics\n"
+        "old = metrics._write_csv_atomic\n"
+        "def write(frame, path):\n    open(str(path) + '.partial', 'w').write('x')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "metrics._write_csv_atomic = write\n",
+    }
+    code = (
+        f"import os, signal, sys\nsys.path.insert(0, {SRC!r})\n{hooks[kill]}"
+        "from nodulab import studies, study\n"
+        f"study.run_study(studies.load_study({str(_tiny(tmp_path))!r}), {str(out)!r}, report=False)\n"
+    )
+    return [sys.executable, "-c", code]
+
+
+def test_resume_after_sigkill_gives_every_cell_once_and_the_same_numbers(tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    subprocess.run(_study_script(tmp_path, reference, "none"), check=True, timeout=300)
+    expected = _results(reference)
+    assert len(expected["runs"]) == 4
+
+    out = tmp_path / "killed"
+    for kill in ("store", "folder"):  # SIGKILL inside a store transaction, then inside a file write
+        assert subprocess.run(_study_script(tmp_path, out, kill), timeout=300).returncode == -signal.SIGKILL
+    rng = random.Random(0)
+    for _ in range(3):  # and at random moments
+        proc = subprocess.Popen(_study_script(tmp_path, out, "none"))
+        time.sleep(rng.uniform(1.0, 6.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    subprocess.run(_study_script(tmp_path, out, "none"), check=True, timeout=300)
+    found = _results(out)
+    for name, frame in expected.items():
+        pd.testing.assert_frame_equal(found[name], frame, check_exact=True, obj=name)
+    assert found["runs"]["run_id"].is_unique
+    for name in ("metrics", "groups"):
+        keys = ["run_id", *TABLES[name][0]]
+        assert not found[name].duplicated(keys).any()
+    assert sorted(os.listdir(out / "runs")) == sorted(found["runs"]["run_id"])
+
+
+def test_ray_jobs_and_local_give_the_same_numbers_in_worker_processes(tmp_path: Path) -> None:
+    if not os.environ.get("CI"):  # CI installs the dev extras: there a missing Ray fails
+        pytest.importorskip("ray")
+    path = _tiny(tmp_path, '[explain]\nsplits = ["test_conflict"]\nn = 16\n')
+    path.write_text(path.read_text().replace("seeds = 2", "seeds = 1"))
+    study = load_study(path)
+    local = studying.run_study(study, tmp_path / "local", report=False)
+    remote = studying.run_study(study, tmp_path / "ray", report=False, executor="ray")
+    jobs = studying.run_study(study, tmp_path / "jobs", report=False, jobs=2)  # spawned local workers
+    assert local.done == remote.done == jobs.done == 2
+    assert {r.pid for r in local.results} == {os.getpid()}
+    assert os.getpid() not in {r.pid for r in remote.results} and all(r.pid > 0 for r in remote.results)
+    assert os.getpid() not in {r.pid for r in jobs.results}
+    a, b, c = _results(tmp_path / "local"), _results(tmp_path / "ray"), _results(tmp_path / "jobs")
+    assert len(a["reliance"]) and len(a["probes"]) and len(a["cam"])
+    for name in a:
+        pd.testing.assert_frame_equal(a[name], b[name], check_exact=True, obj=name)
+        pd.testing.assert_frame_equal(a[name], c[name], check_exact=True, obj=name)
+    assert (tmp_path / "ray" / "runs" / a["runs"]["run_id"][0] / "model.safetensors").is_file()
+
+
+def test_study_dict_round_trip_keeps_the_grid() -> None:
+    study = study_from_dict({"name": "x", "scenarios": ["clean"], "losses": ["ce"], "seeds": 1})
+    assert study.record()["study"]["losses"] == ["ce"]
+
+
+def test_quick_preset_at_smaller_n_reports_ce_gap_to_the_ceiling(tmp_path: Path) -> None:
+    """The quick study's exact config (smaller n): the report states ce's gap to the clean ceiling."""
+    import re
+    import tomllib
+
+    from nodulab.studies.config import _presets, preset_names
+
+    assert "quick" in preset_names()
+    d = tomllib.loads((_presets() / "quick.toml").read_text())
+    d["data"]["n"] = {"train": 160, "val": 64, "val_balanced": 64, "test": 64}
+    d["explain"]["n"] = 16
+    summary = studying.run_study(study_from_dict(d), tmp_path / "quick")
+    assert (summary.done, summary.failed) == (12, 0)
+    page = (tmp_path / "quick" / "report.html").read_text()
+    number, interval = r"-?\d\.\d\d", r"\(95% CI -?\d\.\d\d to -?\d\.\d\d\)"
+    gap = (
+        rf"On size-confound/test_conflict, ce \(head\) reaches balanced accuracy {number}.*?"
+        rf"clean ceiling {number}.*?a gap of {number} {interval}"
+    )
+    assert re.search(gap, page), re.findall(r"On size-confound/test_conflict[^<]*", page)
+
+
+def test_a_run_archive_cannot_write_outside_its_folder(tmp_path: Path) -> None:
+    """The driver unpacks what a Ray worker returns: links and paths that climb out are refused."""
+    import io
+    import tarfile
+
+    from nodulab.data.dataset import DatasetError
+    from nodulab.studies.ray_executor import pack_folder
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "explain").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    (tmp_path / "run" / "explain" / "cue.csv").write_text("a\n")
+    studying.unpack_folder(pack_folder(tmp_path / "run"), tmp_path / "copy")
+    assert (tmp_path / "copy" / "explain" / "cue.csv").read_text() == "a\n"
+    for name, kind in (("../evil", tarfile.REGTYPE), ("/tmp/evil", tarfile.REGTYPE), ("link", tarfile.SYMTYPE)):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            info = tarfile.TarInfo(name)
+            info.type, info.size, info.linkname = kind, 0, "/etc/passwd"
+            tar.addfile(info, io.BytesIO(b""))
+        with pytest.raises(DatasetError, match="refusing entry"):
+            studying.unpack_folder(buffer.getvalue(), tmp_path / "hostile")
+        assert not (tmp_path / "hostile").exists() and not (tmp_path / "evil").exists()
+
+
+def test_a_store_killed_before_its_first_commit_is_taken_over(tmp_path: Path) -> None:
+    """An empty results.sqlite (the study died creating it) is resumed; a foreign SQLite file is refused."""
+    import sqlite3
+
+    from nodulab.results.store import StoreError
+
+    meta = {"name": "s", "sha256": "x", "config": {}}
+    (tmp_path / "empty.sqlite").write_bytes(b"")
+    with Store(tmp_path / "empty.sqlite", meta) as store:
+        assert store.finished() == set()
+    foreign = sqlite3.connect(tmp_path / "foreign.sqlite")
+    foreign.execute("CREATE TABLE mine (x)")
+    foreign.commit()
+    foreign.close()
+    before = (tmp_path / "foreign.sqlite").read_bytes()
+    with pytest.raises(StoreError, match="store format None"):
+        Store(tmp_path / "foreign.sqlite", meta)
+    assert (tmp_path / "foreign.sqlite").read_bytes() == before
