@@ -1,6 +1,6 @@
 """What a study costs beyond its runs: store, CSVs, report and scheduling, against the runs themselves.
 
-Generates the datasets, then in one process: the same runs by a bare loop (``study.execute`` one
+Generates the datasets, then in one process: the same runs by a bare loop (``runner.execute`` one
 after another into a scratch folder: no store, no CSVs, no report), the study itself (default: a
 small grid; ``--study quick`` for the preset) with ``nodulab.studies.driver.run_study`` on the same dataset
 cache, and the bare loop again (so warm-up and drift fall on both sides). Prints the study's wall
@@ -20,6 +20,7 @@ from pathlib import Path
 
 from nodulab.data.dataset import MANIFEST, sha256_file
 from nodulab.studies import driver as studying
+from nodulab.studies import runner
 from nodulab.studies.config import load_study, study_from_dict
 from nodulab.synth.renderer import keep_freed_tensors_mapped
 
@@ -44,13 +45,13 @@ def main() -> None:
     cache = scratch / "cache"
     try:
         seed = study.model.data.seed
-        data_dirs = {name: studying.ensure_dataset(cache, s, seed) for name, s in study.scenarios.items()}
+        data_dirs = {name: runner.ensure_dataset(cache, s, seed) for name, s in study.scenarios.items()}
         manifests = {name: sha256_file(folder / MANIFEST) for name, folder in data_dirs.items()}
 
         def bare_loop(folder: Path) -> float:
             start = time.perf_counter()
             for spec in studying.plan(study, manifests):
-                studying.execute(spec, data_dirs[spec.scenario], folder / spec.run_id)
+                runner.execute(spec, data_dirs[spec.scenario], folder / spec.run_id)
             return time.perf_counter() - start
 
         before = bare_loop(scratch / "bare-before")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,31 +12,35 @@ import pytest
 import torch
 from hypothesis import strategies as st
 
-VALID_ROW = {
-    "shape": st.sampled_from(["round", "lobulated", "spiculated"]),
-    "lobulation": st.floats(0, 0.3),
-    "n_spicules": st.integers(0, 24),
-    "spicule_length_rel": st.floats(0.2, 1.5),
-    "spicule_width_mm": st.floats(0.3, 2),
-    "diameter_mm": st.floats(3, 30),
-    "attenuation": st.sampled_from(["ground_glass", "part_solid", "solid", "calcified"]),
-    "solid_fraction": st.floats(0.1, 0.9),
-    "margin_sigma_mm": st.floats(0, 2.5),
-    "vessels": st.integers(0, 6),
-    "noise_hu": st.floats(0, 100),
-    "kernel_fwhm_mm": st.floats(0.3, 3),
-    "pixel_mm": st.floats(0.2, 3),
-    "offset_x_mm": st.floats(-10, 10),
-    "offset_y_mm": st.floats(-10, 10),
-    "offset_z_mm": st.floats(-10, 10),
-    "rotation_deg": st.floats(0, 360),
-    "seed": st.integers(0, 2**63 - 1),
-}
-"""Hypothesis strategies for one row of every factor over its valid range (DESIGN §2)."""
+from nodulab.synth.factors import FACTORS, Factor
+
+SEED = st.integers(0, 2**63 - 1)
+"""Any valid row seed."""
+
+
+def factor_strategy(factor: Factor) -> st.SearchStrategy:
+    """A factor's whole valid range: floats and ints from ``low`` to ``high``, categories from ``choices``."""
+    if factor.kind == "float":
+        return st.floats(factor.low, factor.high)
+    if factor.kind == "int":
+        return st.integers(int(factor.low), int(factor.high))
+    return st.sampled_from(factor.choices)
+
+
+def row_strategies(table: Mapping[str, Factor] = FACTORS, *, optional: bool = False) -> dict[str, st.SearchStrategy]:
+    """Strategies for one row of ``table``, in table order, then ``seed``: every factor the
+    renderer requires, and the opt-in ones too with ``optional``."""
+    chosen = {name: factor_strategy(f) for name, f in table.items() if optional or not f.optional}
+    return {**chosen, "seed": SEED}
+
+
+VALID_ROW = row_strategies()
+"""Hypothesis strategies for one row of every required factor over its valid range (design.md
+"Factors of variation")."""
 
 
 def make_rows(n: int, seed: int = 0, dim: int = 2, **fixed) -> pd.DataFrame:
-    """``n`` valid rows drawn from the DESIGN §2 defaults; keyword arguments fix a column."""
+    """``n`` valid rows drawn from the defaults (design.md "Factors of variation"); keyword arguments fix a column."""
     rng = np.random.default_rng(seed)
     rows = pd.DataFrame(
         {

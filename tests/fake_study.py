@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from nodulab.common.tables import RESULT_TABLES
 from nodulab.results.store import STORE_FILE, Store
 
 HEADED = ("ce", "ce+supcon", "ce+triplet")
@@ -60,7 +61,7 @@ def _metrics(loss: str, scenario: str, seed: int, score: Score) -> pd.DataFrame:
             for metric in ("balanced_accuracy", "accuracy"):
                 v = float(np.clip(value + shift, 0, 1))
                 rows.append((split, classifier, metric, v, v - 0.02, v + 0.02))
-    return pd.DataFrame(rows, columns=["split", "classifier", "metric", "value", "ci_low", "ci_high"])
+    return pd.DataFrame(rows, columns=list(RESULT_TABLES["metrics"].columns))
 
 
 def _explain(loss: str, scenario: str, flips: tuple[float, float]) -> dict[str, pd.DataFrame]:
@@ -101,16 +102,8 @@ def _explain(loss: str, scenario: str, flips: tuple[float, float]) -> dict[str, 
         for region in ("background", "body", "spicules", "vessels")
     ]
     return {
-        "reliance": pd.DataFrame(
-            reliance,
-            columns=["split", "classifier", "factor", "kind", "value_from", "value_to", "n", "flip_rate", "delta_p"],
-        ),
-        "sweep": pd.DataFrame(sweep, columns=["split", "classifier", "factor", "value", "mean_p", "n"]),
-        "cue": pd.DataFrame(
-            cues, columns=["split", "classifier", "confound", "label_only", "confound_only", "both", "neither"]
-        ),
-        "probes": pd.DataFrame(probes, columns=["factor", "target", "metric", "score", "control"]),
-        "cam": pd.DataFrame(cam, columns=["split", "classifier", "region", "mass", "area_share"]),
+        name: pd.DataFrame(rows, columns=list(RESULT_TABLES[name].columns))
+        for name, rows in (("reliance", reliance), ("sweep", sweep), ("cue", cues), ("probes", probes), ("cam", cam))
     }
 
 
@@ -134,7 +127,7 @@ def _history() -> pd.DataFrame:
         for e in range(1, 4)
         for name, v in (("train_loss", 1 / e), ("val_knn_balanced_accuracy", 0.5 + e / 10))
     ]
-    return pd.DataFrame(rows, columns=["epoch", "name", "value"])
+    return pd.DataFrame(rows, columns=list(RESULT_TABLES["history"].columns))
 
 
 def make_study(

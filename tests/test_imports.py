@@ -14,7 +14,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "nodulab"
 
 ROOMS = ("common", "synth", "data", "training", "explanation", "studies", "results")
-"""The subpackages in pipeline order (docs/design.md, "Pipeline and package layout")."""
+"""The subpackages in pipeline order (design.md "Pipeline and package layout")."""
 MAY_IMPORT = {
     "common": set(),
     "synth": {"common"},

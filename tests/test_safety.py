@@ -302,7 +302,7 @@ def test_rename_into_place_is_exclusive(tmp_path: Path) -> None:
     scenario = load_scenario("clean", n=8, size=32, pixel_mm=1.4)
     out = tmp_path / "ds"
 
-    def other_process_wins(k: int) -> None:
+    def other_process_wins(stage: str, done: int, total: int) -> None:
         if not out.exists():
             out.mkdir()
             (out / "winner").write_text("first")

@@ -9,7 +9,6 @@ check fails.
 
 from __future__ import annotations
 
-import math
 import signal
 import sys
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 try:  # typer >= 0.20 vendors click
     from typer._click.exceptions import ClickException
@@ -33,11 +32,11 @@ from nodulab.common.choices import (
     DEVICES,
     ENCODERS,
     EXPORT_FORMATS,
-    LOSS_NAMES,
     MAX_N,
     SELECTIONS,
     VIEWS,
 )
+from nodulab.training import hparams
 
 if TYPE_CHECKING:  # torch, sklearn, matplotlib and pandas load inside the commands that need them
     from rich.progress import Progress
@@ -229,11 +228,9 @@ def generate(
     data.check_out(out, [scenario] if Path(scenario).is_file() else [])
     if out.exists() and not force:
         raise data.DatasetError(f"--out {out} already exists (use --force to replace it)")
-    total = sum(int(split.n) for split in resolved.splits.values())
     keep_freed_tensors_mapped()  # opt in to glibc's faster setting for this bulk-rendering process
     with _progress() as bar:
-        task = bar.add_task(f"rendering {resolved.name}", total=total)
-        data.generate(resolved, out, seed=seed, force=force, progress=lambda k: bar.advance(task, k))
+        data.generate(resolved, out, seed=seed, force=force, progress=_StageBars(bar))
     console.print(_summary(data.load_manifest(out)))
     if resolved.source is not None:
         from nodulab.synth import twins
@@ -287,13 +284,11 @@ def export(
     from nodulab.data import dataset as data
     from nodulab.data import export as exporting
 
-    manifest = data.load_manifest(directory)
+    data.load_manifest(directory)  # a bad dataset is refused before --out is looked at
     if out.exists() and not force:
         raise data.DatasetError(f"--out {out} already exists (use --force to replace it)")
-    total = sum(int(entry["n"]) for entry in manifest["splits"].values())
     with _progress() as bar:
-        task = bar.add_task(f"exporting {fmt.value}", total=total)
-        exporting.export(directory, fmt.value, out, force=force, progress=lambda k: bar.advance(task, k))
+        exporting.export(directory, fmt.value, out, force=force, progress=_StageBars(bar))
     console.print(f"wrote {out}")
 
 
@@ -331,11 +326,8 @@ def realism(
         data.check_out(out, [directory])
         if (out.is_dir() and any(out.iterdir()) or out.exists() and not out.is_dir()) and not force:
             raise data.DatasetError(f"--out {out} already exists (use --force to replace it)")
-    manifest = data.load_manifest(directory)
-    total = sum(min(int(manifest["splits"][s]["n"]), n or math.inf) for s in chosen)
     with _progress() as bar:
-        task = bar.add_task("tracing", total=total)
-        result = realistic.compare(directory, splits=chosen, n=n, progress=lambda k: bar.advance(task, k))
+        result = realistic.compare(directory, splits=chosen, n=n, progress=_StageBars(bar))
     for table in realistic.rich_tables(result):
         console.print(table)
     console.print("LIDC-IDRI (CC BY 3.0): " + realistic.lidc.CITATION, soft_wrap=True)
@@ -365,16 +357,35 @@ VIEWS_HELP = (
     "their noise). augment: geometry only (the noise pattern matches: SimCLR can pair views without "
     "looking at the lesion). rerender: new nuisance only (the geometry matches)."
 )
-LOSS_PARAM_HELP = (
-    "Loss parameter KEY=VALUE, repeatable: temperature (supcon, simclr, ce+supcon), margin "
-    "(contrastive, triplet, ce+triplet), weight (hybrids). Defaults and tuning ranges: losses.params()."
-)
 
 
-@app.command("train")
-def train_run(
+def loss_help() -> str:
+    """``--loss``'s help, read from the loss registry (``hparams.LOSSES``)."""
+    return "One of these losses. " + "; ".join(f"{s.name}: {s.summary}" for s in hparams.LOSSES.values()) + "."
+
+
+def loss_param_help() -> str:
+    """``--loss-param``'s help: each parameter, the losses that take it and what it is, from the registry."""
+    groups = "; ".join(f"{key} ({', '.join(names)}): {text}" for key, names, text in hparams.param_help())
+    return f"Loss parameter KEY=VALUE, repeatable: {groups}. Defaults and tuning ranges: nodulab.training.hparams."
+
+
+class RegistryHelp(TyperCommand):
+    """A command whose ``--loss`` and ``--loss-param`` help is read from the loss registry when it is
+    built (on every invocation), so a loss registered after start-up is listed too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        texts = {"loss": loss_help, "loss_param": loss_param_help}
+        for param in self.params:
+            if param.name in texts:
+                param.help = texts[param.name]()
+
+
+@app.command("train", cls=RegistryHelp)
+def train_command(
     data_dir: Annotated[Path, typer.Argument(metavar="DATA_DIR", help="Dataset folder (train and val).")],
-    loss: Annotated[str, typer.Option("--loss", help=f"One of: {', '.join(LOSS_NAMES)}.")],
+    loss: Annotated[str, typer.Option("--loss", help=loss_help())],
     out: Annotated[Path, typer.Option("--out", help="Run folder to create.")],
     encoder: Annotated[Encoder, typer.Option(help="Encoder architecture.")] = Encoder.small_cnn,
     epochs: Annotated[int, typer.Option(help="Epochs (>= 1); warm-up then cosine decay.")] = DEFAULT_EPOCHS,
@@ -383,7 +394,7 @@ def train_run(
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW decoupled weight decay.")] = (
         DEFAULT_WEIGHT_DECAY
     ),
-    loss_param: Annotated[list[str] | None, typer.Option("--loss-param", help=LOSS_PARAM_HELP)] = None,
+    loss_param: Annotated[list[str] | None, typer.Option("--loss-param", help=loss_param_help())] = None,
     seed: Annotated[int, typer.Option(help="Seeds weights, batch order and views.")] = 0,
     views: Annotated[Views, typer.Option(help=VIEWS_HELP)] = Views.both,
     device: Annotated[Device, typer.Option(help="auto picks cuda when available.")] = Device.auto,
@@ -393,10 +404,9 @@ def train_run(
 ) -> None:
     """Train one encoder with one loss, fit its readouts and their untrained controls, write the run folder."""
     from nodulab.training import loop as training
-    from nodulab.training import losses
 
-    try:
-        params = losses.parse_params(loss, loss_param or []) if loss in LOSS_NAMES else {}
+    try:  # an unknown --loss is refused by train, naming it
+        params = hparams.parse_params(loss, loss_param or []) if loss in hparams.LOSSES else {}
     except ValueError as error:
         raise training.TrainError(str(error)) from None
     with _progress() as bar:
@@ -554,7 +564,7 @@ def _run_line(result: Any) -> str:
 
 
 @app.command("study")
-def run_study(
+def study_command(
     study: Annotated[str, typer.Argument(metavar="STUDY", help="Preset (`nodulab studies`) or a study TOML file.")],
     out: Annotated[Path, typer.Option("--out", help="Study folder: created, or resumed when it holds this study.")],
     executor: Annotated[

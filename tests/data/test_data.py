@@ -1,4 +1,4 @@
-"""The on-disk dataset: generate, load, validate, torch Dataset, exports (DESIGN §4)."""
+"""The on-disk dataset: generate, load, validate, torch Dataset, exports (design.md "Dataset on disk")."""
 
 from __future__ import annotations
 
@@ -128,9 +128,12 @@ def test_failure_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_progress_counts_every_sample(tmp_path: Path) -> None:
-    seen: list[int] = []
-    data.generate(small_scenario(), tmp_path / "ds", chunk=5, progress=seen.append)
-    assert sum(seen) == 8 * len(small_scenario().splits) and max(seen) <= 5
+    seen: list[tuple[str, int, int]] = []
+    data.generate(small_scenario(), tmp_path / "ds", chunk=5, progress=lambda *report: seen.append(report))
+    total = 8 * len(small_scenario().splits)
+    done = [d for _, d, _ in seen]
+    assert {(stage, t) for stage, _, t in seen} == {(f"rendering {small_scenario().name}", total)}
+    assert done == sorted(done) and done[-1] == total and max(b - a for a, b in zip([0, *done], done)) <= 5
 
 
 # ----------------------------------------------------------------------------- validate

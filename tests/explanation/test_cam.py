@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from conftest import make_rows
+from nodulab.common.tables import RESULT_TABLES
 from nodulab.data import dataset as data
 from nodulab.explanation.cam import (
-    CAM_COLUMNS,
     REGIONS,
     SANITY_REGION,
     DecisionScore,
@@ -197,7 +197,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_cam_table_columns_regions_and_sanity(dataset: Path) -> None:
     run = _run()
     table = cam_table(run, dataset, split="test_balanced", n=4)
-    assert tuple(table.columns) == CAM_COLUMNS
+    assert tuple(table.columns) == RESULT_TABLES["cam"].columns
     assert list(table["classifier"].unique()) == ["head", "probe"]  # no dfr fitted, kNN has no gradient
     for _, group in table.groupby("classifier"):
         regions = group.set_index("region")

@@ -18,17 +18,11 @@ from typer.testing import CliRunner
 
 from conftest import file_tree
 from nodulab.cli import app
+from nodulab.common.tables import RESULT_TABLES, RUN_FIGURES
 from nodulab.data import dataset as data
-from nodulab.explanation.counterfactual import (
-    CUE_COLUMNS,
-    RELIANCE_COLUMNS,
-    SWEEP_COLUMNS,
-    counterfactuals,
-    explain_split,
-    sweep_frame,
-)
+from nodulab.explanation.counterfactual import counterfactuals, explain_split, sweep_frame
 from nodulab.explanation.switches import build_switches, fits
-from nodulab.synth.renderer import REGION, render
+from nodulab.synth.renderer import REGIONS, render
 from nodulab.synth.sampling import sample_split
 from nodulab.synth.scenario import Scenario
 from nodulab.synth.scenarios import load_scenario, load_scenario_dict, resolve, scenario_to_dict
@@ -100,9 +94,8 @@ def _flip(frame: pd.DataFrame, classifier: str, factor: str, kind: str) -> pd.Se
 
 
 def test_tables_have_the_documented_columns(explained: dict[str, pd.DataFrame]) -> None:
-    assert tuple(explained["reliance"].columns) == RELIANCE_COLUMNS
-    assert tuple(explained["sweep"].columns) == SWEEP_COLUMNS
-    assert tuple(explained["cue"].columns) == CUE_COLUMNS
+    for name in ("reliance", "sweep", "cue"):
+        assert tuple(explained[name].columns) == RESULT_TABLES[name].columns
     for frame in explained.values():
         assert set(frame["classifier"]) == {"diameter", "spicules", "centre_hu"}
     kinds = explained["reliance"].groupby(["factor", "value_from"])["kind"].first()
@@ -229,9 +222,9 @@ def test_cue_switch_keeps_the_body_and_moves_only_spicules(balanced, value_from:
     s, rows = balanced
     _, where, changed_rows, (before, m0), (after, m1) = _switched(s, rows, "shape", value_from)
     assert len(where) >= 3
-    body = REGION["body"]
+    body = REGIONS["body"]
     assert np.array_equal(m0 == body, m1 == body)  # the body mask is bit-identical
-    spicule = REGION["spicule"]
+    spicule = REGIONS["spicules"]
     has, lacks = (m0, m1) if region == "before" else (m1, m0)
     assert ((has == spicule).sum((1, 2)) > 0).all() and ((lacks == spicule).sum((1, 2)) == 0).all()
     changed = before != after
@@ -247,9 +240,9 @@ def test_cue_switch_keeps_the_body_and_moves_only_spicules(balanced, value_from:
         ("attenuation", "solid", ("body",), EDGE_PX),
         ("attenuation", "ground_glass", ("body",), EDGE_PX),
         ("margin_sigma_mm", "<0.5", ("body",), EDGE_PX),
-        ("vessels", "0", ("vessel",), 4),
-        ("vessels", ">0", ("vessel",), 4),
-        ("diameter_mm", "4..6", ("body", "spicule"), EDGE_PX),
+        ("vessels", "0", ("vessels",), 4),
+        ("vessels", ">0", ("vessels",), 4),
+        ("diameter_mm", "4..6", ("body", "spicules"), EDGE_PX),
     ],
 )
 def test_a_switch_changes_the_image_only_where_its_factor_acts(balanced, factor, value_from, near, px) -> None:
@@ -258,7 +251,7 @@ def test_a_switch_changes_the_image_only_where_its_factor_acts(balanced, factor,
     assert len(where)
     allowed = np.zeros_like(before, dtype=bool)
     for name in near:
-        allowed |= (m0 == REGION[name]) | (m1 == REGION[name])
+        allowed |= (m0 == REGIONS[name]) | (m1 == REGIONS[name])
     changed = before != after
     assert changed.any()
     assert not (changed & ~_dilate(allowed, px)).any()
@@ -360,23 +353,17 @@ def test_explain_command_writes_every_table_for_every_classifier(run: Path, data
     assert result.exit_code == 0, result.output
     assert "flip rate" in result.output
     folder = run / "explain"
-    assert set(file_tree(folder)) == {
-        "reliance.csv",
-        "sweep.csv",
-        "sweep.png",
-        "cue.csv",
-        "probes.csv",
-        "cam.csv",
-        "cam.png",
-        "embedding.png",
-        "explain.json",
-    }
+    tables = [t for t in RESULT_TABLES.values() if t.file.startswith("explain/")]
+    figures = [Path(f).name for f in RUN_FIGURES.values() if f.startswith("explain/")]
+    assert set(file_tree(folder)) == {*(t.file_name for t in tables), *figures, "sweep.png", "explain.json"}
+    for table in tables:  # each writer writes the columns declared for it
+        assert tuple(pd.read_csv(run / table.file).columns) == table.columns, table.file
     assert list(pd.read_csv(folder / "probes.csv").columns) == ["factor", "target", "metric", "score", "control"]
     cam = pd.read_csv(folder / "cam.csv")
     assert list(cam.columns) == ["split", "classifier", "region", "mass", "area_share"]
     assert set(cam["split"]) == {"test_conflict", "test_iid"} and "knn" not in set(cam["classifier"])
     reliance = pd.read_csv(folder / "reliance.csv")
-    assert tuple(reliance.columns) == RELIANCE_COLUMNS
+    assert tuple(reliance.columns) == RESULT_TABLES["reliance"].columns
     assert list(dict.fromkeys(reliance["classifier"])) == list(CLASSIFIERS)
     assert set(reliance["split"]) == {"test_conflict", "test_iid"} and (reliance["n"] <= 6).all()
     for name in ("sweep.csv", "cue.csv"):
@@ -385,6 +372,12 @@ def test_explain_command_writes_every_table_for_every_classifier(run: Path, data
     again = CliRunner().invoke(app, [*args, "--force"])
     assert again.exit_code == 0, again.output
     assert file_tree(folder) == first  # same inputs, same bytes (CPU, the run's thread count)
+    # the Python API writes the same tables as the CLI (and as a study): every writer by default
+    import nodulab
+
+    tables = nodulab.explain(run, dataset, splits=["test_conflict", "test_iid"], n=6, force=True)
+    assert file_tree(folder) == first
+    assert {"reliance", "sweep", "cue", "probes", "cam"} <= set(tables)
 
 
 @pytest.mark.parametrize("case", ["no model", "other size", "unknown split", "n zero", "exists"])

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import make_rows
+from nodulab.common.tables import RESULT_TABLES
 from nodulab.data import dataset as data
 from nodulab.explanation.probes import (
-    PROBE_COLUMNS,
     decodability,
     embedding_figure,
     factor_probes,
@@ -53,7 +53,7 @@ def test_shuffled_labels_score_at_chance_and_diameter_decodes_from_random_init(r
     assert abs(label["shuffled_labels"] - 0.5) < 0.1, label
     assert diameter["random_init"] > 0.5, diameter  # size is visible through random convolutions
     assert diameter["shuffled_labels"] <= 0.05, diameter
-    assert tuple(frame.columns) == PROBE_COLUMNS
+    assert tuple(frame.columns) == RESULT_TABLES["probes"].columns
     assert set(frame["control"]) == {"trained", "random_init", "shuffled_labels"}
     metrics = frame.groupby("factor")["metric"].first()
     assert metrics["label"] == metrics["shape"] == "balanced_accuracy" and metrics["diameter_mm"] == "r2"
@@ -82,7 +82,7 @@ def _run() -> LoadedRun:
 def test_factor_probes_reads_val_balanced_and_falls_back_to_val(dataset: Path, tmp_path: Path) -> None:
     run = _run()
     frame = factor_probes(run, dataset, n=16)
-    assert tuple(frame.columns) == PROBE_COLUMNS and frame.attrs["split"] == "val_balanced"
+    assert tuple(frame.columns) == RESULT_TABLES["probes"].columns and frame.attrs["split"] == "val_balanced"
     assert {"label", "diameter_mm", "agrees_diameter_mm"} <= set(frame["factor"])
     assert len(frame) == 3 * frame["factor"].nunique()
     without = tmp_path / "ds"

@@ -11,7 +11,6 @@ from tests.conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 from nodulab.cli import app
-from nodulab.common.choices import LOSS_NAMES
 from nodulab.studies.config import StudyError, load_study, preset_names, study_from_dict
 from nodulab.studies.driver import plan
 from nodulab.training import losses
@@ -27,7 +26,7 @@ def test_presets_load_and_are_listed() -> None:
     for name in preset_names():
         assert name in result.output
     paper = load_study("paper")
-    assert set(paper.model.losses) == set(LOSS_NAMES)
+    assert paper.model.losses == losses.names() == load_study("paper-3d").model.losses  # losses = "all"
     assert paper.model.seeds == 5 and paper.model.tuning.budget > 1
     assert {s.image.size for s in paper.scenarios.values()} == {64}
     assert {s.image.dim for s in load_study("paper-3d").scenarios.values()} == {3}

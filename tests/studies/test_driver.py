@@ -16,9 +16,13 @@ from tests.conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 from nodulab.cli import EXECUTORS, app
-from nodulab.results.store import STORE_FILE, TABLES, Store
+from nodulab.common.tables import RESULT_TABLES
+from nodulab.results.store import STORE_FILE, Store
 from nodulab.studies import driver as studying
+from nodulab.studies import executors
+from nodulab.studies import runner as run_one
 from nodulab.studies.config import load_study, study_from_dict
+from test_result_tables import assert_runs_hold_their_declarations
 
 SRC = str(Path(__file__).parents[2] / "src")
 TINY = """
@@ -35,7 +39,6 @@ epochs = 1
 batch_size = 32
 threads = 1
 """
-RESULT_TABLES = ("metrics", "groups", "history", "reliance", "sweep", "cue", "probes", "cam")
 runner = CliRunner()
 
 
@@ -49,14 +52,14 @@ def _results(out: Path) -> dict[str, pd.DataFrame]:
     """Everything a study's numbers are: the runs and every result table, without the timings."""
     with Store(out / STORE_FILE) as store:
         runs = store.runs().drop(columns=["train_s", "evaluate_s", "explain_s", "finished", "config"])
-        tables = {name: store.table(name) for name in TABLES}
+        tables = {name: store.table(name) for name in RESULT_TABLES}
     history = tables["history"]
     tables["history"] = history[history["name"] != "seconds"].reset_index(drop=True)  # wall time per epoch
     return {"runs": runs, **tables}
 
 
 def test_executors_match_the_cli() -> None:
-    assert EXECUTORS == studying.EXECUTORS
+    assert EXECUTORS == tuple(executors.EXECUTORS)
 
 
 def test_dataset_cache_is_produced_once_by_two_processes(tmp_path: Path) -> None:
@@ -66,7 +69,7 @@ import sys
 sys.path.insert(0, {SRC!r})
 from pathlib import Path
 from nodulab.data import dataset as data
-from nodulab.studies import driver as study
+from nodulab.studies import runner as study
 from nodulab.synth.scenarios import load_scenario
 original = data.generate
 def counting(*args, **kwargs):
@@ -94,33 +97,33 @@ def test_cache_key_names_the_content_and_hashes_are_checked(tmp_path: Path) -> N
     other_n = load_scenario("clean", n=65, size=32, pixel_mm=1.4)
     other_scenario = load_scenario("size-confound", n=64, size=32, pixel_mm=1.4)
     keys = {
-        studying.cache_key(a, 0),
-        studying.cache_key(a, 1),
-        studying.cache_key(other_n, 0),
-        studying.cache_key(other_scenario, 0),
+        run_one.cache_key(a, 0),
+        run_one.cache_key(a, 1),
+        run_one.cache_key(other_n, 0),
+        run_one.cache_key(other_scenario, 0),
     }
     assert len(keys) == 4
-    folder = studying.ensure_dataset(tmp_path, a, 0)
-    assert folder.name == studying.cache_key(a, 0)
-    assert studying.ensure_dataset(tmp_path, a, 0) == folder  # reused
+    folder = run_one.ensure_dataset(tmp_path, a, 0)
+    assert folder.name == run_one.cache_key(a, 0)
+    assert run_one.ensure_dataset(tmp_path, a, 0) == folder  # reused
     images = folder / "train" / "images.npy"
     raw = bytearray(images.read_bytes())
     raw[-1] ^= 1
     images.write_bytes(bytes(raw))
     with pytest.raises(DatasetError, match="does not match its sha256"):
-        studying.ensure_dataset(tmp_path, a, 0)
+        run_one.ensure_dataset(tmp_path, a, 0)
 
 
 def test_failed_run_is_recorded_and_others_go_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     study = load_study(_tiny(tmp_path))
-    real = studying.execute
+    real = run_one.execute
 
     def flaky(spec, data_dir, run_dir, device="cpu", progress=None):  # noqa: ANN001, ANN202
         if spec.loss == "simclr" and spec.seed == 1:
             spec.config["lr"] = float("nan")  # an invalid config: train refuses it with one line
         return real(spec, data_dir, run_dir, device, progress)
 
-    monkeypatch.setattr(studying, "execute", flaky)
+    monkeypatch.setattr(executors, "execute", flaky)
     summary = studying.run_study(study, tmp_path / "out", report=False)
     assert (summary.done, summary.failed) == (3, 1)
     with Store(tmp_path / "out" / STORE_FILE) as store:
@@ -129,7 +132,7 @@ def test_failed_run_is_recorded_and_others_go_on(tmp_path: Path, monkeypatch: py
     assert list(failed["loss"]) == ["simclr"] and "\n" not in failed["reason"].iloc[0]
     assert "--lr" in failed["reason"].iloc[0]
     # a failed run is not redone on resume; --retry-failed runs it again
-    monkeypatch.setattr(studying, "execute", real)
+    monkeypatch.setattr(executors, "execute", real)
     again = studying.run_study(study, tmp_path / "out", report=False)
     assert (again.skipped, again.done) == (4, 0)
     retried = studying.run_study(study, tmp_path / "out", report=False, retry_failed=True)
@@ -192,12 +195,12 @@ def _study_script(tmp_path: Path, out: Path, kill: str) -> list[str]:
     hooks = {
         "none": "",
         # inside the store transaction: every row of the run inserted, nothing committed
-        "store": "from nodulab import store\n"
+        "store": "from nodulab.results import store\n"
         "old = store.Store._select\n"
         "def select(self, *a):\n    old(self, *a)\n    os.kill(os.getpid(), signal.SIGKILL)\n"
         "store.Store._select = select\n",
         # while writing a run folder's evaluation tables
-        "folder": "from nodulab import metrics\n"
+        "folder": "from nodulab.training import evaluation as metrics\n"
         "old = metrics._write_csv_atomic\n"
         "def write(frame, path):\n    open(str(path) + '.partial', 'w').write('x')\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -205,7 +208,7 @@ def _study_script(tmp_path: Path, out: Path, kill: str) -> list[str]:
     }
     code = (
         f"import os, signal, sys\nsys.path.insert(0, {SRC!r})\n{hooks[kill]}"
-        "from nodulab import studies, study\n"
+        "from nodulab.studies import config as studies, driver as study\n"
         f"study.run_study(studies.load_study({str(_tiny(tmp_path))!r}), {str(out)!r}, report=False)\n"
     )
     return [sys.executable, "-c", code]
@@ -232,7 +235,7 @@ def test_resume_after_sigkill_gives_every_cell_once_and_the_same_numbers(tmp_pat
         pd.testing.assert_frame_equal(found[name], frame, check_exact=True, obj=name)
     assert found["runs"]["run_id"].is_unique
     for name in ("metrics", "groups"):
-        keys = ["run_id", *TABLES[name][0]]
+        keys = ["run_id", *RESULT_TABLES[name].key]
         assert not found[name].duplicated(keys).any()
     assert sorted(os.listdir(out / "runs")) == sorted(found["runs"]["run_id"])
 
@@ -276,6 +279,7 @@ def test_quick_preset_at_smaller_n_reports_ce_gap_to_the_ceiling(tmp_path: Path)
     d["explain"]["n"] = 16
     summary = studying.run_study(study_from_dict(d), tmp_path / "quick")
     assert (summary.done, summary.failed) == (12, 0)
+    assert assert_runs_hold_their_declarations(tmp_path / "quick") == set(RESULT_TABLES)  # every writer, declared
     page = (tmp_path / "quick" / "report.html").read_text()
     number, interval = r"-?\d\.\d\d", r"\(95% CI -?\d\.\d\d to -?\d\.\d\d\)"
     gap = (
@@ -297,7 +301,7 @@ def test_a_run_archive_cannot_write_outside_its_folder(tmp_path: Path) -> None:
     (tmp_path / "run" / "explain").mkdir()
     (tmp_path / "run" / "config.json").write_text("{}")
     (tmp_path / "run" / "explain" / "cue.csv").write_text("a\n")
-    studying.unpack_folder(pack_folder(tmp_path / "run"), tmp_path / "copy")
+    run_one.unpack_folder(pack_folder(tmp_path / "run"), tmp_path / "copy")
     assert (tmp_path / "copy" / "explain" / "cue.csv").read_text() == "a\n"
     for name, kind in (("../evil", tarfile.REGTYPE), ("/tmp/evil", tarfile.REGTYPE), ("link", tarfile.SYMTYPE)):
         buffer = io.BytesIO()
@@ -306,7 +310,7 @@ def test_a_run_archive_cannot_write_outside_its_folder(tmp_path: Path) -> None:
             info.type, info.size, info.linkname = kind, 0, "/etc/passwd"
             tar.addfile(info, io.BytesIO(b""))
         with pytest.raises(DatasetError, match="refusing entry"):
-            studying.unpack_folder(buffer.getvalue(), tmp_path / "hostile")
+            run_one.unpack_folder(buffer.getvalue(), tmp_path / "hostile")
         assert not (tmp_path / "hostile").exists() and not (tmp_path / "evil").exists()
 
 

@@ -1,4 +1,4 @@
-"""Physics, purity and robustness of the renderer (DESIGN §2)."""
+"""Physics, purity and robustness of the renderer (design.md "Factors of variation")."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from scipy.spatial import ConvexHull
 from conftest import VALID_ROW, make_rows
 from nodulab.synth import renderer as R
 from nodulab.synth import rng
-from nodulab.synth.renderer import REGION, render
+from nodulab.synth.renderer import REGIONS, render
 
 
 def equivalent_diameter(mask: np.ndarray, pixel_mm: float) -> float:
-    count = float((mask == REGION["body"]).sum())
+    count = float((mask == REGIONS["body"]).sum())
     if mask.ndim == 2:
         return 2.0 * math.sqrt(count / math.pi) * pixel_mm
     return (6.0 * count / math.pi) ** (1.0 / 3.0) * pixel_mm
@@ -64,7 +64,7 @@ def _eroded_body_mean(attenuation: str) -> float:
     means = []
     for img, mask, sigma, px in zip(images, masks, _total_sigma(rows), rows.pixel_mm):
         steps = int(math.ceil(2.0 * sigma / px))
-        inner = ndimage.binary_erosion(mask == REGION["body"], iterations=steps)
+        inner = ndimage.binary_erosion(mask == REGIONS["body"], iterations=steps)
         assert inner.sum() > 10
         means.append(img[inner].mean())
     return float(np.mean(means))
@@ -149,7 +149,7 @@ def test_offset_moves_the_body_centroid() -> None:
     rows = make_rows(6, seed=7, shape="round", offset_x_mm=2.1, offset_y_mm=-1.4)
     _, masks = render(rows)
     for mask in masks:
-        cy, cx = np.argwhere(mask == REGION["body"]).mean(axis=0)
+        cy, cx = np.argwhere(mask == REGIONS["body"]).mean(axis=0)
         assert abs((cx - 31.5) * 0.7 - 2.1) < 0.35 and abs((cy - 31.5) * 0.7 + 1.4) < 0.35
 
 
@@ -157,7 +157,7 @@ def test_rotation_rotates_the_lesion() -> None:
     rows = make_rows(4, seed=8, shape="lobulated", lobulation=0.3, offset_x_mm=0.0, offset_y_mm=0.0)
     _, m0 = render(rows.assign(rotation_deg=0.0))
     _, m90 = render(rows.assign(rotation_deg=90.0))
-    body0, body90 = m0 == REGION["body"], m90 == REGION["body"]
+    body0, body90 = m0 == REGIONS["body"], m90 == REGIONS["body"]
     turned = np.rot90(body0, k=-1, axes=(1, 2))
     agree = (turned == body90).mean(axis=(1, 2))
     assert agree.min() > 0.995, agree
@@ -206,7 +206,7 @@ def test_switching_attenuation_is_local() -> None:
     rows = make_rows(8, seed=13, attenuation="ground_glass", margin_sigma_mm=0.8, kernel_fwhm_mm=1.2)
     before, masks = render(rows)
     after, _ = render(rows.assign(attenuation="solid"))
-    lesion = np.isin(masks, [REGION["body"], REGION["spicule"]])
+    lesion = np.isin(masks, [REGIONS["body"], REGIONS["spicules"]])
     for b, a, m, px in zip(before, after, lesion, rows.pixel_mm):
         far = ndimage.distance_transform_edt(~m) * px > 10.0
         assert far.sum() > 100
@@ -218,17 +218,17 @@ def test_adding_a_vessel_keeps_the_others() -> None:
     rows = make_rows(6, seed=14, vessels=2)
     _, two = render(rows)
     _, three = render(rows.assign(vessels=3))
-    had = two == REGION["vessel"]
-    assert np.all(three[had] == REGION["vessel"])
-    assert (three == REGION["vessel"]).sum() > had.sum()
+    had = two == REGIONS["vessels"]
+    assert np.all(three[had] == REGIONS["vessels"])
+    assert (three == REGIONS["vessels"]).sum() > had.sum()
 
 
 def test_adding_a_spicule_keeps_the_others() -> None:
     rows = make_rows(6, seed=15, shape="spiculated", n_spicules=6)
     _, six = render(rows)
     _, seven = render(rows.assign(n_spicules=7))
-    had = six == REGION["spicule"]
-    assert np.all(seven[had] == REGION["spicule"])
+    had = six == REGIONS["spicules"]
+    assert np.all(seven[had] == REGIONS["spicules"])
 
 
 def test_view_redraws_nuisance_only() -> None:

@@ -21,7 +21,7 @@ from conftest import VALID_ROW, make_rows
 from nodulab.explanation.switches import fits
 from nodulab.synth import renderer as R
 from nodulab.synth.factors import OPTIONAL
-from nodulab.synth.renderer import LOBULATION_EXPRESSION, REGION, body_reach, render
+from nodulab.synth.renderer import LOBULATION_EXPRESSION, REGIONS, body_reach, render
 
 PX, SIZE, DIAMETER = 0.35, 64, 14.0
 
@@ -51,7 +51,7 @@ def _radii(region: np.ndarray, pixel_mm: float) -> np.ndarray:
 def test_elongated_body_has_minor_over_major_one_minus_e(e: float) -> None:
     rows = _quiet(6, seed=1, shape="round", diameter_mm=DIAMETER, pixel_mm=PX, elongation=e)
     _, masks = render(rows, size=SIZE)
-    ratios = [_axis_ratios(m == REGION["body"])[0] for m in masks]
+    ratios = [_axis_ratios(m == REGIONS["body"])[0] for m in masks]
     assert np.allclose(ratios, 1.0 - e, atol=0.04), ratios
 
 
@@ -60,7 +60,7 @@ def test_area_is_kept_with_elongation_irregularity_and_lobes() -> None:
     rows["elongation"] = np.linspace(0.0, 0.7, len(rows))
     rows["irregularity"] = np.linspace(0.3, 0.0, len(rows))
     _, masks = render(rows, size=SIZE)
-    area = (masks == REGION["body"]).sum(axis=(1, 2)) * PX**2
+    area = (masks == REGIONS["body"]).sum(axis=(1, 2)) * PX**2
     rel = area / (math.pi * (DIAMETER / 2) ** 2)
     assert np.all(np.abs(rel - 1.0) <= 0.04), rel
 
@@ -71,7 +71,7 @@ def test_3d_volume_is_kept_and_the_spheroid_is_prolate(e: float) -> None:
     rows = _quiet(4, seed=3, dim=3, shape="round", diameter_mm=d, pixel_mm=px, elongation=e, irregularity=0.0)
     _, masks = render(rows, size=40, dim=3)
     for m in masks:
-        body = m == REGION["body"]
+        body = m == REGIONS["body"]
         volume = body.sum() * px**3
         assert abs(volume / (math.pi / 6 * d**3) - 1.0) <= 0.05
         ratios = _axis_ratios(body)
@@ -82,7 +82,7 @@ def test_3d_volume_is_kept_when_irregular_and_elongated() -> None:
     px, d = 0.6, 12.0
     rows = _quiet(6, seed=4, dim=3, diameter_mm=d, pixel_mm=px, n_spicules=0, elongation=0.5, irregularity=0.3)
     _, masks = render(rows, size=40, dim=3)
-    volume = (masks == REGION["body"]).sum(axis=(1, 2, 3)) * px**3
+    volume = (masks == REGIONS["body"]).sum(axis=(1, 2, 3)) * px**3
     assert np.all(np.abs(volume / (math.pi / 6 * d**3) - 1.0) <= 0.05), volume
 
 
@@ -92,7 +92,7 @@ def test_irregularity_raises_the_radial_spread_of_the_boundary() -> None:
     for a in (0.0, 0.1, 0.2):
         rows = _quiet(8, seed=5, shape="round", diameter_mm=DIAMETER, pixel_mm=PX, irregularity=a)
         _, masks = render(rows, size=SIZE)
-        radii = [_radii(m == REGION["body"], PX) for m in masks]
+        radii = [_radii(m == REGIONS["body"], PX) for m in masks]
         cvs.append([r.std() / r.mean() for r in radii])
     cvs = np.array(cvs)  # (amplitude, row)
     assert np.all(cvs[0] < 0.03), cvs[0]  # a pixelated circle
@@ -112,7 +112,7 @@ def test_irregularity_is_expressed_for_every_shape() -> None:
     ).assign(seed=6)
     _, plain = render(rows, size=SIZE)
     _, rough = render(rows.assign(irregularity=0.2), size=SIZE)
-    assert ((plain == REGION["body"]) != (rough == REGION["body"])).any(axis=(1, 2)).all()
+    assert ((plain == REGIONS["body"]) != (rough == REGIONS["body"])).any(axis=(1, 2)).all()
     # Lobulation 0 + the same seed: the three shapes get the same irregular body.
     assert (rough[0] == rough[1]).all() and (rough[0] == rough[2]).all()
 
@@ -123,7 +123,7 @@ def test_spicule_area_grows_with_grade_and_vanishes_at_zero() -> None:
     for g in (0.0, 0.25, 0.5, 0.75, 1.0):
         rows = _quiet(32, seed=7, shape="spiculated", diameter_mm=DIAMETER, pixel_mm=PX, spicule_grade=g)
         _, masks = render(rows, size=SIZE)
-        areas.append((masks == REGION["spicule"]).sum(axis=(1, 2)) * PX**2)
+        areas.append((masks == REGIONS["spicules"]).sum(axis=(1, 2)) * PX**2)
     assert (areas[0] == 0).all()
     means = [a.mean() for a in areas]
     assert np.all(np.diff(means) > 0.5), means
@@ -197,11 +197,11 @@ def test_rotating_by_90_degrees_rotates_an_elongated_irregular_body() -> None:
     rows = _quiet(6, seed=12, shape="lobulated", diameter_mm=DIAMETER, pixel_mm=PX, elongation=0.5, irregularity=0.2)
     _, m0 = render(rows.assign(rotation_deg=10.0), size=SIZE)
     _, m90 = render(rows.assign(rotation_deg=100.0), size=SIZE)
-    turned = np.rot90(m0 == REGION["body"], k=-1, axes=(1, 2))
-    body90 = m90 == REGION["body"]
+    turned = np.rot90(m0 == REGIONS["body"], k=-1, axes=(1, 2))
+    body90 = m90 == REGIONS["body"]
     iou = (turned & body90).sum(axis=(1, 2)) / (turned | body90).sum(axis=(1, 2))
     assert iou.min() > 0.97, iou
-    assert ((m0 == REGION["body"]) != body90).any()
+    assert ((m0 == REGIONS["body"]) != body90).any()
 
 
 # ----------------------------------------------------------------------------- reach, fits
@@ -214,7 +214,7 @@ def test_body_reach_bounds_the_rendered_body(dim: int, size: int, px: float) -> 
     lobes = rows["lobulation"] * rows["shape"].map(LOBULATION_EXPRESSION)
     reach = body_reach(rows["elongation"], rows["irregularity"], dim, lobulation=lobes)
     for m, bound in zip(masks, reach):
-        farthest = _radii(m == REGION["body"], px).max() / 5.0
+        farthest = _radii(m == REGIONS["body"], px).max() / 5.0
         assert farthest <= bound + px / 5.0, (farthest, bound)
     assert body_reach(np.zeros(3), np.zeros(3), dim).tolist() == [1.0, 1.0, 1.0]
 
@@ -251,7 +251,7 @@ def test_any_valid_shaped_row_renders_finite_values_and_valid_masks(row: dict, d
     assert set(np.unique(mask.numpy())) <= {0, 1, 2, 3}
     spicules = row["shape"] == "spiculated" and math.ceil(row["n_spicules"] * row["spicule_grade"] - 1e-9) > 0
     if not spicules:
-        assert not (mask == REGION["spicule"]).any()
+        assert not (mask == REGIONS["spicules"]).any()
 
 
 # ----------------------------------------------------------------------------- explain's switches

@@ -1,4 +1,4 @@
-"""Scenario loading, validation and factor-table sampling (DESIGN §3)."""
+"""Scenario loading, validation and factor-table sampling (design.md "Scenarios")."""
 
 from __future__ import annotations
 

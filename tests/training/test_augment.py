@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from conftest import make_rows
 from nodulab.data.dataset import hu_to_input
-from nodulab.synth.renderer import REGION, render
+from nodulab.synth.renderer import REGIONS, render
 from nodulab.training.augment import apply_geometry, augment_views, draw_geometry, rerender_views, view_id
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -196,7 +196,7 @@ def test_rerender_keeps_the_lesion_and_changes_the_background() -> None:
     stored, masks = render(rows, size, 2)
     views = rerender_views(rows, size, 2, epoch=3, seed=0, n_views=1)
     for b in range(2):
-        body = masks[b] == REGION["body"]
+        body = masks[b] == REGIONS["body"]
         # Away from the edge profile and the PSF, a noise-free body is the same in every view.
         core = torch.from_numpy(ndimage.binary_erosion(body, iterations=6))
         background = torch.from_numpy(~ndimage.binary_dilation(body, iterations=6))

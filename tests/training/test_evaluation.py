@@ -14,6 +14,7 @@ from rich.console import Console
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
+from nodulab.common.tables import RESULT_TABLES
 from nodulab.data import dataset as data
 from nodulab.synth.scenarios import load_scenario, resolve
 from nodulab.training import evaluation as metrics
@@ -472,9 +473,9 @@ def test_metrics_table_shows_the_worst_group() -> None:
     rows = [("val", "probe", m, 0.9, 0.8, 1.0) for m in METRICS]
     groups = pd.DataFrame(
         [("val", "probe", "benign", "all", 3, 1.0), ("val", "probe", "any", "worst: benign/all", 3, 0.25)],
-        columns=list(metrics.GROUP_COLUMNS),
+        columns=list(RESULT_TABLES["groups"].columns),
     )
-    table = metrics_table(pd.DataFrame(rows, columns=list(metrics.COLUMNS)), groups=groups)
+    table = metrics_table(pd.DataFrame(rows, columns=list(RESULT_TABLES["metrics"].columns)), groups=groups)
     assert [c.header for c in table.columns][-1] == "worst"
     console = Console(width=200, record=True)
     console.print(table)

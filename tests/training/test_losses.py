@@ -1,4 +1,4 @@
-"""Losses (DESIGN §5): every loss against a slow, explicit loop over its pairs/anchors/triplets.
+"""Losses (design.md "Losses and training"): every loss against a slow, explicit loop over its pairs/anchors/triplets.
 
 The reference loops work on Python floats in double precision, one pair or anchor at a time,
 straight from the formulas in ``nodulab.training.losses``' module docstring.
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from pytorch_metric_learning.losses import SupConLoss
 from pytorch_metric_learning.miners import TripletMarginMiner
 
-from nodulab.training import losses
+from nodulab.training import hparams, losses
 
 DTYPES = [torch.float64, torch.float32]
 TOL = 1e-5
@@ -257,23 +257,58 @@ def _call(name: str, embeddings: torch.Tensor, labels: torch.Tensor, logits: tor
     )
 
 
+FLAGS = {
+    "ce": (True, False, True),
+    "contrastive": (False, True, True),
+    "triplet": (False, True, True),
+    "supcon": (False, True, True),
+    "simclr": (False, True, False),
+    "ce+supcon": (True, True, True),
+    "ce+triplet": (True, True, True),
+}
+"""(uses_head, uses_embeddings, uses_labels) of the shipped losses."""
+
+
 def test_flags() -> None:
-    objectives = {name: losses.build(name) for name in losses.names()}
+    objectives = {name: losses.build(name) for name in FLAGS}
     flags = {n: (o.uses_head, o.uses_embeddings, o.uses_labels) for n, o in objectives.items()}
-    assert flags == {
-        "ce": (True, False, True),
-        "contrastive": (False, True, True),
-        "triplet": (False, True, True),
-        "supcon": (False, True, True),
-        "simclr": (False, True, False),
-        "ce+supcon": (True, True, True),
-        "ce+triplet": (True, True, True),
-    }
+    assert flags == FLAGS
+
+
+@pytest.mark.parametrize("name", hparams.names())
+def test_every_loss_scores_something(name: str) -> None:
+    objective = losses.build(name)
+    assert objective.uses_head or objective.uses_embeddings
+
+
+def test_every_registered_loss_has_an_objective_and_every_objective_a_loss() -> None:
+    assert set(losses.OBJECTIVES) == set(hparams.LOSSES) and losses.names() == hparams.names()
+
+
+@pytest.mark.parametrize("name", hparams.names())
+def test_registry_entry_is_complete(name: str) -> None:
+    spec = hparams.LOSSES[name]
+    assert spec.name == name and spec.summary and "\n" not in spec.summary
+    for key, p in {**spec.params, **hparams.OPTIMISER_PARAMS}.items():
+        assert p.help and "\n" not in p.help, key
+        assert 0 < p.low <= p.high and (p.default == 0 or p.low <= p.default <= p.high), key
+    # the objective takes every parameter the registry declares, at either end of its range
+    for end in ("low", "high"):
+        values = {key: getattr(p, end) for key, p in spec.params.items()}
+        assert isinstance(losses.build(name, **values), losses.Objective)
+
+
+def test_an_objective_needs_a_registry_entry_and_an_entry_an_objective(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="objective 'arcface': no such loss"):
+        losses.objective("arcface")
+    monkeypatch.setattr(hparams, "LOSSES", {**hparams.LOSSES, "arcface": hparams.LossSpec("arcface", "x")})
+    with pytest.raises(ValueError, match="loss 'arcface' has no objective"):
+        losses.build("arcface")
 
 
 # With two classes, a loss that needs logits has at most two distinct labels in a batch.
 NO_POSITIVE_CASES = [
-    (name, n) for name in losses.names() for n in ([1, 2] if losses.build(name).uses_head else [1, 2, 6])
+    (name, n) for name in hparams.names() for n in ([1, 2] if losses.build(name).uses_head else [1, 2, 6])
 ]
 
 
@@ -292,7 +327,7 @@ def test_no_positive_pair_gives_finite_loss_and_gradient(name: str, n: int) -> N
 
 @settings(max_examples=25, deadline=None)
 @given(
-    name=st.sampled_from(losses.names()),
+    name=st.sampled_from(hparams.names()),
     n=st.integers(1, 12),
     dim=st.integers(1, 6),
     n_classes=st.integers(1, 4),
@@ -323,8 +358,9 @@ def test_random_batches_give_finite_values_and_gradients(
 
 
 def test_names() -> None:
+    # the shipped losses, in the order studies list them (a new loss may come anywhere)
     expected = ["ce", "contrastive", "triplet", "supcon", "simclr", "ce+supcon", "ce+triplet"]
-    assert losses.names() == expected
+    assert [name for name in losses.names() if name in expected] == expected == list(FLAGS)
 
 
 def test_build_unknown_loss() -> None:
@@ -412,7 +448,7 @@ def _toy_points(xor: bool, generator: torch.Generator) -> tuple[torch.Tensor, to
     return 1.5 * signs + 0.3 * torch.randn(32, 2, generator=generator), labels
 
 
-@pytest.mark.parametrize("name", losses.names())
+@pytest.mark.parametrize("name", hparams.names())
 def test_each_loss_learns_two_gaussian_blobs(name: str, one_thread: None) -> None:
     # SimCLR never sees labels, so it gets two blobs and views jittered by the blob's own spread
     # (the augmentation defines the invariance); every label-using loss gets the XOR blobs and

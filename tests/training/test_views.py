@@ -1,4 +1,5 @@
-"""Views that cannot be matched by their noise (nodulab.training.augment; DESIGN §5, issue 6 part 1).
+"""Views that cannot be matched by their noise (nodulab.training.augment; design.md "Losses and
+training", issue 6 part 1).
 
 The measurements: two views of one sample, aligned back to the sample's own pixel grid by the
 known geometric transform, compared only where the lesion cannot reach (background pixels). Under
@@ -17,7 +18,7 @@ from scipy import ndimage
 from conftest import make_rows
 from nodulab.data.dataset import hu_to_input
 from nodulab.synth.factors import FACTORS
-from nodulab.synth.renderer import REGION, render
+from nodulab.synth.renderer import REGIONS, render
 from nodulab.training.augment import (
     GEOMETRIC_FACTORS,
     VIEW_MODES,
@@ -33,7 +34,7 @@ from nodulab.training.augment import (
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-LESION_REACH_PX = 6  # beyond the lesion's partial-volume edge and the PSF (DESIGN §2 ranges)
+LESION_REACH_PX = 6  # beyond the lesion's partial-volume edge and the PSF (design.md "Factors of variation" ranges)
 GEOMETRY_SEED = 3
 
 
@@ -42,7 +43,7 @@ def _background(masks: np.ndarray) -> torch.Tensor:
 
     Vessels (region 3) are nuisance, re-drawn in every view, so they count as background.
     """
-    lesion = (masks == REGION["body"]) | (masks == REGION["spicule"])
+    lesion = (masks == REGIONS["body"]) | (masks == REGIONS["spicules"])
     far = [ndimage.distance_transform_edt(~m) > LESION_REACH_PX for m in lesion]
     return torch.from_numpy(np.stack(far)).flatten(1)
 
@@ -214,7 +215,7 @@ def test_rerendered_nuisance_depends_on_the_run_seed() -> None:
     first = rerender_views(rows, size, 2, epoch=2, seed=0)
     assert torch.equal(first, rerender_views(rows, size, 2, epoch=2, seed=0))
     other = rerender_views(rows, size, 2, epoch=2, seed=1)
-    body = render(rows, size, 2)[1] == REGION["body"]
+    body = render(rows, size, 2)[1] == REGIONS["body"]
     for j in range(6):
         # Noise-free body interior: the lesion is the same for every seed; the parenchyma is not.
         core = torch.from_numpy(ndimage.binary_erosion(body[j % 3], iterations=6))

@@ -2,8 +2,8 @@
 
 The command line builds its choices and help texts from these tuples at start-up, before torch,
 pytorch-metric-learning or scikit-learn are loaded; the modules that own each idea import them
-from here (``models.ENCODERS``, ``train.VIEWS``, ``export.EXPORT_FORMATS``). ``LOSS_NAMES`` mirrors
-the loss registry of ``nodulab.training.losses`` (a test keeps the two equal).
+from here (``models.ENCODERS``, ``train.VIEWS``, ``export.EXPORT_FORMATS``). Loss names are not
+here: they come from the torch-free loss registry, ``nodulab.training.hparams``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ semi-hard loss is a mean over what it mines) ends with a flat training loss over
 epochs (README: Training and evaluation, with the measured numbers)."""
 DEFAULT_LR = 1e-3
 DEFAULT_WEIGHT_DECAY = 0.0
-"""AdamW defaults (``losses.OPTIMISER_PARAMS`` holds them with their tuning ranges)."""
+"""AdamW defaults (``hparams.OPTIMISER_PARAMS`` holds them with their tuning ranges)."""
 MAX_N = 1_000_000
 """Largest sample count of one split (scenario ``n`` and ``--n``); ``scenarios.MAX_N`` is this."""
-LOSS_NAMES = ("ce", "contrastive", "triplet", "supcon", "simclr", "ce+supcon", "ce+triplet")

@@ -1,4 +1,5 @@
-"""Scoring predictions (DESIGN §6), decoupled from loading data or runs (MedMNIST's evaluator habit).
+"""Scoring predictions (design.md "Evaluation and explanation"), decoupled from loading data or
+runs (MedMNIST's evaluator habit).
 
 ``binary_metrics`` scores one predictor: accuracy, sensitivity, specificity, balanced accuracy,
 ROC AUC; malignant (label 1) is the positive class and ``p >= threshold`` calls it. The

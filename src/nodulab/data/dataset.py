@@ -1,4 +1,4 @@
-"""The dataset on disk (DESIGN §4): generate, load, re-check, serve to torch.
+"""The dataset on disk (design.md "Dataset on disk"): generate, load, re-check, serve to torch.
 
 Layout of a dataset folder::
 
@@ -34,6 +34,7 @@ import torch
 
 from nodulab import __version__
 from nodulab.common.choices import MAX_N
+from nodulab.common.progress import Progress, counter
 from nodulab.common.tables import float_text
 from nodulab.common.writing import (  # noqa: F401 - re-exported: every writer in nodulab imports them from here
     DatasetError,
@@ -58,8 +59,6 @@ from nodulab.synth.scenarios import scenario_to_dict
 MANIFEST = "dataset.json"
 FORMAT = "nodulab-dataset/1"
 ARRAYS = {"images": np.int16, "masks": np.uint8}
-
-Progress = Callable[[int], Any]
 
 
 def is_complete(out: Path | str, *, dataset: bool = False) -> bool:
@@ -152,7 +151,7 @@ class _ArrayFile:
 
 
 def _write_split(
-    folder: Path, frame: pd.DataFrame, size: int, dim: int, chunk: int, progress: Progress | None
+    folder: Path, frame: pd.DataFrame, size: int, dim: int, chunk: int, advance: Callable[[int], None]
 ) -> dict[str, Any]:
     """Render one split chunk by chunk into ``folder``; return its manifest entry."""
     folder.mkdir()
@@ -163,8 +162,7 @@ def _write_split(
             images, masks = render(frame.iloc[start : start + chunk], size=size, dim=dim)
             files["images"].append(images)
             files["masks"].append(masks)
-            if progress is not None:
-                progress(len(images))
+            advance(len(images))
         for file in files.values():
             file.close()
     except BaseException:
@@ -219,7 +217,7 @@ def generate(
     chunk: int = 256,
     progress: Progress | None = None,
 ) -> Path:
-    """Render every split of a scenario to a dataset folder (DESIGN §4).
+    """Render every split of a scenario to a dataset folder (design.md "Dataset on disk").
 
     Args:
         scenario: a resolved scenario (``scenarios.resolve`` applied).
@@ -227,7 +225,7 @@ def generate(
         seed: dataset seed; with the scenario it determines every byte written.
         force: replace an existing ``out`` once the new dataset is complete.
         chunk: samples rendered and written per step (bounds memory).
-        progress: optional callable receiving the number of samples just written.
+        progress: ``(stage, done, total)``: samples written so far, over every split.
 
     Returns:
         ``out``.
@@ -242,11 +240,12 @@ def generate(
     out = Path(out)
     size, dim = int(scenario.image.size), int(scenario.image.dim)
     check_free_space(out, bytes_needed(scenario))
+    advance = counter(progress, f"rendering {scenario.name}", sum(int(s.n) for s in scenario.splits.values()))
     with staged(out, force=force) as tmp:
         splits = {}
         for name in scenario.splits:
             frame = sample_split(scenario, name, seed)
-            splits[name] = _write_split(tmp / name, frame, size, dim, chunk, progress)
+            splits[name] = _write_split(tmp / name, frame, size, dim, chunk, advance)
         manifest = {
             "format": FORMAT,
             "nodulab_version": __version__,
@@ -472,7 +471,7 @@ def load_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray, pd.DataF
 
 # ----------------------------------------------------------------------------- torch
 def hu_to_input(hu: torch.Tensor) -> torch.Tensor:
-    """Network input scaling (DESIGN §5): HU / 1000, linear, no clipping.
+    """Network input scaling (design.md "Losses and training"): HU / 1000, linear, no clipping.
 
     Args:
         hu: float tensor of HU values, any shape.

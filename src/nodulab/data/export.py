@@ -7,6 +7,7 @@ spacing. Every writer works in a temporary sibling and renames it into place.
 from __future__ import annotations
 
 import gzip
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from nodulab.common.choices import EXPORT_FORMATS
-from nodulab.data.dataset import DatasetError, Progress, check_out, load_manifest, load_split, lung_window, staged
+from nodulab.common.progress import Progress, counter
+from nodulab.data.dataset import DatasetError, check_out, load_manifest, load_split, lung_window, staged
 
 
 def to_uint8(hu: np.ndarray) -> np.ndarray:
@@ -26,15 +28,14 @@ def _central_slice(image: np.ndarray) -> np.ndarray:
     return image[image.shape[0] // 2] if image.ndim == 3 else image
 
 
-def _export_medmnist(root: Path, manifest: dict[str, Any], target: Path, progress: Progress | None) -> None:
+def _export_medmnist(root: Path, manifest: dict[str, Any], target: Path, advance: Callable[[int], None]) -> None:
     arrays: dict[str, np.ndarray] = {}
     for split in manifest["splits"]:
         images, _, frame = load_split(root, split)
         windowed = np.empty(images.shape, dtype=np.uint8)
         for start in range(0, len(images), 1024):
             windowed[start : start + 1024] = to_uint8(images[start : start + 1024])
-            if progress is not None:
-                progress(len(images[start : start + 1024]))
+            advance(len(images[start : start + 1024]))
         arrays[f"{split}_images"] = windowed
         arrays[f"{split}_labels"] = frame["label"].to_numpy(dtype=np.uint8)[:, None]
     with open(target, "wb") as f:
@@ -53,7 +54,7 @@ def _nifti_bytes(image: np.ndarray, pixel_mm: float) -> bytes:
     return gzip.compress(nifti.to_bytes(), mtime=0)  # mtime 0: same sample, same bytes
 
 
-def _export_files(root: Path, manifest: dict[str, Any], target: Path, progress: Progress | None, fmt: str) -> None:
+def _export_files(root: Path, manifest: dict[str, Any], target: Path, advance: Callable[[int], None], fmt: str) -> None:
     """One file per sample (NIfTI or PNG) under ``target/<split>/``, plus ``labels.csv``."""
     from PIL import Image  # Pillow ships with matplotlib
 
@@ -72,8 +73,7 @@ def _export_files(root: Path, manifest: dict[str, Any], target: Path, progress: 
             else:
                 Image.fromarray(to_uint8(_central_slice(np.asarray(images[i])))).save(target / rel)
             rows.append({"split": split, "index": i, "file": rel, "label": int(frame["label"].iloc[i])})
-            if progress is not None:
-                progress(1)
+            advance(1)
     pd.DataFrame(rows, columns=["split", "index", "file", "label"]).to_csv(
         target / "labels.csv", index=False, lineterminator="\n"
     )
@@ -91,7 +91,7 @@ def export(root: Path, fmt: str, out: Path, *, force: bool = False, progress: Pr
             ``labels.csv``).
         out: the file (medmnist) or folder to create, atomically.
         force: replace an existing ``out``.
-        progress: optional callable receiving the number of samples just exported.
+        progress: ``(stage, done, total)``: samples exported so far.
 
     Returns:
         ``out``.
@@ -101,9 +101,10 @@ def export(root: Path, fmt: str, out: Path, *, force: bool = False, progress: Pr
     out = Path(out)
     check_out(out, [root])
     manifest = load_manifest(root)
+    advance = counter(progress, f"exporting {fmt}", sum(int(e["n"]) for e in manifest["splits"].values()))
     with staged(out, force=force, is_file=fmt == "medmnist") as tmp:
         if fmt == "medmnist":
-            _export_medmnist(root, manifest, tmp / out.name, progress)
+            _export_medmnist(root, manifest, tmp / out.name, advance)
         else:
-            _export_files(root, manifest, tmp, progress, fmt)
+            _export_files(root, manifest, tmp, advance, fmt)
     return out

@@ -1,4 +1,5 @@
-"""The dataset gallery (DESIGN §7): one panel per split, one row per (label, agrees) cell, as a PNG.
+"""The dataset gallery (design.md "Study, store, report"): one panel per split, one row per (label,
+agrees) cell, as a PNG.
 
 ``nodulab gallery`` writes it to a file; a study stores ``gallery_png`` bytes in its results store
 (``datasets.gallery``) and the report shows them. ``short_factor`` and ``axial_mip`` serve the

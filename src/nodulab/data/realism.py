@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from nodulab.common.progress import Progress, counter
 from nodulab.data import traced
 from nodulab.synth import lidc
-from nodulab.synth.renderer import BODY_HU, PARENCHYMA_HU, REGION
+from nodulab.synth.renderer import BODY_HU, PARENCHYMA_HU, REGIONS
 
 MEASURES = ("solidity", "radial_cv", "aspect", "diameter_mm")
 QUANTILES = (0.05, 0.5, 0.95)
@@ -74,7 +75,7 @@ def trace_row(image: np.ndarray, row: pd.Series, regions: np.ndarray | None = No
     centre = [(size - 1) / 2 + float(o) / px for o in offsets]
     image = np.asarray(image, dtype=np.float32)
     if regions is not None:
-        image = np.where(np.asarray(regions) == REGION["vessel"], PARENCHYMA_HU, image)
+        image = np.where(np.asarray(regions) == REGIONS["vessels"], PARENCHYMA_HU, image)
     mask = traced.trace(image, centre, threshold_hu(str(row["attenuation"])))
     if mask.ndim == 3:
         mask = traced.largest_slice(mask)
@@ -230,7 +231,7 @@ def compare(
     *,
     splits: Sequence[str] | None = None,
     n: int | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> Realism:
     """Trace the nodules of a dataset folder and compare them with the LIDC-IDRI table.
 
@@ -238,12 +239,15 @@ def compare(
         root: dataset folder (``nodulab generate``).
         splits: splits to read (default every split).
         n: at most the first ``n`` rows of each split.
-        progress: called with 1 after each traced nodule.
+        progress: ``(stage, done, total)``: nodules traced so far.
     """
-    from nodulab.data.dataset import load_split
+    from nodulab.data.dataset import load_manifest, load_split
 
     root = Path(root)
     chosen = check_splits(root, splits, n)
+    manifest = load_manifest(root)
+    total = sum(min(int(manifest["splits"][s]["n"]), n or int(manifest["splits"][s]["n"])) for s in chosen)
+    advance = counter(progress, "tracing", total)
     frames = []
     for split in chosen:
         images, regions, factors = load_split(root, split)
@@ -251,8 +255,7 @@ def compare(
         rows = []
         for i in range(count):
             rows.append(trace_row(images[i], factors.iloc[i], regions[i]))
-            if progress is not None:
-                progress(1)
+            advance(1)
         measured = pd.DataFrame(rows, columns=["area_mm2", "diameter_mm", "solidity", "radial_cv", "aspect"])
         twins = [c for c in factors.columns if c.startswith("lidc_")]
         keep = ["index", "label", "shape", "attenuation", "diameter_mm", *twins]

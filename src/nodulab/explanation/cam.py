@@ -1,4 +1,4 @@
-"""Grad-CAM of a run's decision, summarised by the renderer's region masks (DESIGN §6).
+"""Grad-CAM of a run's decision, summarised by the renderer's region masks (design.md "Evaluation and explanation").
 
 ``gradcam`` computes Grad-CAM (Selvaraju et al. 2017) with our own forward hook and
 ``torch.autograd.grad``: no backward hooks, no ``.grad`` written into any parameter, the network
@@ -41,9 +41,10 @@ from matplotlib.figure import Figure
 from scipy.stats import spearmanr
 from torch import nn
 
-from nodulab.common.tables import write_table
+from nodulab.common.tables import RESULT_TABLES, write_table
 from nodulab.data.dataset import hu_to_input, load_split, lung_window
 from nodulab.data.gallery import LABEL_NAMES, axial_mip
+from nodulab.synth.renderer import REGIONS
 from nodulab.training.models import NoduleNet
 from nodulab.training.readouts import Readouts
 from nodulab.training.runs import LoadedRun, run_threads
@@ -51,9 +52,6 @@ from nodulab.training.runs import LoadedRun, run_threads
 if TYPE_CHECKING:
     from nodulab.explanation.context import ExplainContext
 
-CAM_COLUMNS = ("split", "classifier", "region", "mass", "area_share")
-REGIONS = {"background": 0, "body": 1, "spicules": 2, "vessels": 3}
-"""Region names and their values in the stored masks."""
 SANITY_REGION = "sanity_rank_corr"
 CAM_CLASSIFIERS = ("head", "probe", "dfr")
 """Classifiers with a gradient (kNN has none)."""
@@ -311,7 +309,7 @@ def cam_table(run: LoadedRun, data_dir: Path | str, *, split: str, n: int | None
         frame.insert(0, "classifier", classifier)
         frame.insert(0, "split", split)
         frames.append(frame)
-    return pd.concat(frames, ignore_index=True)[list(CAM_COLUMNS)]
+    return pd.concat(frames, ignore_index=True)[list(RESULT_TABLES["cam"].columns)]
 
 
 def _display(image: np.ndarray, cam: np.ndarray, row: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -391,7 +389,7 @@ def write_cam(context: ExplainContext, folder: Path) -> None:
     frame = pd.concat(
         [cam_table(context.run, context.data_dir, split=s, n=rows) for s in context.splits], ignore_index=True
     )
-    write_table(frame, folder / "cam.csv")
+    write_table(frame, folder / RESULT_TABLES["cam"].file_name)
     cam_figure(context.run, context.data_dir, split=context.splits[0]).savefig(
         folder / "cam.png", dpi=90, metadata={"Software": None}
     )

@@ -1,4 +1,5 @@
-"""What each model learned (DESIGN §6): counterfactual reliance, sweeps and the cue-reliance index.
+"""What each model learned (design.md "Evaluation and explanation"): counterfactual reliance,
+sweeps and the cue-reliance index.
 
 ``explain_run`` re-renders test samples with one factor switched (same seed, everything else
 equal; the switches are ``nodulab.explanation.switches``) and asks every classifier of a run again. It writes
@@ -37,14 +38,12 @@ import numpy as np
 import pandas as pd
 
 from nodulab.common.progress import Progress
+from nodulab.common.tables import RESULT_TABLES
 from nodulab.explanation.context import Predict
 from nodulab.explanation.switches import Switch, fits
 from nodulab.synth.renderer import render
 
 EXPLAIN_DIR = "explain"
-RELIANCE_COLUMNS = ("split", "classifier", "factor", "kind", "value_from", "value_to", "n", "flip_rate", "delta_p")
-SWEEP_COLUMNS = ("split", "classifier", "factor", "value", "mean_p", "n")
-CUE_COLUMNS = ("split", "classifier", "confound", "label_only", "confound_only", "both", "neither")
 THRESHOLD = 0.5
 CHUNK = 256
 """Rows rendered and predicted at once: each chunk is rendered once and predicted once."""
@@ -155,7 +154,7 @@ def reliance_frame(split: str, base: dict[str, np.ndarray], results: Sequence[Co
                     float(np.mean(after - before)),
                 )
             )
-    return pd.DataFrame(out, columns=list(RELIANCE_COLUMNS))
+    return pd.DataFrame(out, columns=list(RESULT_TABLES["reliance"].columns))
 
 
 def _flips(n: int, base: np.ndarray, results: Sequence[Counterfactual], classifier: str) -> np.ndarray:
@@ -167,7 +166,7 @@ def _flips(n: int, base: np.ndarray, results: Sequence[Counterfactual], classifi
 
 
 def cue_frame(split: str, base: dict[str, np.ndarray], results: Sequence[Counterfactual]) -> pd.DataFrame:
-    """``cue.csv`` rows: the cue-reliance index per classifier and confound (DESIGN §6.2).
+    """``cue.csv`` rows: the cue-reliance index per classifier and confound (design.md "Evaluation and explanation").
 
     On the rows where both the label-cue switch and the confound switch applied: the shares whose
     prediction flips under the label switch only, the confound switch only, both, neither.
@@ -186,7 +185,7 @@ def cue_frame(split: str, base: dict[str, np.ndarray], results: Sequence[Counter
             a, b = label[both_apply] == 1, other[both_apply] == 1
             shares = [float(np.mean(x)) if len(x) else float("nan") for x in (a & ~b, ~a & b, a & b, ~a & ~b)]
             out.append((split, classifier, confound, *shares))
-    return pd.DataFrame(out, columns=list(CUE_COLUMNS))
+    return pd.DataFrame(out, columns=list(RESULT_TABLES["cue"].columns))
 
 
 def sweep_frame(
@@ -226,7 +225,7 @@ def sweep_frame(
         for classifier in classifiers
         for factor, value, p, k in found
     ]
-    return pd.DataFrame(out, columns=list(SWEEP_COLUMNS))
+    return pd.DataFrame(out, columns=list(RESULT_TABLES["sweep"].columns))
 
 
 def explain_split(

@@ -1,4 +1,5 @@
-"""Linear decodability of every factor from the frozen embedding, and embedding maps (DESIGN §6).
+"""Linear decodability of every factor from the frozen embedding, and embedding maps (design.md
+"Evaluation and explanation").
 
 ``factor_probes`` asks how linearly decodable each factor of variation is from a run's frozen
 features (Hermann & Lampinen 2020): a logistic regression for categorical factors (``label``,
@@ -21,6 +22,7 @@ importable) coloured by the label and by each factor that varies, one panel each
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,48 +38,44 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from nodulab.common.tables import write_table
+from nodulab.common.tables import RESULT_TABLES, write_table
 from nodulab.data.dataset import load_manifest, load_split
 from nodulab.data.gallery import short_factor
+from nodulab.synth.factors import FACTORS, Factor
 from nodulab.training.readouts import extract
 from nodulab.training.runs import LoadedRun, run_threads
 
 if TYPE_CHECKING:
     from nodulab.explanation.context import ExplainContext
 
-PROBE_COLUMNS = ("factor", "target", "metric", "score", "control")
 CONTROLS = ("trained", "random_init", "shuffled_labels")
-CATEGORICAL = ("label", "shape", "attenuation")
+
+
+def categorical_factors(table: Mapping[str, Factor] = FACTORS) -> tuple[str, ...]:
+    """``label``, then every categorical factor of ``table``, in table order."""
+    return ("label", *(name for name, f in table.items() if f.kind == "category"))
+
+
+def numeric_factors(table: Mapping[str, Factor] = FACTORS) -> tuple[str, ...]:
+    """Every decodable numeric factor of ``table`` (``Factor.decodable``): ``diameter_mm`` first
+    (where ``probes.csv`` has always listed it), then table order."""
+    decodable = [name for name, f in table.items() if f.numeric and f.decodable]
+    return tuple(sorted(decodable, key=lambda name: name != "diameter_mm"))
+
+
+def expressed_where(table: Mapping[str, Factor] = FACTORS) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """``{factor: (column, values)}`` for each factor of ``table`` that the image expresses on
+    some rows only (``Factor.expressed_when``)."""
+    return {name: f.expressed_when for name, f in table.items() if f.expressed_when is not None}
+
+
+CATEGORICAL = categorical_factors()
 """Categorical factors (``agrees_<factor>`` columns are categorical too)."""
-NUMERIC = (
-    "diameter_mm",
-    "lobulation",
-    "n_spicules",
-    "spicule_length_rel",
-    "spicule_width_mm",
-    "solid_fraction",
-    "margin_sigma_mm",
-    "vessels",
-    "noise_hu",
-    "kernel_fwhm_mm",
-    "offset_x_mm",
-    "offset_y_mm",
-    "offset_z_mm",
-    "elongation",
-    "irregularity",
-    "spicule_grade",
-)
+NUMERIC = numeric_factors()
 """Numeric factors decoded by ridge R². ``rotation_deg`` is left out: the angle is circular and
 each nodule's own orientation is drawn from its seed, so the stored angle is not identifiable
 from the image. ``pixel_mm`` is fixed per dataset."""
-ACTS_ON = {
-    "n_spicules": ("shape", ("spiculated",)),
-    "spicule_length_rel": ("shape", ("spiculated",)),
-    "spicule_width_mm": ("shape", ("spiculated",)),
-    "spicule_grade": ("shape", ("spiculated",)),
-    "lobulation": ("shape", ("lobulated", "spiculated")),
-    "solid_fraction": ("attenuation", ("part_solid", "calcified")),
-}
+ACTS_ON = expressed_where()
 """Factors that only act on some rows (the renderer ignores them elsewhere): decoded there only,
 so a probe is not scored on values the image cannot show."""
 RIDGE_ALPHAS = tuple(np.logspace(-2, 5, 15))
@@ -185,14 +183,15 @@ def decodability(features: dict[str, np.ndarray], factors: pd.DataFrame, *, seed
         seed: the half split and the label permutation.
 
     Returns:
-        A frame with ``PROBE_COLUMNS``: per factor, ``trained``, ``random_init`` and
-        ``shuffled_labels`` (the trained features with permuted fitting targets) rows.
+        A frame with the columns of ``RESULT_TABLES["probes"]``: per factor, ``trained``,
+        ``random_init`` and ``shuffled_labels`` (the trained features with permuted fitting
+        targets) rows.
     """
     records = []
     # the fits are tiny (about 100 x 128): BLAS threads cost 100x more than they save here
     with threadpool_limits(1):
         records = _decode_all(features, factors, seed)
-    return pd.DataFrame.from_records(records, columns=list(PROBE_COLUMNS))
+    return pd.DataFrame.from_records(records, columns=list(RESULT_TABLES["probes"].columns))
 
 
 def _decode_all(features: dict[str, np.ndarray], factors: pd.DataFrame, seed: int) -> list[tuple]:
@@ -327,7 +326,7 @@ EMBEDDING_ROWS = 1000
 def write_probes(context: ExplainContext, folder: Path) -> None:
     """``explain`` writer: ``probes.csv`` and ``embedding.png`` into ``folder``."""
     frame = factor_probes(context.run, context.data_dir, n=context.n)
-    write_table(frame, folder / "probes.csv")
+    write_table(frame, folder / RESULT_TABLES["probes"].file_name)
     split = context.splits[0]
     figure = embedding_figure(
         context.run, context.data_dir, split=split, n=min(context.n or EMBEDDING_ROWS, EMBEDDING_ROWS)

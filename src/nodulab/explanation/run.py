@@ -1,5 +1,5 @@
-"""``explain_run``: every table of ``RUN/explain/`` for one run (docs/design.md, "Evaluation and feature
-identification"): counterfactual reliance, sweeps and the cue index (``counterfactual``), then the
+"""``explain_run``: every table of ``RUN/explain/`` for one run (design.md "Evaluation and
+explanation"): counterfactual reliance, sweeps and the cue index (``counterfactual``), then the
 writers of further tables: probes and the embedding map (``probes``), Grad-CAM (``cam``).
 """
 
@@ -14,7 +14,7 @@ import pandas as pd
 
 from nodulab import __version__
 from nodulab.common.progress import Progress
-from nodulab.common.tables import write_table
+from nodulab.common.tables import RESULT_TABLES, write_table
 from nodulab.data.dataset import dump_json, load_manifest, load_split, sha256_file, staged
 from nodulab.explanation.cam import write_cam
 from nodulab.explanation.context import ExplainContext, Writer
@@ -153,5 +153,5 @@ def explain_run(
 
 def _write_tables(tables: dict[str, pd.DataFrame], folder: Path) -> None:
     for key in ("reliance", "sweep", "cue"):
-        write_table(tables[key], folder / f"{key}.csv")
+        write_table(tables[key], folder / RESULT_TABLES[key].file_name)
     sweep_figure(tables["sweep"]).savefig(folder / "sweep.png", dpi=100, metadata={"Software": None})

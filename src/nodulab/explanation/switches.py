@@ -1,4 +1,5 @@
-"""The counterfactual switches of ``nodulab explain`` (DESIGN §6.1): which factor changes, how.
+"""The counterfactual switches of ``nodulab explain`` (design.md "Evaluation and explanation"):
+which factor changes, how.
 
 A switch takes a split's factor rows and returns the rows it applies to, each with one factor
 changed and everything else (the render seed included) kept, so the re-rendered image differs
@@ -21,7 +22,7 @@ from the stored one only where that factor acts. The table (README, "What each m
   none, or noise beyond the training range: what the model does off its training support, not
   what it relies on.
 
-A switched lesion must still fit the patch (DESIGN §3: radius x (body_reach + spicule length) +
+A switched lesion must still fit the patch (design.md "Scenarios": radius x (body_reach + spicule length) +
 largest offset <= half the field of view; body_reach is 1 without elongation and irregularity);
 rows that would not are left out and counted (``skipped``).
 """
@@ -86,7 +87,7 @@ def _column(rows: pd.DataFrame, name: str) -> np.ndarray:
 
 
 def fits(rows: pd.DataFrame, size: int, dim: int) -> np.ndarray:
-    """Which rows' lesions fit the patch (the scenario rule of DESIGN §3, per row).
+    """Which rows' lesions fit the patch (the scenario rule of design.md "Scenarios", per row).
 
     The body radius is ``diameter / 2 x body_reach`` (elongation and irregularity stretch it; 1
     without them) and a graded spicule's length is scaled as the renderer scales it.

@@ -1,4 +1,5 @@
-"""The sentences a study report opens with, built from its seed-level numbers only (DESIGN §6–§8).
+"""The sentences a study report opens with, built from its seed-level numbers only (design.md
+"Evaluation and explanation", "Expected behaviour").
 
 Four kinds, in order: (a) ce's gap to the clean ceiling on each confounded scenario's conflict
 splits, with a Welch interval over seeds; (b) which cue each loss relies on there

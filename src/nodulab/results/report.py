@@ -1,4 +1,4 @@
-"""``nodulab report DIR``: one self-contained HTML page from a study's results store (DESIGN §7).
+"""``nodulab report DIR``: one self-contained HTML page from a study's results store (design.md "Study, store, report").
 
 It reads only ``DIR/results.sqlite`` (read-only) and writes ``DIR/report.html`` atomically: CSS
 inline, every figure an inline base64 PNG, no JavaScript and no external URL, so the page can be

@@ -1,4 +1,5 @@
-"""A study's seed-level tables, built from its store's tables (DESIGN §6–§8); ``findings`` words them.
+"""A study's seed-level tables, built from its store's tables (design.md "Evaluation and
+explanation", "Expected behaviour"); ``findings`` words them.
 
 Every number is over training seeds, one value per seed: the tuning draw the study selected for
 that (scenario, loss, seed) (kNN balanced accuracy on ``val``, the same score for every loss).

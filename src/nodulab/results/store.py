@@ -1,20 +1,18 @@
-"""The results store of a study (DESIGN §7): one SQLite file, ``DIR/results.sqlite``, in WAL mode.
+"""The results store of a study (design.md "Study, store, report"): one SQLite file,
+``DIR/results.sqlite``, in WAL mode.
 
-Tables (every result table starts with ``run_id``; the run's own columns follow, as in its folder):
+Tables:
 
     meta      key, value                      format, study name, the study's sha256 and config
     datasets  scenario, key, manifest_sha256, manifest, gallery (PNG)
     runs      run_id, scenario, loss, seed, draw, selected, config (JSON), status (done | failed),
               reason, warnings, score (the selection score), train_s, evaluate_s, explain_s, finished
-    metrics   run_id, split, classifier, metric, value, ci_low, ci_high
-    groups    run_id, split, classifier, label, group, n, accuracy
-    reliance  run_id, split, classifier, factor, kind, value_from, value_to, n, flip_rate, delta_p
-    sweep     run_id, split, classifier, factor, value, mean_p, n
-    cue       run_id, split, classifier, confound, label_only, confound_only, both, neither
-    probes    run_id, factor, target, metric, score, control
-    cam       run_id, split, classifier, region, mass, area_share
-    history   run_id, epoch, name, value          (history.csv, long)
-    figures   run_id, name, png                   (cam, embedding, history)
+    figures   run_id, name, png                   (``common.tables.RUN_FIGURES``: cam, embedding, history)
+
+and one table per entry of ``common.tables.RESULT_TABLES`` (metrics, groups, the explain tables,
+history), built from its declaration: ``run_id``, then the declared columns in their order (the
+run folder's; a wide file such as history.csv stored long: epoch, name, value), unique per run on
+the declared key, the declared text columns ``TEXT`` and the others ``REAL``.
 
 A run and every row of it go in with one transaction, so a study killed at any moment (SIGKILL
 included) leaves either the whole run or none of it; a run is in ``runs`` at most once. Only the
@@ -32,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from nodulab.common.tables import write_table
+from nodulab.common.tables import RESULT_TABLES, ResultTable, write_table
 from nodulab.common.writing import follow_umask, write_atomically
 
 STORE_FILE = "results.sqlite"
@@ -56,45 +54,6 @@ RUN_COLUMNS = {
     "explain_s": "REAL",
     "finished": "TEXT",
 }
-TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    # name: (key columns after run_id, value columns)
-    "metrics": (("split", "classifier", "metric"), ("value", "ci_low", "ci_high")),
-    "groups": (("split", "classifier", "label", "group"), ("n", "accuracy")),
-    "reliance": (("split", "classifier", "factor", "kind", "value_from", "value_to"), ("n", "flip_rate", "delta_p")),
-    "sweep": (("split", "classifier", "factor", "value"), ("mean_p", "n")),
-    "cue": (("split", "classifier", "confound"), ("label_only", "confound_only", "both", "neither")),
-    "probes": (("factor", "target", "metric", "control"), ("score",)),
-    "cam": (("split", "classifier", "region"), ("mass", "area_share")),
-    "history": (("epoch", "name"), ("value",)),
-}
-"""Result tables: the columns that make a row unique within a run, and the values."""
-CSV_COLUMNS = {
-    "metrics": ("split", "classifier", "metric", "value", "ci_low", "ci_high"),
-    "groups": ("split", "classifier", "label", "group", "n", "accuracy"),
-    "reliance": ("split", "classifier", "factor", "kind", "value_from", "value_to", "n", "flip_rate", "delta_p"),
-    "sweep": ("split", "classifier", "factor", "value", "mean_p", "n"),
-    "cue": ("split", "classifier", "confound", "label_only", "confound_only", "both", "neither"),
-    "probes": ("factor", "target", "metric", "score", "control"),
-    "cam": ("split", "classifier", "region", "mass", "area_share"),
-    "history": ("epoch", "name", "value"),
-}
-"""Column order of each table as the run folder writes it (the CSVs keep it after the run keys)."""
-_TEXT = {
-    "split",
-    "classifier",
-    "metric",
-    "label",
-    "group",
-    "factor",
-    "kind",
-    "value_from",
-    "value_to",
-    "confound",
-    "target",
-    "control",
-    "region",
-    "name",
-}
 
 
 class StoreError(ValueError):
@@ -103,6 +62,12 @@ class StoreError(ValueError):
 
 def _quote(name: str) -> str:
     return f'"{name}"'
+
+
+def _declared(name: str) -> ResultTable:
+    if name not in RESULT_TABLES:
+        raise StoreError(f"no table {name!r}; tables: {', '.join(RESULT_TABLES)}")
+    return RESULT_TABLES[name]
 
 
 def _schema() -> list[str]:
@@ -114,9 +79,9 @@ def _schema() -> list[str]:
         "CREATE TABLE IF NOT EXISTS figures (run_id TEXT NOT NULL REFERENCES runs(run_id), name TEXT NOT NULL, "
         "png BLOB NOT NULL, PRIMARY KEY (run_id, name))",
     ]
-    for name, (keys, _values) in TABLES.items():
-        columns = [f"{_quote(c)} {'TEXT' if c in _TEXT else 'REAL'}" for c in CSV_COLUMNS[name]]
-        unique = ", ".join(_quote(c) for c in ("run_id", *keys))
+    for name, table in RESULT_TABLES.items():
+        columns = [f"{_quote(c)} {'TEXT' if c in table.text else 'REAL'}" for c in table.columns]
+        unique = ", ".join(_quote(c) for c in ("run_id", *table.key))
         statements.append(
             f"CREATE TABLE IF NOT EXISTS {name} (run_id TEXT NOT NULL REFERENCES runs(run_id), "
             f"{', '.join(columns)}, UNIQUE ({unique}))"
@@ -255,7 +220,7 @@ class Store:
                 f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({marks})", [record[c] for c in RUN_COLUMNS]
             )
             for name, frame in (tables or {}).items():
-                columns = CSV_COLUMNS[name]
+                columns = _declared(name).columns
                 missing = [c for c in columns if c not in frame.columns]
                 if missing:
                     raise StoreError(f"run {record['run_id']}: table {name} lacks {', '.join(missing)}")
@@ -288,11 +253,16 @@ class Store:
         return frame
 
     def table(self, name: str) -> pd.DataFrame:
-        """A result table joined with the run keys: ``RUN_KEYS`` then the run folder's columns."""
-        if name not in TABLES:
-            raise StoreError(f"no table {name!r}; tables: {', '.join(TABLES)}")
+        """A result table joined with the run keys: ``RUN_KEYS`` then the run folder's columns.
+
+        A table declared after the store was made (a read-only store never gets it) reads as empty.
+        """
+        declared = _declared(name).columns
+        found = self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone()
+        if not found:
+            return pd.DataFrame(columns=[*RUN_KEYS, *declared])
         keys = ", ".join(f"r.{c}" for c in RUN_KEYS)
-        columns = ", ".join(f"t.{_quote(c)}" for c in CSV_COLUMNS[name])
+        columns = ", ".join(f"t.{_quote(c)}" for c in declared)
         return pd.read_sql_query(
             f"SELECT {keys}, {columns} FROM {name} t JOIN runs r USING (run_id) "
             "ORDER BY r.scenario, r.loss, r.seed, r.draw, t.rowid",
@@ -316,7 +286,7 @@ def export_csvs(store: Store, out: Path) -> list[Path]:
     """Write ``out/<table>.csv`` (and ``runs.csv``) from the store, each file atomically."""
     written = []
     runs = store.runs().drop(columns=["config"])
-    frames = {"runs": runs, **{name: store.table(name) for name in TABLES}}
+    frames = {"runs": runs, **{name: store.table(name) for name in RESULT_TABLES}}
     for name, frame in frames.items():
         path = Path(out) / f"{name}.csv"
         write_atomically(path, lambda tmp, f=frame: write_table(f, tmp))

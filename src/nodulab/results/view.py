@@ -7,8 +7,9 @@ from typing import Any
 
 import pandas as pd
 
+from nodulab.common.tables import RESULT_TABLES
 from nodulab.results.seed_tables import Ceiling, find_ceilings, own_scores, readout_map
-from nodulab.results.store import TABLES, Store
+from nodulab.results.store import Store
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class StudyResults:
 
 def read_results(store: Store) -> StudyResults:
     """Read the store's tables and build the seed-level tables every section shares."""
-    tables = {name: store.table(name) for name in TABLES}
+    tables = {name: store.table(name) for name in RESULT_TABLES}
     config = store.study_config()
     runs = store.runs()
     metrics = tables["metrics"]

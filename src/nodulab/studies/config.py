@@ -1,11 +1,11 @@
-"""Study definitions (DESIGN §7): the grid scenarios × losses × seeds × tuning draws, validated.
+"""Study definitions (design.md "Study, store, report"): the grid scenarios × losses × seeds × tuning draws, validated.
 
 A study is a preset (``presets/studies/*.toml``, listed by ``nodulab studies``) or a TOML file::
 
     name = "quick"
     description = "..."
     scenarios = ["clean", "size-confound"]   # preset names or scenario TOML paths (relative to this file)
-    losses = ["ce", "supcon", "simclr"]
+    losses = ["ce", "supcon", "simclr"]      # or "all": every registered loss, in registry order
     seeds = 3                                # training seeds 0, 1, 2
     scenario_losses = { clean = ["ce"] }     # optional: fewer losses for a scenario
 
@@ -30,7 +30,10 @@ A study is a preset (``presets/studies/*.toml``, listed by ``nodulab studies``) 
     splits = ["test_*conflict"]              # names or shell patterns; none = no explain
     n = 300                                  # rows per split (default all)
 
-Validation is pydantic's, like scenarios': one line naming the key, ``StudyError``.
+Validation is pydantic's, like scenarios': one line naming the key, ``StudyError``. Losses are
+checked against the loss registry (``nodulab.training.hparams``) when a study is validated;
+``losses = "all"`` is resolved then to the registry's list, which is what the study records and
+hashes (a study that lists the same losses in the same order has the same hash).
 """
 
 from __future__ import annotations
@@ -45,9 +48,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from nodulab.common.choices import DEFAULT_EPOCHS, ENCODERS, LOSS_NAMES, MAX_N, VIEWS
+from nodulab.common.choices import DEFAULT_EPOCHS, ENCODERS, MAX_N, VIEWS
 from nodulab.synth.scenario import Scenario, ScenarioError, is_split_name, one_line
 from nodulab.synth.scenarios import load_scenario, load_scenario_dict, parse_toml, read_limited, scenario_to_dict
+from nodulab.training import hparams
 
 MAX_SEEDS = 100
 MAX_BUDGET = 100
@@ -105,10 +109,15 @@ class ExplainSettings(BaseModel):
     n: int | None = Field(None, ge=1, le=MAX_N)
 
 
+ALL_LOSSES = "all"
+"""``losses = "all"``: every loss of the registry, in its order."""
+
+
 def _check_losses(values: list[str], where: str) -> None:
+    known = hparams.names()  # read now, not at import: a loss registered later is accepted
     for loss in values:
-        if loss not in LOSS_NAMES:
-            raise ValueError(f"{where}: unknown loss {loss!r}; choose from {', '.join(LOSS_NAMES)}")
+        if loss not in known:
+            raise ValueError(f"{where}: unknown loss {loss!r}; choose from {', '.join(known)}")
     if len(set(values)) != len(values):
         raise ValueError(f"{where}: a loss is listed twice")
 
@@ -127,6 +136,15 @@ class StudyModel(BaseModel):
     train: TrainSettings = TrainSettings()
     tuning: TuningSettings = TuningSettings()
     explain: ExplainSettings = ExplainSettings()
+
+    @field_validator("losses", mode="before")
+    @classmethod
+    def _all_losses(cls, losses: Any) -> Any:
+        if isinstance(losses, str):
+            if losses != ALL_LOSSES:
+                raise ValueError(f'a list of loss names, or "{ALL_LOSSES}", got {losses!r}')
+            return hparams.names()
+        return losses
 
     @model_validator(mode="after")
     def _check(self) -> StudyModel:

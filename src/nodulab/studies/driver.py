@@ -1,4 +1,5 @@
-"""The study (DESIGN §7): generate, train every loss over seeds and tuning draws, evaluate, explain, store.
+"""The study (design.md "Study, store, report"): generate, train every loss over seeds and tuning
+draws, evaluate, explain, store.
 
 ``run_study`` is ``nodulab study``. Its pieces, in the order a study uses them:
 
@@ -114,6 +115,18 @@ def _run_row(result: RunResult) -> dict[str, Any]:
     }
 
 
+def _rows_rendered(name: str, on_dataset: Callable[[str, int], None]) -> Progress:
+    """A ``Progress`` for one dataset that calls ``on_dataset(name, samples just rendered)``."""
+    last = 0
+
+    def report(stage: str, done: int, total: int) -> None:
+        nonlocal last
+        on_dataset(name, done - last)
+        last = done
+
+    return report
+
+
 def check_study_out(out: Path, study: Study) -> None:
     """Refuse an ``--out`` that is, holds or lies inside a file the study was read from, that is a
     file, or that is a non-empty folder without a store (``Store`` refuses another study's store)."""
@@ -179,7 +192,7 @@ def run_study(
         gen_start = time.perf_counter()
         recorded = set(store.manifests())
         for name, scenario in study.scenarios.items():
-            report_rows = (lambda k, n=name: on_dataset(n, k)) if on_dataset else None
+            report_rows = _rows_rendered(name, on_dataset) if on_dataset else None
             data_dirs[name] = ensure_dataset(cache, scenario, study.model.data.seed, progress=report_rows)
             manifests[name] = sha256_file(data_dirs[name] / MANIFEST)
             if name not in recorded:

@@ -1,4 +1,4 @@
-"""One run of a study (docs/design.md, "Study, store, report"): its spec, its dataset from the
+"""One run of a study (design.md "Study, store, report"): its spec, its dataset from the
 content-named cache, and ``execute``: train, evaluate, explain, read the run folder's tables back.
 
 A run that fails is returned as failed with its one-line reason; it does not stop the others.
@@ -27,6 +27,7 @@ from typing import Any
 import pandas as pd
 
 from nodulab.common.progress import Progress
+from nodulab.common.tables import RESULT_TABLES, RUN_FIGURES
 from nodulab.common.writing import DatasetError, OutExists, staged
 from nodulab.data.dataset import FORMAT, MANIFEST, generate, is_complete, load_manifest, sha256_file
 from nodulab.studies.config import Study
@@ -36,18 +37,6 @@ from nodulab.synth.scenarios import scenario_to_dict
 
 SELECTION_SCORE = "val_knn_balanced_accuracy"
 """The selection score of a draw: kNN balanced accuracy on ``val`` at the run's selected epoch."""
-RUN_TABLES = {  # store table: file in the run folder
-    "metrics": "metrics.csv",
-    "groups": "groups.csv",
-    "history": "history.csv",
-    "reliance": "explain/reliance.csv",
-    "sweep": "explain/sweep.csv",
-    "cue": "explain/cue.csv",
-    "probes": "explain/probes.csv",
-    "cam": "explain/cam.csv",
-}
-RUN_FIGURES = {"history": "history.png", "cam": "explain/cam.png", "embedding": "explain/embedding.png"}
-"""Figures the report shows as they are (it draws the sweep and the heatmaps from the tables)."""
 
 
 class StudyRunError(ValueError):
@@ -87,7 +76,7 @@ def ensure_dataset(
     scenario: Scenario,
     seed: int,
     manifest_sha256: str | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> Path:
     """The cached dataset of ``scenario`` and ``seed``: generated once, hashes checked when reused.
 
@@ -151,14 +140,22 @@ def _selection_score(run_dir: Path, history: pd.DataFrame) -> float | None:
 
 
 def _read_back(run_dir: Path) -> tuple[dict[str, pd.DataFrame], dict[str, bytes], float | None]:
-    """The run folder's tables (history in long form), its figures, and its selection score."""
+    """The run folder's tables (``RESULT_TABLES``; wide ones in long form), figures, and selection score.
+
+    A declared text column is read as text (``007`` stays ``007``); ``nan`` is the only missing value.
+    """
     tables = {
-        name: pd.read_csv(run_dir / rel, keep_default_na=False, na_values=["nan"])
-        for name, rel in RUN_TABLES.items()
-        if (run_dir / rel).is_file()
+        name: pd.read_csv(
+            run_dir / table.file,
+            keep_default_na=False,
+            na_values=["nan"],
+            dtype=None if table.wide else dict.fromkeys(table.text, str),
+        )
+        for name, table in RESULT_TABLES.items()
+        if (run_dir / table.file).is_file()
     }
     score = _selection_score(run_dir, tables["history"])
-    tables["history"] = tables["history"].melt(id_vars="epoch", var_name="name", value_name="value")
+    tables = {name: RESULT_TABLES[name].long(frame) for name, frame in tables.items()}
     figures = {name: (run_dir / rel).read_bytes() for name, rel in RUN_FIGURES.items() if (run_dir / rel).is_file()}
     return tables, figures, score
 

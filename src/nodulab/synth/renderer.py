@@ -3,7 +3,7 @@
 ``render(rows, size, dim)`` returns int16 HU images and uint8 region masks as numpy arrays;
 ``prepare`` + ``render_tensor`` are the float-tensor path beneath it, which stays on the device.
 
-How purity is kept (DESIGN §2). Every random number is a counter-based hash of
+How purity is kept (design.md "Factors of variation"). Every random number is a counter-based hash of
 (row seed, stream, element, draw) (``nodulab.synth.rng``), so sample ``i`` depends on row ``i`` alone. Per-row scalars
 (directions, radii, blur kernels) are computed in float64 numpy; per-pixel work uses only
 ``+ - * /``, ``sqrt``, ``min``/``max`` and integer ops, which are exactly rounded in both the
@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from nodulab.synth.factors import OPTIONAL
+from nodulab.synth.factors import FACTORS, Factor
 from nodulab.synth.rng import hash_keys, uniform, white_noise_pair
 from nodulab.synth.shapes import (
     GRADE_BLUNT,
@@ -73,30 +73,12 @@ SPICULE_HU = 30.0
 SPICULE_TIP_WIDTH = 0.3  # tip width / width at the body surface
 BODY_HU = {"ground_glass": -650.0, "part_solid": -650.0, "solid": 30.0, "calcified": 30.0}
 CORE_HU = {"ground_glass": -650.0, "part_solid": 30.0, "solid": 30.0, "calcified": 600.0}
-REGION = {"background": 0, "body": 1, "spicule": 2, "vessel": 3}
+REGIONS = {"background": 0, "body": 1, "spicules": 2, "vessels": 3}
 
 _BETA33_SD = 1.0 / math.sqrt(28.0)  # SD of the Beta(3,3) kernel per unit support width
 _STREAM = {"lobes": 1, "spicules": 2, "vessels": 3, "nuisance": 4, "elongation": 5, "irregularity": 6}
-_REQUIRED = (
-    "shape",
-    "lobulation",
-    "n_spicules",
-    "spicule_length_rel",
-    "spicule_width_mm",
-    "diameter_mm",
-    "attenuation",
-    "solid_fraction",
-    "margin_sigma_mm",
-    "vessels",
-    "noise_hu",
-    "kernel_fwhm_mm",
-    "pixel_mm",
-    "offset_x_mm",
-    "offset_y_mm",
-    "offset_z_mm",
-    "rotation_deg",
-    "seed",
-)
+_REQUIRED = (*(name for name, factor in FACTORS.items() if not factor.optional), "seed")
+"""Columns a row must have: every factor but the opt-in ones (``Factor.neutral``), and ``seed``."""
 _MAX_SIZE = {2: 8192, 3: 256}
 _COORD_BITS = {2: 15, 3: 10}
 
@@ -148,11 +130,11 @@ class RenderBatch:
         return int(self.pixel_mm.shape[0])
 
 
-def _optional(frame: pd.DataFrame, name: str) -> np.ndarray:
-    """An opt-in factor's column as float64, or its neutral value where the table lacks it."""
-    if name in frame.columns:
-        return frame[name].to_numpy(dtype=np.float64)
-    return np.full(len(frame), OPTIONAL[name])
+def _numbers(frame: pd.DataFrame, factor: Factor) -> np.ndarray:
+    """A numeric factor's column as float64; an opt-in factor's neutral value where the rows lack it."""
+    if factor.name in frame.columns:
+        return frame[factor.name].to_numpy(dtype=np.float64)
+    return np.full(len(frame), factor.neutral)
 
 
 def _as_frame(rows: pd.DataFrame | Sequence[dict]) -> pd.DataFrame:
@@ -216,7 +198,7 @@ def prepare(
     seeds = f["seed"].to_numpy(dtype=np.int64)
     if n and (seeds.min() < 0):
         raise ValueError("render: seed must be a non-negative integer")
-    num = {c: f[c].to_numpy(dtype=np.float64) for c in _REQUIRED if c not in ("shape", "attenuation", "seed")}
+    num = {name: _numbers(f, factor) for name, factor in FACTORS.items() if factor.numeric}
     shape = f["shape"].astype(str).to_numpy()
     atten = f["attenuation"].astype(str).to_numpy()
     for name, values, table in (("shape", shape, LOBULATION_EXPRESSION), ("attenuation", atten, BODY_HU)):
@@ -247,9 +229,7 @@ def prepare(
     # Shape realism (opt-in; a missing column is its neutral value): elongation stretches the
     # body about a random axis, irregularity adds harmonics of orders 2..8 for every shape. Rows
     # with both neutral ("plain") keep the code path above; the others ("shaped") take nodulab.synth.shapes'.
-    elong = _optional(f, "elongation")
-    irr = _optional(f, "irregularity")
-    grade = _optional(f, "spicule_grade")
+    elong, irr, grade = num["elongation"], num["irregularity"], num["spicule_grade"]
     el = elongation_terms(uniform(seeds, _STREAM["elongation"], 0, 1, 2)[:, 0], elong, dim, rot)
     irr_amp, irr_axis = irregularity_terms(
         uniform(seeds, _STREAM["irregularity"], 0, len(IRREGULARITY_ORDERS), 3), irr, dim, rot
@@ -729,9 +709,9 @@ def render_tensor(b: RenderBatch) -> tuple[torch.Tensor, torch.Tensor]:
     hu = _blur(image, b.psf_w).round_().clamp_(HU_MIN, HU_MAX)
 
     # Regions from the geometry before blur: >= 50 % partial-volume coverage (body: centre inside).
-    mask = (vessels[valid] >= 0.5).to(torch.uint8).mul_(REGION["vessel"])
-    mask.masked_fill_(spicules[valid] >= 0.5, REGION["spicule"])
-    mask.masked_fill_(inside[valid], REGION["body"])
+    mask = (vessels[valid] >= 0.5).to(torch.uint8).mul_(REGIONS["vessels"])
+    mask.masked_fill_(spicules[valid] >= 0.5, REGIONS["spicules"])
+    mask.masked_fill_(inside[valid], REGIONS["body"])
     return hu, mask
 
 
@@ -769,7 +749,8 @@ def render(
     """Render factor rows into CT patches.
 
     Args:
-        rows: pandas DataFrame or list of dicts with the DESIGN §2 columns (``seed`` included).
+        rows: pandas DataFrame or list of dicts with the columns of design.md "Factors of
+            variation" (``seed`` included).
         size: pixels per side. dim: 2 (N×H×W) or 3 (N×D×H×W).
         device: torch device to render on (default CPU); results come back as numpy.
         view: 0 for the stored image; other values re-draw the nuisance (texture, vessels, noise).

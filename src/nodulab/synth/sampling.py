@@ -1,4 +1,4 @@
-"""Draw a split's factor table from a validated scenario (DESIGN §3).
+"""Draw a split's factor table from a validated scenario (design.md "Scenarios").
 
 Labels are stratified; each confound is drawn given the label (from the matching branch with
 probability ``agreement``, recorded in ``agrees_<factor>``); every other factor from its own

@@ -1,4 +1,4 @@
-"""The scenario model (docs/design.md, "Scenarios"): what a scenario TOML may say, validated by pydantic.
+"""The scenario model (design.md "Scenarios"): what a scenario TOML may say, validated by pydantic.
 
 A scenario says which factor is the causal cue (``[label]``), which nuisance factors are tied
 to the label and how often (``[[confounds]]`` and each split's ``agreement``), and how every other
@@ -173,8 +173,9 @@ class Split(BaseModel):
 
 
 SOURCE_CONFOUNDS = ("real", "broken")
-SOURCE_MAPPED = ("shape", "lobulation", "spicule_grade", "elongation", "diameter_mm", "margin_sigma_mm", "attenuation")
-"""Factors a ``[source]`` scenario draws from its table (they may not be set in ``[factors]``)."""
+SOURCE_MAPPED = tuple(name for name, f in FACTORS.items() if f.from_source)
+"""Factors a ``[source]`` scenario draws from its table (``Factor.from_source``; they may not be
+set in ``[factors]``)."""
 SOURCE_LABEL = {"factor": "shape", "malignant": "spiculated", "benign": ["round", "lobulated"]}
 """With ``[source]`` the label is the annotation's malignancy; ``[label]`` names the cue that
 ``explain`` switches (spicules), and is this one."""

@@ -1,4 +1,4 @@
-"""Loading scenarios (docs/design.md, "Scenarios"): presets, TOML files, overrides, the checks that need
+"""Loading scenarios (design.md "Scenarios"): presets, TOML files, overrides, the checks that need
 the geometry or a table. The model itself (what a scenario may say) is ``nodulab.synth.scenario``;
 sampling lives in ``nodulab.synth.sampling``.
 """
@@ -45,7 +45,7 @@ def _max_abs(s: Scenario, split: str, name: str) -> float:
 
 
 def _check_field_of_view(s: Scenario, split: str) -> None:
-    """Body radius x (1 + longest spicule) + largest offset <= half the patch (DESIGN §3).
+    """Body radius x (1 + longest spicule) + largest offset <= half the patch (design.md "Scenarios").
 
     With ``elongation`` or ``irregularity`` named, the radius is that of the farthest boundary
     point (``shapes.body_reach``) rather than of the equivalent disc or ball."""

@@ -93,7 +93,7 @@ def body_reach(elongation, irregularity, dim: int, lobulation=0.0) -> np.ndarray
         irregularity: 0..0.3 (array-like; 0 where a table lacks the column).
         dim: 2 or 3.
         lobulation: the *expressed* lobulation amplitude (lobulation x the shape's expression);
-            0 by default, as DESIGN §3's field-of-view rule neglects it.
+            0 by default, as the field-of-view rule (design.md "Scenarios") neglects it.
 
     Returns:
         The bound, broadcast over the inputs; exactly 1.0 where all are 0. The profile peaks at

@@ -1,4 +1,4 @@
-"""The views every loss sees (DESIGN §5), and what each kind of view lets a loss exploit.
+"""The views every loss sees (design.md "Losses and training"), and what each kind of view lets a loss exploit.
 
 One layout for every mode: ``(n_views * B, 1, *S)``, views stacked along the batch axis
 (``[view 0 of all B; view 1 of all B; ...]``), the pytorch-metric-learning convention with labels
@@ -39,12 +39,13 @@ import torch
 
 from nodulab.common.choices import VIEWS
 from nodulab.data.dataset import hu_to_input
+from nodulab.synth.factors import FACTORS
 from nodulab.synth.renderer import prepare, render_tensor
 from nodulab.synth.rng import mix32
 
 VIEW_MODES = VIEWS
 """View modes for ``make_views``; ``"both"`` is the default for every loss."""
-GEOMETRIC_FACTORS = ("offset_x_mm", "offset_y_mm", "offset_z_mm", "rotation_deg")
+GEOMETRIC_FACTORS = tuple(name for name, factor in FACTORS.items() if factor.geometric)
 """Factors the geometric transform changes (flips and shifts move the lesion, turns rotate it)."""
 
 _VIEW_IDS = 2**32 - 1  # render's hash keys are 32-bit and 0 is the stored image: ids 1 .. 2**32 - 1
@@ -200,7 +201,7 @@ def rerender_views(
     stays on ``device``.
 
     Args:
-        rows: the batch's factor rows (DESIGN §2 columns, ``seed`` included), B of them.
+        rows: the batch's factor rows (design.md "Factors of variation" columns, ``seed`` included), B of them.
         size: pixels per side. dim: 2 or 3 (as the dataset was rendered).
         epoch: training epoch (non-negative). seed: the run's seed (non-negative).
         n_views: views per sample.

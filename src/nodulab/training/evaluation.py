@@ -1,4 +1,4 @@
-"""Scoring a run (DESIGN §6): binary metrics per split and readout, ``metrics.csv``.
+"""Scoring a run (design.md "Evaluation and explanation"): binary metrics per split and readout, ``metrics.csv``.
 
 Malignant (label 1) is the positive class; a sample is called malignant when
 P(malignant) >= 0.5. A run folder (``nodulab.training.loop``) holds ``config.json`` (with its ``run_format``),
@@ -58,7 +58,7 @@ from nodulab.common.scoring import (  # noqa: F401 - scoring's names are part of
     resample_counts,
     weighted_metrics,
 )
-from nodulab.common.tables import write_table
+from nodulab.common.tables import RESULT_TABLES, write_table
 from nodulab.data.dataset import (
     cell_columns,
     check_out,
@@ -72,10 +72,8 @@ from nodulab.data.dataset import (
 from nodulab.synth.scenario import BALANCED_SPLIT
 from nodulab.training.runs import RUN_FORMAT, RunError, load_run, run_threads
 
-COLUMNS = ("split", "classifier", "metric", "value", "ci_low", "ci_high")
-GROUP_COLUMNS = ("split", "classifier", "label", "group", "n", "accuracy")
-METRICS_FILE = "metrics.csv"
-GROUPS_FILE = "groups.csv"
+METRICS_FILE = RESULT_TABLES["metrics"].file
+GROUPS_FILE = RESULT_TABLES["groups"].file
 EVALUATION_FILE = "evaluation.json"
 THRESHOLD_RULES = ("fixed", "val")
 """``fixed``: 0.5 for every classifier; ``val``: per classifier, chosen on ``val`` (``choose_threshold``)."""
@@ -205,9 +203,9 @@ def evaluate_run(
         draws: bootstrap resamples per split (``BOOTSTRAP_DRAWS``).
 
     Returns:
-        Long frame with columns ``COLUMNS`` (``split, classifier, metric, value, ci_low,
-        ci_high``; the interval sample-level, ``bootstrap_intervals``); splits ``val`` first,
-        then the others by name; classifiers in ``CLASSIFIERS`` order, those the run has;
+        Long frame with the columns of ``RESULT_TABLES["metrics"]`` (``split, classifier, metric,
+        value, ci_low, ci_high``; the interval sample-level, ``bootstrap_intervals``); splits
+        ``val`` first, then the others by name; classifiers in ``CLASSIFIERS`` order, those the run has;
         metrics ``METRICS``. ``groups.csv`` holds ``group_rows`` of every split and classifier.
 
     Raises:
@@ -252,8 +250,8 @@ def evaluate_run(
                     rows.append((split, classifier, metric, float(value), low, high))
                 for row in group_rows(factors, p >= thresholds[classifier]):
                     groups.append((split, classifier, *row))
-    frame = pd.DataFrame(rows, columns=list(COLUMNS))
-    group_frame = pd.DataFrame(groups, columns=list(GROUP_COLUMNS))
+    frame = pd.DataFrame(rows, columns=list(RESULT_TABLES["metrics"].columns))
+    group_frame = pd.DataFrame(groups, columns=list(RESULT_TABLES["groups"].columns))
     evaluation = {
         "nodulab_version": __version__,
         "run_format": RUN_FORMAT,

@@ -1,4 +1,4 @@
-"""Training: one encoder, any loss, the same two views for every loss (DESIGN §5).
+"""Training: one encoder, any loss, the same two views for every loss (design.md "Losses and training").
 
 The only thing that changes between runs of a study is the loss. Every loss sees the same two
 views per sample (CE trains on both), drawn by the same seeded generator; the encoder, optimiser

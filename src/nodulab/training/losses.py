@@ -1,4 +1,4 @@
-"""Training objectives (DESIGN §5): one encoder, many losses, one calling convention.
+"""Training objectives (design.md "Losses and training"): one encoder, many losses, one calling convention.
 
 Every objective is an :class:`Objective` called as ``objective(embeddings, labels, logits)``
 and returns a scalar. The pytorch-metric-learning convention holds throughout: the views of a
@@ -34,19 +34,18 @@ zero that still has a ``grad_fn`` when its input requires grad, so ``backward()`
 After each call ``objective.stats`` holds what tells a failed run from a good one: the number of
 mined triplets (``triplet``), the mean number of positives per anchor (``supcon``, ``simclr``).
 
-One registry holds every tunable number with its default and its tuning range: each loss's
-parameters (``names``, ``params``) and the optimiser's (``OPTIMISER_PARAMS``: AdamW learning
-rate and weight decay). ``draw_params`` draws a configuration for a tuning budget, each
-parameter from its own seed (DomainBed's ``seed_hash`` habit), so adding one leaves the others.
+The losses, their parameters (default, tuning range, help) and the tuning draws are declared in
+the torch-free registry ``nodulab.training.hparams``; this module holds the objectives, each
+registered under the registry's name with :func:`objective`, and :func:`build`. Adding a loss is
+one ``LossSpec`` there plus one ``@objective(name)`` factory here. The registry's functions
+(``names``, ``params``, ``check_params``, ``parse_params``, ``draw_params``) and
+``OPTIMISER_PARAMS`` are importable from here too.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import numbers
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,18 +55,22 @@ from pytorch_metric_learning.miners import TripletMarginMiner
 from pytorch_metric_learning.reducers import AvgNonZeroReducer
 from torch import Tensor
 
-from nodulab.common.choices import DEFAULT_LR, DEFAULT_WEIGHT_DECAY
+from nodulab.training import hparams
+from nodulab.training.hparams import (  # noqa: F401  (re-exported: ``losses.names()`` etc. keep working)
+    CONTRASTIVE_MARGIN,
+    HYBRID_WEIGHT,
+    OPTIMISER_PARAMS,
+    SIMCLR_TEMPERATURE,
+    SUPCON_TEMPERATURE,
+    TRIPLET_MARGIN,
+    Param,
+    check_params,
+    draw_params,
+    names,
+    params,
+    parse_params,
+)
 
-CONTRASTIVE_MARGIN = 1.0
-"""Hadsell margin ``m`` on the Euclidean distance between unit vectors (range [0, 2])."""
-TRIPLET_MARGIN = 0.2
-"""Triplet margin, used by both the semi-hard miner and the loss (PML defaults disagree)."""
-SUPCON_TEMPERATURE = 0.1
-"""SupCon τ (Khosla et al. 2020)."""
-SIMCLR_TEMPERATURE = 0.5
-"""NT-Xent τ (Chen et al. 2020)."""
-HYBRID_WEIGHT = 0.1
-"""Weight of the metric term in ``ce+supcon`` and ``ce+triplet`` (MASF-style small weight)."""
 DISTANCE_EPS = 1e-12
 """Floor under squared distances before the square root, so ``d`` is differentiable at 0."""
 
@@ -134,48 +137,17 @@ def _zero_like(x: Tensor) -> Tensor:
     return x.sum() * 0.0
 
 
-@dataclass(frozen=True)
-class Param:
-    """A tunable number: its default and the range a tuning draw comes from.
-
-    Attributes:
-        default: the value used when nothing is set (budget 1 = defaults).
-        low, high: the tuning range (inclusive).
-        log: draw log-uniformly (for scales such as a learning rate).
-    """
-
-    default: float
-    low: float
-    high: float
-    log: bool = False
-
-    def draw(self, u: float) -> float:
-        """The value at quantile ``u`` in [0, 1) of the tuning range."""
-        if self.log:
-            return float(math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low))))
-        return float(self.low + u * (self.high - self.low))
+OBJECTIVES: dict[str, Callable[..., Objective]] = {}
+"""Each loss's factory by its registry name; called with every parameter of ``hparams.params(name)``."""
 
 
-@dataclass(frozen=True)
-class _Entry:
-    factory: Callable[..., Objective]
-    params: dict[str, Param]
-
-
-_LOSSES: dict[str, _Entry] = {}
-
-OPTIMISER_PARAMS: dict[str, Param] = {
-    "lr": Param(DEFAULT_LR, 1e-4, 3e-3, log=True),
-    "weight_decay": Param(DEFAULT_WEIGHT_DECAY, 1e-6, 1e-2, log=True),
-}
-"""AdamW's learning rate and decoupled weight decay (0 by default, tunable by a study)."""
-
-
-def _register(name: str, **params: Param) -> Callable[[Callable[..., Objective]], Callable[..., Objective]]:
-    """Add a loss factory to the registry under ``name`` with its tunable parameters."""
+def objective(name: str) -> Callable[[Callable[..., Objective]], Callable[..., Objective]]:
+    """Register a factory as the objective of the registry's loss ``name`` (``hparams.LOSSES``)."""
+    if name not in hparams.LOSSES:
+        raise ValueError(f"objective {name!r}: no such loss in nodulab.training.hparams.LOSSES")
 
     def add(factory: Callable[..., Objective]) -> Callable[..., Objective]:
-        _LOSSES[name] = _Entry(factory, dict(params))
+        OBJECTIVES[name] = factory
         return factory
 
     return add
@@ -325,139 +297,57 @@ class CrossEntropyPlusMetric(Objective):
         return total
 
 
-@_register("ce")
+@objective("ce")
 def _ce() -> Objective:
     return CrossEntropy()
 
 
-_MARGIN_RANGE = (0.05, 1.0)
-_TEMPERATURE_RANGE = (0.05, 1.0)
-_WEIGHT = Param(HYBRID_WEIGHT, 0.01, 1.0, log=True)
-
-
-@_register("contrastive", margin=Param(CONTRASTIVE_MARGIN, 0.5, 1.5))
+@objective("contrastive")
 def _contrastive(margin: float) -> Objective:
     return HadsellContrastive(margin=margin)
 
 
-@_register("triplet", margin=Param(TRIPLET_MARGIN, *_MARGIN_RANGE, log=True))
+@objective("triplet")
 def _triplet(margin: float) -> Objective:
     return SemiHardTriplet(margin=margin)
 
 
-@_register("supcon", temperature=Param(SUPCON_TEMPERATURE, *_TEMPERATURE_RANGE, log=True))
+@objective("supcon")
 def _supcon(temperature: float) -> Objective:
     return SupCon(temperature=temperature)
 
 
-@_register("simclr", temperature=Param(SIMCLR_TEMPERATURE, *_TEMPERATURE_RANGE, log=True))
+@objective("simclr")
 def _simclr(temperature: float) -> Objective:
     return NTXent(temperature=temperature)
 
 
-@_register("ce+supcon", weight=_WEIGHT, temperature=Param(SUPCON_TEMPERATURE, *_TEMPERATURE_RANGE, log=True))
+@objective("ce+supcon")
 def _ce_supcon(weight: float, temperature: float) -> Objective:
     return CrossEntropyPlusMetric(SupCon(temperature=temperature), weight=weight)
 
 
-@_register("ce+triplet", weight=_WEIGHT, margin=Param(TRIPLET_MARGIN, *_MARGIN_RANGE, log=True))
+@objective("ce+triplet")
 def _ce_triplet(weight: float, margin: float) -> Objective:
     return CrossEntropyPlusMetric(SemiHardTriplet(margin=margin), weight=weight)
-
-
-def names() -> list[str]:
-    """Registered loss names, in registration order."""
-    return list(_LOSSES)
-
-
-def params(name: str) -> dict[str, Param]:
-    """The tunable parameters of loss ``name`` (without the optimiser's), by name."""
-    if name not in _LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose from {', '.join(_LOSSES)}")
-    return dict(_LOSSES[name].params)
-
-
-def check_params(name: str, values: dict[str, float]) -> dict[str, float]:
-    """Validate loss parameters; return them as floats.
-
-    Raises:
-        ValueError: unknown loss, a parameter the loss does not take, or a value that is not a
-            positive finite number.
-    """
-    known = params(name)
-    checked = {}
-    for key, value in values.items():
-        if key not in known:
-            takes = ", ".join(known) or "none"
-            raise ValueError(f"loss {name!r} takes no parameter {key!r} (it takes: {takes})")
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"loss {name!r}: parameter {key!r} must be a positive finite number, got {value!r}")
-        checked[key] = float(value)
-    return checked
-
-
-def parse_params(name: str, items: Iterable[str], flag: str = "--loss-param") -> dict[str, float]:
-    """Parse ``KEY=VALUE`` strings (the command line's ``--loss-param``) for loss ``name``.
-
-    Raises:
-        ValueError: a malformed item, a repeated key, or what :func:`check_params` refuses; the
-            message names ``flag`` and the key.
-    """
-    found: dict[str, float] = {}
-    for item in items:
-        key, sep, text = str(item).partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"{flag} {item!r}: expected KEY=VALUE")
-        if key in found:
-            raise ValueError(f"{flag} {key}: given twice")
-        try:
-            found[key] = float(text)
-        except ValueError:
-            raise ValueError(f"{flag} {key}: {text!r} is not a number") from None
-    try:
-        return check_params(name, found)
-    except ValueError as error:
-        raise ValueError(f"{flag}: {error}") from None
-
-
-def _unit(*key: object) -> float:
-    """A uniform number in [0, 1) from ``key`` alone (no global RNG state)."""
-    digest = hashlib.sha256(":".join(map(str, key)).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
-def draw_params(name: str, draw: int, seed: int = 0) -> dict[str, float]:
-    """One tuning draw for loss ``name``: its parameters and the optimiser's.
-
-    Draw 0 is the defaults (a budget of 1 trains the defaults). Draw ``k > 0`` takes each
-    parameter from its tuning range with its own seed ``(seed, k, parameter)``, so adding a
-    parameter does not move the others.
-
-    Returns:
-        ``{parameter: value}``, the optimiser's (``lr``, ``weight_decay``) included.
-    """
-    if draw < 0:
-        raise ValueError(f"draw must be >= 0, got {draw}")
-    space = {**OPTIMISER_PARAMS, **params(name)}
-    if draw == 0:
-        return {key: p.default for key, p in space.items()}
-    return {key: p.draw(_unit(seed, draw, key)) for key, p in space.items()}
 
 
 def build(name: str, **values: float) -> Objective:
     """Build a loss by name.
 
     Args:
-        name: One of :func:`names`.
-        **values: ``margin`` (contrastive, triplet, ce+triplet), ``temperature`` (supcon,
-            simclr, ce+supcon), ``weight`` (hybrids); each a positive finite number.
+        name: One of :func:`names` (``hparams.LOSSES``).
+        **values: Parameters of the loss (``hparams.params(name)``: ``margin``, ``temperature``,
+            ``weight``, ...), each a positive finite number; the rest take their defaults.
 
     Returns:
         The :class:`Objective`.
 
     Raises:
-        ValueError: Unknown loss, a parameter the loss does not take, or a bad value.
+        ValueError: Unknown loss, a loss without a registered objective, a parameter the loss
+            does not take, or a bad value.
     """
-    resolved = {key: p.default for key, p in params(name).items()} | check_params(name, values)
-    return _LOSSES[name].factory(**resolved)
+    resolved = hparams.resolve_params(name, values)
+    if name not in OBJECTIVES:
+        raise ValueError(f"loss {name!r} has no objective (register one with @losses.objective({name!r}))")
+    return OBJECTIVES[name](**resolved)

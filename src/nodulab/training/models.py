@@ -1,4 +1,4 @@
-"""Encoders and the network every loss trains (DESIGN §5).
+"""Encoders and the network every loss trains (design.md "Losses and training").
 
 ``NoduleNet`` = encoder (image -> features, ``(B, embedding_dim)``) + optional linear head
 (2 logits) + optional projection MLP. Every readout (linear probe, kNN) uses ``features``, the

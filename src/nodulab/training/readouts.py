@@ -1,4 +1,4 @@
-"""The readouts every model gets on its frozen encoder (DESIGN §5): linear probe and kNN.
+"""The readouts every model gets on its frozen encoder (design.md "Losses and training"): linear probe and kNN.
 
 ``extract`` runs a network in eval mode (weights and BatchNorm statistics untouched) and returns
 its ``features``, the encoder output before any projection head, plus its own head's

@@ -1,4 +1,4 @@
-"""The run folder (DESIGN §5): its layout, format version, reader, and every classifier it holds.
+"""The run folder (design.md "Losses and training"): its layout, format version, reader, and every classifier it holds.
 
 A run folder written by ``nodulab train``::
 
