@@ -194,3 +194,14 @@ def test_export_formats(fmt: str, name: str, runner: CliRunner, dataset: Path, t
         assert len(list((out / "train").glob(f"*{suffix}"))) == 8
         assert (out / "labels.csv").is_file()
     assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_input_errors_name_the_module_that_defines_them() -> None:
+    # the CLI recognises an input error only from a loaded module: name the defining one, so an
+    # error raised where that module is the only one imported (e.g. `report`) still prints one line
+    import importlib
+
+    from nodulab.cli import _INPUT_ERRORS
+
+    for module, name in _INPUT_ERRORS:
+        assert getattr(importlib.import_module(module), name).__module__ == module, (module, name)

@@ -47,12 +47,12 @@ EXIT_TERMINATED = 143
 console = Console(highlight=False)
 
 _INPUT_ERRORS = (
-    ("nodulab.synth.scenarios", "ScenarioError"),
-    ("nodulab.data.dataset", "DatasetError"),
+    ("nodulab.synth.scenario", "ScenarioError"),
+    ("nodulab.common.writing", "DatasetError"),
     ("nodulab.training.loop", "TrainError"),
     ("nodulab.training.runs", "RunError"),
     ("nodulab.studies.config", "StudyError"),
-    ("nodulab.studies.driver", "StudyRunError"),
+    ("nodulab.studies.runner", "StudyRunError"),
     ("nodulab.results.store", "StoreError"),
 )
 
