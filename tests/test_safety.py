@@ -306,10 +306,11 @@ def test_rename_into_place_is_exclusive(tmp_path: Path) -> None:
         if not out.exists():
             out.mkdir()
             (out / "winner").write_text("first")
+            (out / "dataset.json").write_text("{}")  # another nodulab generate: --force may replace it
 
     with pytest.raises(data.OutExists, match="appeared"):
         data.generate(scenario, out, progress=other_process_wins)
-    assert file_tree(out) == {"winner": b"first"}
+    assert file_tree(out) == {"winner": b"first", "dataset.json": b"{}"}
     no_scratch(tmp_path)
     data.generate(scenario, out, force=True, progress=other_process_wins)
     assert data.is_complete(out, dataset=True) and not (out / "winner").exists()
@@ -375,3 +376,34 @@ def test_outputs_follow_the_umask(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     for path in [tmp_path / "ds", *(tmp_path / "ds").rglob("*"), tmp_path / "ds.npz", tmp_path / "g.png"]:
         expected = (0o777 if path.is_dir() else 0o666) & ~umask
         assert path.stat().st_mode & 0o777 == expected, (path, oct(path.stat().st_mode))
+
+
+def test_force_replaces_only_what_this_kind_of_command_wrote(tmp_path: Path) -> None:
+    """--force never deletes a folder nodulab did not write, nor turns a folder into a file."""
+    from nodulab.common.writing import staged
+    from nodulab.synth.scenarios import load_scenario
+
+    scenario = load_scenario("clean", n=4, size=32, pixel_mm=1.4)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(data.DatasetError, match="did not write .it holds no dataset.json"):
+        data.generate(scenario, mine, force=True)
+    assert file_tree(mine) == {"thesis.tex": b"years of work"}
+    run_like = tmp_path / "run"
+    run_like.mkdir()
+    (run_like / "config.json").write_text("{}")
+    with pytest.raises(data.DatasetError, match="holds no dataset.json"):  # a run is not a dataset
+        data.generate(scenario, run_like, force=True)
+    with pytest.raises(data.DatasetError, match="is a folder; not replacing it with a file"):
+        with staged(mine, force=True, is_file=True):
+            pass
+    (tmp_path / "empty").mkdir()
+    assert data.is_complete(data.generate(scenario, tmp_path / "empty", force=True), dataset=True)
+    # inputs are checked where the folder is replaced, whoever calls it
+    for out in (tmp_path / "empty", tmp_path / "empty" / "inner", tmp_path):
+        with pytest.raises(data.DatasetError, match="input"):
+            with staged(out, force=True, inputs=[tmp_path / "empty"], owner="dataset.json"):
+                pass
+    assert data.is_complete(tmp_path / "empty", dataset=True)
+    no_scratch(tmp_path)

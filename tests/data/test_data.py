@@ -100,12 +100,12 @@ def test_same_seed_same_bytes_whatever_the_chunk(tmp_path: Path, dataset: Path) 
 
 
 def test_existing_out_refused_then_replaced_with_force(tmp_path: Path) -> None:
-    out = tmp_path / "ds"
-    out.mkdir()
+    out = data.generate(small_scenario(), tmp_path / "ds", seed=1)  # an earlier dataset
     (out / "keep.txt").write_text("mine")
+    before = sorted(p.name for p in out.iterdir())
     with pytest.raises(data.DatasetError, match="exists"):
         data.generate(small_scenario(), out)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == before
     data.generate(small_scenario(), out, force=True)
     assert (out / "dataset.json").is_file() and not (out / "keep.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no temp or old folders left

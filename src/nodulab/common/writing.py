@@ -197,26 +197,39 @@ def remove_stale_scratch(out: Path) -> list[Path]:
 
 
 @contextmanager
-def staged(out: Path, *, force: bool = False, is_file: bool = False) -> Iterator[Path]:
+def staged(
+    out: Path,
+    *,
+    force: bool = False,
+    is_file: bool = False,
+    inputs: Iterable[Path | str] = (),
+    owner: str | None = None,
+) -> Iterator[Path]:
     """Yield a temporary sibling folder of ``out``; put the result in place only on success.
 
     The rename into place is exclusive: if ``out`` appeared meanwhile (another process), this one
     fails with ``OutExists`` unless ``force``. Temporary siblings of dead processes are removed
     first; the new folder follows the umask; a full disk becomes a one-line ``DatasetError``.
+    ``out`` may not be ``.``, a parent of it, or be, hold or lie inside one of ``inputs``
+    (``check_out``), and ``force`` replaces only what this kind of command made (``check_owned``).
 
     Args:
         out: final path (a folder, or a file when ``is_file``).
         force: replace an existing ``out`` (only after the new one is complete).
         is_file: the block writes ``tmp / out.name``, which becomes ``out``.
+        inputs: paths the command reads.
+        owner: the file every folder this command writes holds (``dataset.json``, ``config.json``,
+            ...): an existing non-empty folder without it is not replaced, even with ``force``.
 
     Yields:
         The temporary folder. On any exception (SIGINT and SIGTERM included) it is removed, with
         any parents created for it.
     """
     out = Path(out)
-    check_out(out)
+    check_out(out, inputs)
     if (out.exists() or out.is_symlink()) and not force:
         raise OutExists(f"--out {out} already exists (use --force to replace it)")
+    check_owned(out, is_file=is_file, owner=owner)
     created = [p for p in reversed(out.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_scratch(out)
@@ -224,7 +237,7 @@ def staged(out: Path, *, force: bool = False, is_file: bool = False) -> Iterator
     try:
         follow_umask(tmp)
         yield tmp
-        _replace(tmp / out.name if is_file else tmp, out, force=force)
+        _replace(tmp / out.name if is_file else tmp, out, force=force, is_file=is_file, owner=owner)
     except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
         for parent in reversed(created):
@@ -237,6 +250,25 @@ def staged(out: Path, *, force: bool = False, is_file: bool = False) -> Iterator
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_owned(out: Path, *, is_file: bool = False, owner: str | None = None) -> None:
+    """Refuse to replace an ``out`` this kind of command did not make (``--force`` included).
+
+    A file output may replace a file, never a folder; a folder output may replace a link, an empty
+    folder, or a folder holding ``owner`` (the file every such output holds), never anything else.
+    """
+    if out.is_symlink() or not out.exists():
+        return
+    if is_file:
+        if out.is_dir():
+            raise DatasetError(f"--out {out}: is a folder; not replacing it with a file")
+        return
+    if not out.is_dir():
+        raise DatasetError(f"--out {out}: is a file; not replacing it with a folder")
+    if any(out.iterdir()) and (owner is None or not (out / owner).is_file()):
+        held = f" (it holds no {owner})" if owner else ""
+        raise DatasetError(f"--out {out}: is a folder nodulab did not write{held}; not replacing it")
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -244,11 +276,12 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _replace(src: Path, out: Path, *, force: bool) -> None:
+def _replace(src: Path, out: Path, *, force: bool, is_file: bool, owner: str | None) -> None:
     """Rename ``src`` to ``out`` without ever replacing an ``out`` that appeared meanwhile.
 
     With ``force`` an existing ``out`` is moved aside first and deleted last (restored if the
-    rename fails); without it, an ``out`` that appeared raises ``OutExists``.
+    rename fails), once ``check_owned`` accepts it; without it, an ``out`` that appeared raises
+    ``OutExists``.
     """
     for _ in range(8):
         try:
@@ -257,6 +290,7 @@ def _replace(src: Path, out: Path, *, force: bool) -> None:
         except OutExists:
             if not force:
                 raise
+        check_owned(out, is_file=is_file, owner=owner)  # what appeared meanwhile is checked too
         old = Path(tempfile.mkdtemp(prefix=_scratch_prefix("old", out), dir=out.parent)) / out.name
         try:
             os.rename(out, old)

@@ -241,7 +241,7 @@ def generate(
     size, dim = int(scenario.image.size), int(scenario.image.dim)
     check_free_space(out, bytes_needed(scenario))
     advance = counter(progress, f"rendering {scenario.name}", sum(int(s.n) for s in scenario.splits.values()))
-    with staged(out, force=force) as tmp:
+    with staged(out, force=force, owner=MANIFEST) as tmp:
         splits = {}
         for name in scenario.splits:
             frame = sample_split(scenario, name, seed)

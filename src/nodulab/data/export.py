@@ -102,7 +102,7 @@ def export(root: Path, fmt: str, out: Path, *, force: bool = False, progress: Pr
     check_out(out, [root])
     manifest = load_manifest(root)
     advance = counter(progress, f"exporting {fmt}", sum(int(e["n"]) for e in manifest["splits"].values()))
-    with staged(out, force=force, is_file=fmt == "medmnist") as tmp:
+    with staged(out, force=force, is_file=fmt == "medmnist", owner="labels.csv") as tmp:
         if fmt == "medmnist":
             _export_medmnist(root, manifest, tmp / out.name, advance)
         else:

@@ -345,7 +345,7 @@ def write(result: Realism, out: Path, *, force: bool = False) -> Path:
     """Write realism.csv, summary.json, measures.csv and realism.png into a new folder ``out``."""
     from nodulab.common.writing import staged
 
-    with staged(out, force=force) as tmp:
+    with staged(out, force=force, owner="summary.json") as tmp:
         result.table.round(6).to_csv(tmp / "realism.csv", index=False)
         result.measures.round(6).to_csv(tmp / "measures.csv", index=False)
         text = json.dumps(_clean(result.summary), indent=2, sort_keys=True)

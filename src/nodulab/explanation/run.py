@@ -24,6 +24,7 @@ from nodulab.explanation.switches import build_switches
 from nodulab.synth.scenarios import load_scenario_dict
 from nodulab.training.runs import LoadedRun, RunError, load_run, run_threads
 
+EXPLAIN_RECORD = "explain.json"
 EXTRA_WRITERS: list[Writer] = [write_probes, write_cam]
 """Writers of further tables, called in order inside the temporary folder: ``probes.csv`` and
 ``embedding.png`` (``nodulab.explanation.probes``), ``cam.csv`` and ``cam.png`` (``nodulab.explanation.cam``)."""
@@ -143,11 +144,11 @@ def explain_run(
             "device": str(device),
             "skipped_not_fitting": skipped,
         }
-        with staged(run_dir / EXPLAIN_DIR, force=force) as tmp:
+        with staged(run_dir / EXPLAIN_DIR, force=force, inputs=[data_dir], owner=EXPLAIN_RECORD) as tmp:
             _write_tables(context.tables, tmp)
             for write in writers:
                 write(context, tmp)
-            (tmp / "explain.json").write_text(dump_json(context.record), encoding="utf-8")
+            (tmp / EXPLAIN_RECORD).write_text(dump_json(context.record), encoding="utf-8")
     return context.tables
 
 

@@ -34,6 +34,7 @@ from nodulab.studies.config import Study
 from nodulab.synth.rng import RNG_SCHEME
 from nodulab.synth.scenario import Scenario
 from nodulab.synth.scenarios import scenario_to_dict
+from nodulab.training.runs import CONFIG_FILE
 
 SELECTION_SCORE = "val_knn_balanced_accuracy"
 """The selection score of a draw: kNN balanced accuracy on ``val`` at the run's selected epoch."""
@@ -222,7 +223,7 @@ def execute(
 
 def unpack_folder(data: bytes, out: Path) -> None:
     """Write a packed run folder to ``out`` (replaced atomically); only plain files inside ``out``."""
-    with staged(out, force=True) as tmp, tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+    with staged(out, force=True, owner=CONFIG_FILE) as tmp, tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
         for member in tar.getmembers():
             target = (tmp / member.name).resolve()
             if not member.isfile() or not target.is_relative_to(tmp.resolve()):

@@ -287,7 +287,7 @@ def evaluate_run(
         _write_csv_atomic(group_frame, run_dir / GROUPS_FILE)
         write_atomically(run_dir / EVALUATION_FILE, lambda tmp: Path(tmp).write_text(dump_json(evaluation)))
     else:
-        with staged(Path(out), force=force) as tmp:
+        with staged(Path(out), force=force, owner=EVALUATION_FILE) as tmp:
             _write_csv_atomic(frame, tmp / METRICS_FILE)
             _write_csv_atomic(group_frame, tmp / GROUPS_FILE)
             (tmp / EVALUATION_FILE).write_text(dump_json(evaluation))

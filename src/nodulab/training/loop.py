@@ -44,7 +44,16 @@ from nodulab.training import losses
 from nodulab.training.augment import geometric_conflicts, make_views
 from nodulab.training.models import ENCODERS, NoduleNet, build_model, save_model, state_sha256
 from nodulab.training.readouts import KNN_K, Readouts, extract, fit_dfr, fit_readouts, knn_neighbours, odd_k
-from nodulab.training.runs import RUN_FORMAT, read_run_format, run_threads
+from nodulab.training.runs import (
+    CONFIG_FILE,
+    HISTORY_FILE,
+    MODEL_FILE,
+    READOUTS_FILE,
+    READOUTS_INIT_FILE,
+    RUN_FORMAT,
+    read_run_format,
+    run_threads,
+)
 
 WARMUP_FRACTION = 0.05
 """Share of the steps (at least one) with a linear learning-rate warm-up before cosine decay."""
@@ -515,14 +524,14 @@ def _train(
     if progress:
         progress("readouts", 2, 3)
     record = _run_record(config, manifest, data_dir, history, init_sha256, selected_epoch=best[2])
-    with staged(out, force=force) as tmp:
-        save_model(model, tmp / "model.safetensors", record)
-        readouts.save(tmp / "readouts.safetensors")
-        readouts_init.save(tmp / "readouts_init.safetensors")
+    with staged(out, force=force, owner=CONFIG_FILE) as tmp:
+        save_model(model, tmp / MODEL_FILE, record)
+        readouts.save(tmp / READOUTS_FILE)
+        readouts_init.save(tmp / READOUTS_INIT_FILE)
         frame = pd.DataFrame(history)
-        frame.to_csv(tmp / "history.csv", index=False, float_format="%.6g")
+        frame.to_csv(tmp / HISTORY_FILE, index=False, float_format="%.6g")
         history_figure(frame, config.loss).savefig(tmp / "history.png", dpi=100, metadata={"Software": None})
-        (tmp / "config.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     if progress:
         progress("readouts", 3, 3)
     return out
