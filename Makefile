@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint format bench clean lidc-table
+.PHONY: demo test test-slow lint format bench clean lidc-table
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 test: $(DEV_STAMP)
 	$(PY) -m pytest
 
+# the presets at their real size (`slow` marker; minutes): CI runs it after `make test`
+test-slow: $(DEV_STAMP)
+	$(PY) -m pytest -m slow
+
 # ruff, configured in pyproject.toml; CI runs it before the tests
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff format --check .
@@ -38,6 +42,7 @@ bench: $(DEV_STAMP)
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_cli_startup.py
 	$(PY) benchmarks/bench_explain.py
+	$(PY) benchmarks/bench_dynamics.py
 	$(PY) benchmarks/bench_study.py
 	$(PY) benchmarks/bench_realism.py
 

@@ -27,16 +27,17 @@ TOY = ResultTable(
 )
 STUDY = {"name": "toy", "sha256": "cd" * 32, "config": {}}
 FROZEN_SCHEMA = (
-    'CREATE TABLE IF NOT EXISTS metrics (run_id TEXT NOT NULL REFERENCES runs(run_id), "split" TEXT, '
-    '"classifier" TEXT, "metric" TEXT, "value" REAL, "ci_low" REAL, "ci_high" REAL, '
-    'UNIQUE ("run_id", "split", "classifier", "metric"))',
+    'CREATE TABLE IF NOT EXISTS metrics (run_id TEXT NOT NULL REFERENCES runs(run_id), "dataset" TEXT, '
+    '"split" TEXT, "classifier" TEXT, "metric" TEXT, "value" REAL, "ci_low" REAL, "ci_high" REAL, '
+    'UNIQUE ("run_id", "dataset", "split", "classifier", "metric"))',
     'CREATE TABLE IF NOT EXISTS groups (run_id TEXT NOT NULL REFERENCES runs(run_id), "split" TEXT, '
     '"classifier" TEXT, "label" TEXT, "group" TEXT, "n" REAL, "accuracy" REAL, '
     'UNIQUE ("run_id", "split", "classifier", "label", "group"))',
     'CREATE TABLE IF NOT EXISTS reliance (run_id TEXT NOT NULL REFERENCES runs(run_id), "split" TEXT, '
     '"classifier" TEXT, "factor" TEXT, "kind" TEXT, "value_from" TEXT, "value_to" TEXT, "n" REAL, '
-    '"flip_rate" REAL, "delta_p" REAL, UNIQUE ("run_id", "split", "classifier", "factor", "kind", "value_from", '
-    '"value_to"))',
+    '"flip_rate" REAL, "delta_p" REAL, "in_support" REAL, "null_flip_rate" REAL, "excess_flip_rate" REAL, '
+    '"excess_low" REAL, "excess_high" REAL, "degenerate" REAL, UNIQUE ("run_id", "split", "classifier", '
+    '"factor", "kind", "value_from", "value_to"))',
     'CREATE TABLE IF NOT EXISTS sweep (run_id TEXT NOT NULL REFERENCES runs(run_id), "split" TEXT, '
     '"classifier" TEXT, "factor" TEXT, "value" REAL, "mean_p" REAL, "n" REAL, '
     'UNIQUE ("run_id", "split", "classifier", "factor", "value"))',
@@ -52,7 +53,7 @@ FROZEN_SCHEMA = (
     'CREATE TABLE IF NOT EXISTS history (run_id TEXT NOT NULL REFERENCES runs(run_id), "epoch" REAL, '
     '"name" TEXT, "value" REAL, UNIQUE ("run_id", "epoch", "name"))',
 )
-"""The result tables of every store made so far (``nodulab-store/1``): a declaration must keep them."""
+"""The result tables of every store of this format (``nodulab-store/2``): a declaration must keep them."""
 
 
 @pytest.fixture
@@ -113,8 +114,8 @@ def test_a_declared_table_is_in_the_store_and_its_csv(toy: ResultTable, tmp_path
     lines = (tmp_path / "toy.csv").read_text().splitlines()
     assert lines == [
         ",".join((*RUN_KEYS, *toy.columns)),
-        "r1,clean,ce,0,0,0,x,a,0.25,007",
-        "r1,clean,ce,0,0,0,x,NA,nan,1.50",
+        "r1,,clean,ce,0,0,0,x,a,0.25,007",
+        "r1,,clean,ce,0,0,0,x,NA,nan,1.50",
     ]
     db = sqlite3.connect(tmp_path / STORE_FILE)
     assert db.execute('SELECT typeof("note"), typeof("score") FROM toy LIMIT 1').fetchone() == ("text", "real")

@@ -7,6 +7,7 @@ The main verbs, loaded on first use (``import nodulab`` stays fast and imports n
     nodulab.generate(scenario, "data/sc")
     run = nodulab.train("data/sc", "runs/ce", loss="ce", epochs=5)
     nodulab.evaluate(run, "data/sc")                       # metrics.csv, groups.csv
+    nodulab.dynamics(run, "data/sc")                       # dynamics.csv: the checkpoints scored
     tables = nodulab.explain(run, "data/sc", splits=["test_conflict"])   # reliance, sweep, cue, ...
     nodulab.run_study(nodulab.load_study("quick"), "studies/quick")        # the grid, store, report
 
@@ -31,6 +32,7 @@ _API = {
     "evaluate": ("nodulab.training.evaluation", "evaluate_run"),
     "load_run": ("nodulab.training.runs", "load_run"),
     "explain": ("nodulab.explanation.run", "explain_run"),
+    "dynamics": ("nodulab.explanation.dynamics", "dynamics_run"),
     "explain_split": ("nodulab.explanation.counterfactual", "explain_split"),
     "factor_probes": ("nodulab.explanation.probes", "factor_probes"),
     "cam_table": ("nodulab.explanation.cam", "cam_table"),

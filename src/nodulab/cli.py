@@ -349,6 +349,11 @@ class _StageBars:
         self.bar.update(self.tasks[stage], completed=done, total=total)
 
 
+CHECKPOINTS_HELP = (
+    "Epochs whose weights go to RUN/checkpoints/ (comma-separated, e.g. 1,2,4,8,16, or none; default: "
+    "1, 2, 4, ... below --epochs, and the last). Only saved: training and --select never read them "
+    "and config.json does not change; `nodulab evaluate` scores them (dynamics.csv)."
+)
 SELECT_HELP = "Checkpoint: last epoch, or best on val (val shares the training distribution: favours shortcuts)."
 
 
@@ -400,9 +405,14 @@ def train_command(
     device: Annotated[Device, typer.Option(help="auto picks cuda when available.")] = Device.auto,
     select: Annotated[Selection, typer.Option("--select", help=SELECT_HELP)] = Selection.last,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's); recorded.")] = None,
+    checkpoints: Annotated[str | None, typer.Option("--checkpoints", metavar="EPOCHS", help=CHECKPOINTS_HELP)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
 ) -> None:
-    """Train one encoder with one loss, fit its readouts and their untrained controls, write the run folder."""
+    """Train one encoder with one loss, fit its readouts and their untrained controls, write the run folder.
+
+    With --checkpoints (default 1, 2, 4, ... and the last epoch) the weights at the end of those
+    epochs go to RUN/checkpoints/; only `nodulab evaluate` reads them (dynamics.csv).
+    """
     from nodulab.training import loop as training
 
     try:  # an unknown --loss is refused by train, naming it
@@ -425,6 +435,7 @@ def train_command(
             device=device.value,
             selection=select.value,
             threads=threads,
+            checkpoints=checkpoints,
             force=force,
             progress=_StageBars(bar),
         )
@@ -461,6 +472,10 @@ def evaluate(
     metrics.csv has a sample-level bootstrap 95% interval (ci_low, ci_high: the test samples
     resampled, the model fixed; the variance between seeds is not in it). groups.csv has the
     accuracy of every (label x agrees) cell and the worst group.
+
+    A run with checkpoints (train --checkpoints) on its own dataset also gets dynamics.csv: per
+    kept epoch, head and knn (probe at the final epoch) balanced accuracy and AUC on val and the
+    conflict splits, and cue, confound and null flip rates on 200 conflict rows.
     """
     import json
 
@@ -494,6 +509,27 @@ def evaluate(
         soft_wrap=True,
     )
     console.print(f"wrote {folder / metrics.METRICS_FILE} (with sample-level 95% intervals), {metrics.GROUPS_FILE}")
+    if not evaluation["dataset"]["trained_on"]:
+        return  # dynamics refits the kNN on the run's own train split
+    from nodulab.explanation import dynamics
+    from nodulab.synth.renderer import keep_freed_tensors_mapped
+
+    keep_freed_tensors_mapped()  # the switched rows are rendered in bulk
+    try:
+        with _progress() as bar:
+            found = dynamics.dynamics_run(
+                run_dir,
+                data_dir,
+                out=out,
+                device=training.resolve_device(device.value),
+                force=force,
+                progress=_StageBars(bar),
+                batch_size=batch_size,
+            )
+    except dynamics.NoCheckpoints:
+        return  # a run trained with --checkpoints none: nothing to follow
+    epochs = ", ".join(str(e) for e in dict.fromkeys(found["epoch"]))
+    console.print(f"wrote {folder / dynamics.DYNAMICS_FILE} (epochs {epochs})")
 
 
 @app.command()

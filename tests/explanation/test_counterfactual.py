@@ -18,9 +18,17 @@ from typer.testing import CliRunner
 
 from conftest import file_tree
 from nodulab.cli import app
-from nodulab.common.tables import RESULT_TABLES, RUN_FIGURES
+from nodulab.common.tables import RESULT_TABLES, RUN_FIGURES, write_table
 from nodulab.data import dataset as data
-from nodulab.explanation.counterfactual import counterfactuals, explain_split, sweep_frame
+from nodulab.explanation import counterfactual
+from nodulab.explanation.counterfactual import (
+    bootstrap_interval,
+    bootstrap_seed,
+    counterfactuals,
+    explain_split,
+    is_degenerate,
+    sweep_frame,
+)
 from nodulab.explanation.switches import build_switches, fits
 from nodulab.synth.renderer import REGIONS, render
 from nodulab.synth.sampling import sample_split
@@ -79,11 +87,16 @@ def conflict() -> tuple[Scenario, pd.DataFrame]:
     return s, sample_split(s, "test_conflict", 0)
 
 
+def with_constant(images: np.ndarray) -> dict[str, np.ndarray]:
+    """The hand-built models and ``constant``, a classifier that calls every image malignant (P 0.9)."""
+    return {**hand_built(images), "constant": np.full(len(images), 0.9)}
+
+
 @pytest.fixture(scope="module")
 def explained(conflict: tuple[Scenario, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     s, rows = conflict
     switches = build_switches(s, "test_conflict", 0, len(rows), rows)
-    tables, _ = explain_split("test_conflict", rows, None, hand_built, switches, SIZE, 2)
+    tables, _ = explain_split("test_conflict", rows, None, with_constant, switches, SIZE, 2)
     return tables
 
 
@@ -97,13 +110,61 @@ def test_tables_have_the_documented_columns(explained: dict[str, pd.DataFrame]) 
     for name in ("reliance", "sweep", "cue"):
         assert tuple(explained[name].columns) == RESULT_TABLES[name].columns
     for frame in explained.values():
-        assert set(frame["classifier"]) == {"diameter", "spicules", "centre_hu"}
+        assert set(frame["classifier"]) == {"diameter", "spicules", "centre_hu", "constant"}
     kinds = explained["reliance"].groupby(["factor", "value_from"])["kind"].first()
     assert kinds[("shape", "spiculated")] == "cue" and kinds[("diameter_mm", "6..10")] == "confound"
     assert kinds[("vessels", "0")] == "robustness"  # size-confound trains without vessels
     assert kinds[("noise_hu", "<60")] == "robustness" and kinds[("noise_hu", "<20")] == "nuisance"
-    assert kinds[("rotation_deg", "r")] == "nuisance"
+    assert kinds[("rotation_deg", "r")] == "null" and kinds[("offset_mm", "xy")] == "null"
+    assert kinds[("rerender", "stored")] == "null"
     assert ("vessels", ">0") not in kinds  # applied to no row: left out
+    assert "offset_x_mm" not in set(explained["reliance"]["factor"])  # the mirror moves every axis at once
+
+
+def test_in_support_marks_switches_off_the_training_support(explained: dict[str, pd.DataFrame]) -> None:
+    r = explained["reliance"]
+    support = r.groupby(["factor", "value_from"])["in_support"].agg(set)
+    assert support[("vessels", "0")] == {0}  # size-confound trains without vessels
+    assert support[("noise_hu", "<60")] == {0} and support[("noise_hu", "<20")] == {1}
+    assert support[("diameter_mm", "6..10")] == {1}  # the other branch's diameters, spicules kept in mm
+    assert support[("rotation_deg", "r")] == {1} and support[("rerender", "stored")] == {1}
+    assert r["in_support"].dtype.kind == "i" and r["degenerate"].dtype.kind == "i"
+    # the kind rule reads the same check
+    fixed = r[r["kind"].isin(["nuisance", "robustness"])]
+    assert ((fixed["kind"] == "nuisance") == (fixed["in_support"] == 1)).all()
+
+
+def test_null_switches_give_every_row_a_null_flip_rate(explained: dict[str, pd.DataFrame]) -> None:
+    r = explained["reliance"]
+    for classifier, part in r.groupby("classifier"):
+        null = part[part["kind"] == "null"]
+        assert sorted(null["factor"]) == ["offset_mm", "rerender", "rotation_deg"], classifier
+    assert r["null_flip_rate"].notna().all() and r["excess_flip_rate"].notna().all()
+    assert ((r["null_flip_rate"] >= 0) & (r["null_flip_rate"] <= 1)).all()
+    # every null switch applied to every row here, so the paired excess is flip_rate - null_flip_rate
+    assert np.allclose(r["excess_flip_rate"], r["flip_rate"] - r["null_flip_rate"])
+    # the centre reader and the diameter thresholder do not flip under the null switches
+    for classifier in ("diameter", "centre_hu", "constant"):
+        assert (r.loc[r["classifier"] == classifier, "null_flip_rate"] == 0).all(), classifier
+    assert (r.loc[r["classifier"] == "spicules", "null_flip_rate"] > 0).any()  # a thin-strand counter does
+
+
+def test_excess_interval_holds_the_excess(explained: dict[str, pd.DataFrame]) -> None:
+    r = explained["reliance"]
+    assert (
+        (r["excess_low"] <= r["excess_flip_rate"] + 1e-12) & (r["excess_flip_rate"] <= r["excess_high"] + 1e-12)
+    ).all()
+    assert (r["excess_high"] - r["excess_low"] > 0).any()  # not a degenerate interval everywhere
+    confound = r[(r["classifier"] == "diameter") & (r["kind"] == "confound")]
+    assert (confound["excess_low"] >= 0.9).all()  # the diameter model's reliance stands above its null flips
+
+
+def test_a_constant_classifier_is_degenerate(explained: dict[str, pd.DataFrame]) -> None:
+    r = explained["reliance"]
+    degenerate = r.groupby("classifier")["degenerate"].agg(set)
+    assert degenerate["constant"] == {1}
+    assert degenerate["diameter"] == degenerate["spicules"] == degenerate["centre_hu"] == {0}
+    assert (r.loc[r["classifier"] == "constant", "flip_rate"] == 0).all()  # it flips on nothing: read as nothing
 
 
 def test_diameter_model_flips_on_the_diameter_switch_only(explained: dict[str, pd.DataFrame]) -> None:
@@ -126,7 +187,7 @@ def test_centre_hu_reader_flips_on_attenuation(explained: dict[str, pd.DataFrame
     r = explained["reliance"]
     assert (_flip(r, "centre_hu", "attenuation", "nuisance") >= 0.9).all()
     assert (_flip(r, "centre_hu", "shape", "cue") <= 0.1).all()
-    assert (_flip(r, "centre_hu", "rotation_deg", "nuisance") <= 0.1).all()
+    assert (_flip(r, "centre_hu", "rotation_deg", "null") <= 0.1).all()
 
 
 def test_sweep_of_the_diameter_model_is_a_step_at_its_threshold(explained: dict[str, pd.DataFrame]) -> None:
@@ -146,6 +207,87 @@ def test_cue_index_separates_cue_from_confound(explained: dict[str, pd.DataFrame
     assert cue.loc["diameter", "confound_only"] >= 0.85 and cue.loc["spicules", "label_only"] >= 0.85
     assert cue.loc["centre_hu", "neither"] >= 0.85
     assert set(cue["confound"]) == {"diameter_mm"}
+
+
+# ----------------------------------------------------------------------------- the null floor, on a fake renderer
+FEATURES = ("diameter_mm", "rotation_deg", "offset_x_mm", "view")
+
+
+def _fake_render(rows: pd.DataFrame, size: int, dim: int, device=None, *, view: int = 0, chunk=None):
+    """ "Images" that are the row's factors: pixel [0, k] holds ``FEATURES[k]`` (the render view for ``view``)."""
+    images = np.zeros((len(rows), size, size))
+    for k, name in enumerate(FEATURES):
+        images[:, 0, k] = view if name == "view" else rows[name].to_numpy(dtype=float)
+    return images, np.zeros(images.shape, np.uint8)
+
+
+def row_readers(images: np.ndarray) -> dict[str, np.ndarray]:
+    """Classifiers reading one factor each off ``_fake_render``'s images."""
+    x = np.asarray(images)[:, 0, :]
+    p = lambda hit: np.where(hit, 0.9, 0.1)  # noqa: E731
+    return {
+        "size": p(x[:, 0] >= 12),  # exactly invariant to rotation, offset and the nuisance draw
+        "view": p(x[:, 3] != 0),  # flips under the re-render only
+        "side": p(x[:, 2] > 0),  # flips under the mirrored offset only
+        "quarter": p(x[:, 1] >= 45),
+    }
+
+
+def _fake_explain(monkeypatch: pytest.MonkeyPatch, s: Scenario) -> pd.DataFrame:
+    monkeypatch.setattr(counterfactual, "render", _fake_render)
+    rows = sample_split(s, "test_conflict", 0)
+    switches = build_switches(s, "test_conflict", 0, len(rows), rows)
+    tables, _ = explain_split("test_conflict", rows, None, row_readers, switches, SIZE, 2, sweep_rows=0)
+    return tables["reliance"]
+
+
+def test_null_flip_rate_is_the_mean_flip_under_the_null_switches(monkeypatch: pytest.MonkeyPatch) -> None:
+    r = _fake_explain(monkeypatch, _scenario())
+    of = lambda c: r[r["classifier"] == c].set_index(["factor", "value_from"])  # noqa: E731
+    size = of("size")
+    assert (size["null_flip_rate"] == 0).all()  # invariant to every null switch: null rate exactly 0
+    assert (size.loc["diameter_mm", "flip_rate"] == 1).all() and (size.loc["diameter_mm", "excess_low"] == 1).all()
+    assert (size.loc["diameter_mm", "excess_flip_rate"] == 1).all()
+    assert size.loc[("rerender", "stored"), "flip_rate"] == 0
+    for reader, factor in (("view", "rerender"), ("side", "offset_mm")):
+        part = of(reader)
+        null = part[part["kind"] == "null"].reset_index()
+        assert (null["flip_rate"] == (null["factor"] == factor)).all()  # 1 under its switch, 0 under the others
+        # one of three null switches flips every row: per row 1/3, whatever rows a switch covers
+        assert np.allclose(part["null_flip_rate"], 1 / 3), reader
+        assert np.allclose(part.loc["diameter_mm", "excess_flip_rate"], -1 / 3)  # no flip beyond the null ones
+    degenerate = r.groupby("classifier")["degenerate"].agg(set)
+    assert degenerate["view"] == {1}  # calls every stored image benign
+    assert degenerate["size"] == degenerate["side"] == degenerate["quarter"] == {0}
+
+
+def test_a_null_switch_off_the_training_support_does_not_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    r = _fake_explain(monkeypatch, _scenario(rotation_deg=0))  # trained (and tested) at rotation 0 only
+    rotation = r[r["factor"] == "rotation_deg"]
+    assert (rotation["kind"] == "null").all() and (rotation["in_support"] == 0).all()
+    quarter = r[r["classifier"] == "quarter"]
+    assert quarter.loc[quarter["factor"] == "rotation_deg", "flip_rate"].item() == 1  # 0 -> 90: every row flips
+    assert (quarter["null_flip_rate"] == 0).all()  # ... but the switch is off the support: not in the null rate
+    assert (r[r["factor"] == "rerender"]["in_support"] == 1).all()
+
+
+def test_reliance_is_reproducible_to_the_byte(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    texts = []
+    for name in ("a.csv", "b.csv"):
+        write_table(_fake_explain(monkeypatch, _scenario()), tmp_path / name)
+        texts.append((tmp_path / name).read_bytes())
+    assert texts[0] == texts[1]
+    values = np.random.default_rng(0).choice([-1.0, 0.0, 1.0], 50)
+    assert bootstrap_interval(values, 7) == bootstrap_interval(values, 7) != bootstrap_interval(values, 8)
+    low, high = bootstrap_interval(values, 7)
+    assert low <= values.mean() <= high and high - low < 0.8
+    assert np.isnan(bootstrap_interval(np.zeros(0), 7)).all()
+    s = _scenario()
+    rows = sample_split(s, "test_conflict", 0)
+    [w] = [w for w in build_switches(s, "x", 0, len(rows), rows) if w.factor == "rerender"]
+    assert bootstrap_seed("x", "a", w) == bootstrap_seed("x", "a", w) != bootstrap_seed("x", "b", w)
+    assert not is_degenerate(np.array([0.9] * 94 + [0.1] * 6)) and is_degenerate(np.array([0.9] * 95 + [0.1] * 5))
+    assert is_degenerate(np.full(10, 0.2)) and not is_degenerate(np.zeros(0))
 
 
 # ----------------------------------------------------------------------------- switch locality
@@ -196,7 +338,11 @@ def test_every_switch_changes_only_its_columns(balanced: tuple[Scenario, pd.Data
         for column in rows.columns:
             same = (changed[column].to_numpy() == original[column].to_numpy()).all()
             assert same or column in switch.columns, (switch.factor, switch.value_from, column)
-        assert not changed[list(switch.columns)].equals(original[list(switch.columns)])
+        if switch.columns:
+            assert not changed[list(switch.columns)].equals(original[list(switch.columns)])
+            assert switch.view == 0
+        else:  # the re-render: every row as it is, rendered with a fresh nuisance draw
+            assert switch.factor == "rerender" and switch.view != 0 and changed.equals(original)
 
 
 def _reach(rows: pd.DataFrame, size: int) -> np.ndarray:
@@ -293,11 +439,13 @@ def test_lesions_that_would_not_fit_are_left_out_and_counted(conflict) -> None:
     assert list(fits(big, SIZE, 2)) == [False, False, True, True, True, True]
     sweep = sweep_frame("x", big, hand_built, SIZE, 2, sweeps={"diameter_mm": (8.0, 18.0)})
     counts = sweep[sweep["classifier"] == "diameter"].set_index("value")["n"]
-    assert counts[8.0] == 6 and counts[18.0] == 0 + 0  # 9 x 2.5 + 3 > 22.4 for every row
+    # the sweep keeps spicules in mm: 7.5 mm on the 10 mm rows (9 + 7.5 + 3 fits), 13.5 mm on the
+    # 18 mm ones (9 + 13.5 + 3 = 25.5 > 22.4; at 8 mm, 4 + 13.5 + 3 fits)
+    assert counts[8.0] == 6 and counts[18.0] == 4
     [result] = counterfactuals(
         big,
         hand_built,
-        [w for w in build_switches(s, "test_conflict", 0, len(rows), big) if w.factor == "offset_x_mm"],
+        [w for w in build_switches(s, "test_conflict", 0, len(rows), big) if w.factor == "offset_mm"],
         SIZE,
         2,
     )

@@ -6,18 +6,18 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from scipy import stats
 
 from fake_study import make_study, manifest
 from nodulab.common.seedstats import holm_levels, paired_test, welch_difference
-from nodulab.results.findings import findings, holm, seed_summary
+from nodulab.results.findings import findings, holm, reliance_sentences, seed_summary
 from nodulab.results.seed_tables import (
+    ceiling_gaps,
     conflict_splits,
     confounds_of,
-    find_ceiling,
-    find_ceilings,
+    implied_ceilings,
+    matched_scores,
     own_scores,
     paired_differences,
     readout_map,
@@ -37,7 +37,7 @@ def scored(lead: float, spread: float = 1.0):
     """ce 0.6 on the conflict split; supcon ``lead`` above it; everything else near 0.95."""
 
     def score(scenario: str, loss: str, seed: int, split: str) -> float:
-        base = 0.6 if split == "test_conflict" else 0.95
+        base = 0.6 if split == "test_conflict" and scenario != "clean" else 0.95
         return (
             base
             + (lead if loss == "supcon" and split == "test_conflict" else 0.0)
@@ -146,16 +146,16 @@ def clear_lead(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-def test_ce_gap_to_the_clean_ceiling_sentence_with_its_welch_interval(clear_lead: Path) -> None:
+def test_ce_gap_to_the_matched_ceiling_on_the_same_images_with_its_welch_interval(clear_lead: Path) -> None:
     score = scored(0.2)
     ce = np.array([score("size-confound", "ce", s, "test_conflict") for s in range(5)])
-    top = np.array([score("clean", "ce", s, "test_iid") for s in range(5)])
+    top = np.array([score("clean", "ce", s, "test_conflict") for s in range(5)])  # clean's runs, the same images
     gap = stats.ttest_ind(top, ce, equal_var=False).confidence_interval(0.95)
     half_ce, half_top = (stats.t.ppf(0.975, 4) * x.std(ddof=1) / math.sqrt(5) for x in (ce, top))
     expected = (
         f"On size-confound/test_conflict, ce (head) reaches balanced accuracy {ce.mean():.2f} "
-        f"[{ce.mean() - half_ce:.2f}, {ce.mean() + half_ce:.2f}] against the clean ceiling {top.mean():.2f} "
-        f"[{top.mean() - half_top:.2f}, {top.mean() + half_top:.2f}] (clean/test_iid): a gap of "
+        f"[{ce.mean() - half_ce:.2f}, {ce.mean() + half_ce:.2f}] against its matched ceiling {top.mean():.2f} "
+        f"[{top.mean() - half_top:.2f}, {top.mean() + half_top:.2f}] (clean's ce on the same images): a gap of "
         f"{top.mean() - ce.mean():.2f} (95% CI {gap.low:.2f} to {gap.high:.2f})."
     )
     assert expected in sentences_of(clear_lead)
@@ -164,8 +164,10 @@ def test_ce_gap_to_the_clean_ceiling_sentence_with_its_welch_interval(clear_lead
 def test_a_clear_lead_is_claimed_and_reliance_is_named(clear_lead: Path) -> None:
     text = " ".join(sentences_of(clear_lead))
     assert "supcon (probe) keeps the most" in text and "significant after Holm correction" in text
-    assert "ce (head; flip rate cue 0.10 vs confound 0.80" in text and "relies mostly on the confound" in text
-    assert "supcon (probe; flip rate cue 0.70 vs confound 0.20" in text and "relies mostly on the label cue" in text
+    assert "ce (head; excess flip rate cue 0.05 vs confound 0.75 over null 0.05" in text
+    assert "relies mostly on the confound" in text
+    assert "supcon (probe; excess flip rate cue 0.65 vs confound 0.15 over null 0.05" in text
+    assert "relies mostly on the label cue" in text
     assert "cannot tell" not in text
 
 
@@ -213,19 +215,14 @@ def test_paired_differences_pair_seeds_and_use_own_readouts(tmp_path: Path) -> N
     assert ((paired["p_holm"] < 0.05) == paired["significant"]).all()
 
 
-def test_conflict_splits_and_the_ceiling_come_from_the_manifests() -> None:
+def test_conflict_splits_come_from_the_manifests() -> None:
     splits = ["val", "test_iid", "test_conflict", "test_scanner"]
     assert conflict_splits(manifest("size-confound"), splits) == ["test_conflict"]
     assert conflict_splits(None, splits) == ["test_conflict"]
     assert conflict_splits(None, ["val", "test_a", "test_b"]) == ["test_a", "test_b"]
-    shifted = {"scenario": {"confounds": [], "splits": {"test_a": {"factors": {"noise_hu": 50}}, "test_b": {}}}}
-    scores = pd.DataFrame({"scenario": ["shift", "shift", "size-confound"], "split": ["test_a", "test_b", "test_iid"]})
-    ceiling = find_ceiling({"shift": shifted, "size-confound": manifest("size-confound")}, scores)
-    assert (ceiling.scenario, ceiling.split) == ("shift", "test_b")
-    assert find_ceiling({"size-confound": manifest("size-confound")}, scores) is None
 
 
-def test_source_scenarios_read_their_broken_splits_against_the_same_tables_ceiling() -> None:
+def test_source_scenarios_read_their_broken_splits_and_imply_the_same_tables_ceiling() -> None:
     from nodulab.synth.scenarios import load_scenario, scenario_to_dict
 
     lidc = {"scenario": scenario_to_dict(load_scenario("lidc"))}
@@ -238,14 +235,28 @@ def test_source_scenarios_read_their_broken_splits_against_the_same_tables_ceili
         "clean": manifest("clean"),
         "size-confound": manifest("size-confound"),
     }
-    scores = pd.DataFrame(
-        {
-            "scenario": ["lidc", "lidc-balanced", "lidc-balanced", "clean", "size-confound"],
-            "split": ["test_balanced", "test_real", "test_iid", "test_iid", "test_conflict"],
-        }
-    )
-    ceilings = {name: str(c) for name, c in find_ceilings(manifests, scores).items()}
-    assert ceilings == {"lidc": "lidc-balanced/test_iid", "size-confound": "clean/test_iid"}
+    assert implied_ceilings(manifests) == {"lidc": "lidc-balanced", "size-confound": "clean"}
+    shifted = {"scenario": {"confounds": [], "splits": {}}}
+    assert implied_ceilings({**manifests, "shift": shifted}) == {"lidc": "lidc-balanced"}  # two candidates: none
+
+
+def test_the_ceiling_of_a_scenario_is_read_on_its_own_images_not_on_the_ceilings_test_split(tmp_path: Path) -> None:
+    """A ceiling that does well on its own test_iid but badly on the confounded images gives a small gap."""
+
+    def score(scenario: str, loss: str, seed: int, split: str) -> float:
+        if scenario == "clean":
+            return (0.99 if split in ("val", "test_iid") else 0.62) + noise(scenario, loss, seed, split)
+        return (0.6 if split == "test_conflict" else 0.95) + noise(scenario, loss, seed, split)
+
+    root = make_study(tmp_path, score, losses=("ce",), explain=False)
+    with Store(root / STORE_FILE) as store:
+        metrics = store.table("metrics")
+    scores, matched = own_scores(metrics), matched_scores(metrics, {"size-confound": "clean"})
+    assert set(scores["scenario"] + "/" + scores["split"]) >= {"clean/test_iid", "size-confound/test_conflict"}
+    assert "clean/test_conflict" not in set(scores["scenario"] + "/" + scores["split"])  # not its own split
+    gaps = ceiling_gaps(scores, matched)
+    row = gaps[(gaps["split"] == "test_conflict") & (gaps["loss"] == "ce")].iloc[0]
+    assert row["ceiling_mean"] == pytest.approx(0.62, abs=0.03) and abs(row["gap"]) < 0.06
 
 
 def test_reliance_summary_reads_own_readouts_on_the_given_splits(clear_lead: Path) -> None:
@@ -254,5 +265,16 @@ def test_reliance_summary_reads_own_readouts_on_the_given_splits(clear_lead: Pat
     summary = reliance_summary(reliance, readout_map(metrics), {"size-confound": ["test_conflict"]})
     ce = summary[summary["loss"] == "ce"].iloc[0]
     assert (ce["readout"], ce["seeds"]) == ("head", 5)
-    assert (ce["cue"], ce["confound"]) == (pytest.approx(0.1), pytest.approx(0.8))
+    assert (ce["cue"], ce["confound"], ce["null"]) == (pytest.approx(0.05), pytest.approx(0.75), pytest.approx(0.05))
+    assert ce["degenerate"] == 0
     assert set(summary["scenario"]) == {"size-confound"}
+
+
+def test_a_degenerate_readout_is_never_read_as_relying_on_anything(clear_lead: Path) -> None:
+    with Store(clear_lead / STORE_FILE) as store:
+        reliance, metrics = store.table("reliance"), store.table("metrics")
+    reliance.loc[reliance["loss"] == "ce", "degenerate"] = 1  # ce's head predicts one class
+    summary = reliance_summary(reliance, readout_map(metrics), {"size-confound": ["test_conflict"]})
+    text = " ".join(reliance_sentences(summary, None))
+    assert "Degenerate" in text and "ce (head) on size-confound" in text
+    assert "ce (head; excess" not in text and "supcon (probe; excess" in text

@@ -90,7 +90,7 @@ def test_report_degrades_into_sentences(tmp_path: Path) -> None:
         failed=[("size-confound", "simclr", 0)],
     )
     with Store(root / STORE_FILE, study=_study_of(root)) as store:
-        store.add_dataset("size-confound", "k", "0" * 64, manifest("size-confound"), None)
+        store.add_dataset("size-confound", "key-size-confound", "0" * 64, manifest("size-confound"), None)
     text = write_report(root).read_text(encoding="utf-8")
     assert "<img" not in text or text.count("<img") == len(images_of(text))
     assert "No explain tables for this scenario" in text and "no clean scenario" in text

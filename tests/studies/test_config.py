@@ -57,6 +57,15 @@ def test_quick_preset_shape() -> None:
         ({"data": {"n": 0}}, "data.n"),
         ({"data": {"size": 8}}, "field of view"),
         ({"epochs": 3}, "epochs: unknown key"),
+        ({"train": {"epochs": [4, 4]}}, "listed twice"),
+        ({"train": {"epochs": []}}, "empty list"),
+        ({"train": {"epochs": [2, 0]}}, "epochs must be 1..10,000, got 0"),
+        ({"train": {"epochs": 2**40}}, "epochs must be 1..10,000"),
+        ({"train": {"epochs": 4, "checkpoints": [5]}}, "checkpoints: 5 is not an epoch"),
+        ({"data": {"n": {"val": [10, 20]}}}, "only n.train may be a list"),
+        ({"data": {"n": {"train": [10, 0]}}}, "train must be 1..1,000,000, got 0"),
+        ({"ceilings": {"clean": "clean"}}, "has no confound, so it needs no ceiling"),
+        ({"ceilings": {"nowhere": "clean"}}, "ceilings.nowhere: not a scenario"),
     ],
 )
 def test_bad_study_is_one_line(change: dict, fragment: str) -> None:
@@ -160,3 +169,29 @@ def test_out_may_not_hold_or_be_the_study_files(tmp_path: Path) -> None:
         result = runner.invoke(app, ["study", str(tmp_path / "s.toml"), "--out", str(out)])
         assert_one_line_error(result, "--out")
     assert (tmp_path / "sc" / "mine.toml").read_bytes() == before and not (tmp_path / "sc" / "datasets").exists()
+
+
+def test_budget_lists_make_cells_with_their_own_seeds_and_checkpoints() -> None:
+    from nodulab.studies.driver import plan
+
+    study = study_from_dict(
+        {
+            **BASE,
+            "seeds": 2,
+            "data": {"n": {"train": [200, 100]}},
+            "train": {"epochs": [3, 6], "checkpoints": [1, 4]},
+        }
+    )
+    assert [(c.n_train, c.epochs) for c in study.cells()] == [(200, 3), (200, 6), (100, 3), (100, 6)]
+    assert study.scenario("clean", study.cells()[2]).splits["train"].n == 100
+    manifests = {study.data_name(s, n): "m" * 64 for s in study.scenarios for n in (200, 100)}
+    specs = plan(study, manifests)
+    assert len(specs) == study.planned_runs() == 4 * 2 * sum(len(study.losses(s)) for s in study.scenarios)
+    per_cell = {}
+    for spec in specs:
+        per_cell.setdefault(spec.budget, set()).add(spec.seed)
+        assert spec.config["checkpoints"] == sorted(
+            {k for k in (1, 4) if k <= spec.config["epochs"]} | {spec.config["epochs"]}
+        )
+    assert all(seeds == {0, 1} for seeds in per_cell.values()) and len(per_cell) == 4
+    assert len({s.run_id for s in specs}) == len(specs)

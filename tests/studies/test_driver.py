@@ -51,7 +51,7 @@ def _tiny(tmp_path: Path, extra: str = "") -> Path:
 def _results(out: Path) -> dict[str, pd.DataFrame]:
     """Everything a study's numbers are: the runs and every result table, without the timings."""
     with Store(out / STORE_FILE) as store:
-        runs = store.runs().drop(columns=["train_s", "evaluate_s", "explain_s", "finished", "config"])
+        runs = store.runs().drop(columns=["train_s", "evaluate_s", "dynamics_s", "explain_s", "finished", "config"])
         tables = {name: store.table(name) for name in RESULT_TABLES}
     history = tables["history"]
     tables["history"] = history[history["name"] != "seconds"].reset_index(drop=True)  # wall time per epoch
@@ -165,6 +165,7 @@ def test_selection_uses_the_val_score_never_a_test_split(tmp_path: Path) -> None
         for draw, (score, test) in enumerate([(0.7, 0.9), (0.9, 0.5), (0.8, 0.99)]):
             metrics = pd.DataFrame(
                 {
+                    "dataset": ["a"],
                     "split": ["test_conflict"],
                     "classifier": ["head"],
                     "metric": ["balanced_accuracy"],
@@ -277,6 +278,7 @@ def test_quick_preset_at_smaller_n_reports_ce_gap_to_the_ceiling(tmp_path: Path)
     d = tomllib.loads((_presets() / "quick.toml").read_text())
     d["data"]["n"] = {"train": 160, "val": 64, "val_balanced": 64, "test": 64}
     d["explain"]["n"] = 16
+    d["explain"]["dynamics_n"] = 16
     summary = studying.run_study(study_from_dict(d), tmp_path / "quick")
     assert (summary.done, summary.failed) == (12, 0)
     assert assert_runs_hold_their_declarations(tmp_path / "quick") == set(RESULT_TABLES)  # every writer, declared
@@ -284,7 +286,7 @@ def test_quick_preset_at_smaller_n_reports_ce_gap_to_the_ceiling(tmp_path: Path)
     number, interval = r"-?\d\.\d\d", r"\(95% CI -?\d\.\d\d to -?\d\.\d\d\)"
     gap = (
         rf"On size-confound/test_conflict, ce \(head\) reaches balanced accuracy {number}.*?"
-        rf"clean ceiling {number}.*?a gap of {number} {interval}"
+        rf"matched ceiling {number}.*?\(clean(&#x27;|')s ce on the same images\): a gap of {number} {interval}"
     )
     assert re.search(gap, page), re.findall(r"On size-confound/test_conflict[^<]*", page)
 
@@ -332,3 +334,97 @@ def test_a_store_killed_before_its_first_commit_is_taken_over(tmp_path: Path) ->
     with pytest.raises(StoreError, match="store format None"):
         Store(tmp_path / "foreign.sqlite", meta)
     assert (tmp_path / "foreign.sqlite").read_bytes() == before
+
+
+CELLS = """
+name = "cells"
+scenarios = ["clean", "size-confound"]
+losses = ["ce"]
+seeds = 1
+[data]
+size = 32
+pixel_mm = 1.4
+n = { train = [64, 32], val = 48, val_balanced = 48, test = 32 }
+[train]
+epochs = [1, 2]
+batch_size = 32
+threads = 1
+checkpoints = [1]
+[explain]
+dynamics_n = 8
+"""
+
+
+def test_budget_cells_and_the_matched_ceiling_on_the_same_images(tmp_path: Path) -> None:
+    """n.train x epochs lists make one cell each (a steps-matched pair among them: 64 rows x 1 epoch
+    and 32 rows x 2 epochs, 2 steps each); the ceiling's runs score size-confound's own test images,
+    stored under that dataset, and the gap is read on them; every run has its dynamics."""
+    path = tmp_path / "cells.toml"
+    path.write_text(CELLS)
+    study = load_study(path)
+    assert [c.label for c in study.cells()] == [
+        "n=64,epochs=1",
+        "n=64,epochs=2",
+        "n=32,epochs=1",
+        "n=32,epochs=2",
+    ]
+    assert study.ceilings == {"size-confound": "clean"}  # implied: the only confound-free scenario
+    summary = studying.run_study(study, tmp_path / "out", report=True)
+    assert (summary.done, summary.failed) == (8, 0)
+    with Store(tmp_path / "out" / STORE_FILE) as store:
+        runs, metrics, dynamics = store.runs(), store.table("metrics"), store.table("dynamics")
+        history = store.table("history")
+    assert sorted(runs.groupby("budget")["seed"].apply(list).items()) == [
+        (c, [0, 0]) for c in sorted(c.label for c in study.cells())
+    ]  # each cell its own seed 0, both scenarios
+    steps = {}
+    for r in runs.itertuples():
+        n = int(r.budget.split(",")[0].removeprefix("n="))
+        steps[r.budget] = -(-n // 32) * r.config["epochs"]
+        assert len(history[(history["run_id"] == r.run_id) & (history["name"] == "train_loss")]) == r.config["epochs"]
+    assert steps["n=64,epochs=1"] == steps["n=32,epochs=2"] == 2
+    clean = metrics[metrics["scenario"] == "clean"]
+    assert set(clean["dataset"]) == {"clean", "size-confound"}  # its own images and the confounded ones
+    on_confounded = clean[clean["dataset"] == "size-confound"]
+    assert {"test_conflict", "test_iid"} <= set(on_confounded["split"])
+    assert not metrics.duplicated(["run_id", "dataset", "split", "classifier", "metric"]).any()
+    from nodulab.results.seed_tables import ceiling_gaps, matched_scores, own_scores
+
+    scores, matched = own_scores(metrics), matched_scores(metrics, study.ceilings)
+    gaps = ceiling_gaps(scores, matched)
+    row = gaps[(gaps["split"] == "test_conflict") & (gaps["loss"] == "ce")].iloc[0]
+    expected = on_confounded[
+        (on_confounded["split"] == "test_conflict")
+        & (on_confounded["classifier"] == "head")
+        & (on_confounded["metric"] == "balanced_accuracy")
+    ]["value"]
+    assert row["ceiling_mean"] == pytest.approx(expected.mean())  # every cell's clean run on those images
+    assert set(dynamics["epoch"]) == {1, 2} and set(dynamics["run_id"]) == set(runs["run_id"])
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "Budget cells" in page and "n=32,epochs=2" in page
+
+
+def test_a_ceiling_that_differs_in_another_factor_is_refused(tmp_path: Path) -> None:
+    from nodulab.studies.config import StudyError
+
+    base = {"name": "x", "losses": ["ce"], "seeds": 1}
+    with pytest.raises(
+        StudyError, match=r"ceilings.size-confound: 'scanner-shift' differs from 'size-confound' in noise_hu"
+    ):
+        study_from_dict(
+            {**base, "scenarios": ["scanner-shift", "size-confound"], "ceilings": {"size-confound": "scanner-shift"}}
+        )
+    with pytest.raises(StudyError, match="name its ceiling"):
+        study_from_dict({**base, "scenarios": ["clean", "scanner-shift", "size-confound"]})
+    with pytest.raises(StudyError, match="has confounds itself"):
+        study_from_dict(
+            {
+                **base,
+                "scenarios": ["attenuation-confound", "size-confound"],
+                "ceilings": {"size-confound": "attenuation-confound"},
+            }
+        )
+    study = study_from_dict(
+        {**base, "scenarios": ["clean", "scanner-shift", "size-confound"], "ceilings": {"size-confound": "clean"}}
+    )
+    assert study.ceilings == {"size-confound": "clean"}

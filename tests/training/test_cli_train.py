@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from conftest import assert_one_line_error, file_tree
 from nodulab.cli import app
+from nodulab.common.tables import RESULT_TABLES
 from nodulab.data import dataset as data
 from nodulab.training import loop as train
 from nodulab.training.evaluation import METRICS
@@ -48,6 +49,10 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("no equals", ["--loss", "simclr", "--loss-param", "temperature"], "KEY=VALUE"),
         ("negative weight decay", ["--loss", "ce", "--weight-decay", "-1"], "--weight-decay"),
         ("diverging lr", ["--loss", "ce", "--lr", "1e30"], "training stopped"),
+        ("checkpoint past the last epoch", ["--loss", "ce", "--checkpoints", "1,2"], "--checkpoints: epoch 2"),
+        ("checkpoint zero", ["--loss", "ce", "--checkpoints", "0"], "--checkpoints"),
+        ("checkpoint not a number", ["--loss", "ce", "--checkpoints", "1,last"], "--checkpoints: 'last'"),
+        ("checkpoint fraction", ["--loss", "ce", "--checkpoints", "0.5"], "--checkpoints"),
     ],
 )
 def test_train_bad_input_is_one_line_and_writes_nothing(
@@ -91,7 +96,8 @@ def test_train_then_evaluate_end_to_end(runner: CliRunner, dataset: Path, tmp_pa
     assert result.exit_code == 0, result.output
     assert "bal acc" in result.stdout and "worst" in result.stdout and "metrics.csv" in result.stdout
     frame = pd.read_csv(run / "metrics.csv")
-    assert list(frame.columns) == ["split", "classifier", "metric", "value", "ci_low", "ci_high"]
+    assert tuple(frame.columns) == RESULT_TABLES["metrics"].columns  # as declared (the store reads it)
+    assert {"split", "classifier", "metric", "value", "ci_low", "ci_high"} <= set(frame.columns)
     groups = pd.read_csv(run / "groups.csv")
     assert list(groups.columns) == ["split", "classifier", "label", "group", "n", "accuracy"]
     assert (groups.label == "any").sum() == len(frame) // len(METRICS)  # one worst group per split and classifier
@@ -100,8 +106,13 @@ def test_train_then_evaluate_end_to_end(runner: CliRunner, dataset: Path, tmp_pa
     classifiers = ("head", "probe", "knn", "dfr", "probe_init", "knn_init")
     expected = {(s, c, m) for s in splits for c in classifiers for m in METRICS}
     assert set(zip(frame.split, frame.classifier, frame.metric)) == expected and len(frame) == len(expected)
+    # one epoch kept by default (the last): evaluate follows it in dynamics.csv
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["epoch_1.safetensors"]
+    dynamics = pd.read_csv(run / "dynamics.csv")
+    assert "dynamics.csv" in result.stdout and set(dynamics.epoch) == {1}
+    assert {"val", "test_conflict"} == set(dynamics.split)
     # a second evaluate replaces metrics.csv with the same numbers and intervals (deterministic on CPU)
-    first = {name: (run / name).read_bytes() for name in ("metrics.csv", "groups.csv")}
+    first = {name: (run / name).read_bytes() for name in ("metrics.csv", "groups.csv", "dynamics.csv")}
     assert runner.invoke(app, ["evaluate", str(run), str(dataset), "--device", "cpu"]).exit_code == 0
     assert {name: (run / name).read_bytes() for name in first} == first
     chosen = runner.invoke(
@@ -120,6 +131,7 @@ def test_train_then_evaluate_end_to_end(runner: CliRunner, dataset: Path, tmp_pa
     )
     assert chosen.exit_code == 0, chosen.output
     assert "thresholds chosen on val" in " ".join(chosen.stdout.split())
+    assert (tmp_path / "val-threshold" / "dynamics.csv").read_bytes() == first["dynamics.csv"]  # same --out rule
     rule = json.loads((tmp_path / "val-threshold" / "evaluation.json").read_text())["threshold"]
     assert rule["rule"] == "val" and set(rule["values"]) == set(classifiers)
     bad = runner.invoke(
@@ -166,3 +178,14 @@ def test_evaluate_another_dataset_needs_its_own_folder(runner: CliRunner, datase
         "geometry",
     )
     assert not (tmp_path / "w").exists() and file_tree(run) == before
+
+
+def test_evaluate_skips_dynamics_without_checkpoints(runner: CliRunner, dataset: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    options = ["--loss", "ce", "--out", str(run), *FAST, "--checkpoints", "none"]
+    assert runner.invoke(app, ["train", str(dataset), *options]).exit_code == 0
+    assert not (run / "checkpoints").exists()
+    result = runner.invoke(app, ["evaluate", str(run), str(dataset), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert (run / "metrics.csv").is_file() and not (run / "dynamics.csv").exists()
+    assert "dynamics.csv" not in result.output

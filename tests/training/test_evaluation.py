@@ -154,12 +154,13 @@ def test_evaluate_run_scores_every_split_but_train(dataset: Path, tmp_path: Path
     model = _make_run(dataset, run)
     frame = evaluate_run(run, dataset, batch_size=5)
     splits = [s for s in data.load_manifest(dataset)["splits"] if s not in ("train", "val_balanced")]
-    assert list(frame.columns) == ["split", "classifier", "metric", "value", "ci_low", "ci_high"]
+    assert list(frame.columns) == ["dataset", "split", "classifier", "metric", "value", "ci_low", "ci_high"]
+    assert set(frame["dataset"]) == {"size-confound"}  # the scored dataset's scenario
     assert list(dict.fromkeys(frame["split"])) == ["val", *sorted(set(splits) - {"val"})]  # no train
     assert list(dict.fromkeys(frame["classifier"])) == ["head", "probe", "knn", "probe_init", "knn_init"]
     assert len(frame) == len(splits) * 5 * len(METRICS)
     on_disk = pd.read_csv(run / "metrics.csv")
-    assert open(run / "metrics.csv").readline().strip() == "split,classifier,metric,value,ci_low,ci_high"
+    assert open(run / "metrics.csv").readline().strip() == "dataset,split,classifier,metric,value,ci_low,ci_high"
     pd.testing.assert_frame_equal(on_disk, frame)
     readouts = load_readouts(run / "readouts.safetensors")
     readouts_init = load_readouts(run / "readouts_init.safetensors")
@@ -470,7 +471,7 @@ def test_val_threshold_is_chosen_on_val_before_any_test_split_is_read(
 
 
 def test_metrics_table_shows_the_worst_group() -> None:
-    rows = [("val", "probe", m, 0.9, 0.8, 1.0) for m in METRICS]
+    rows = [("d", "val", "probe", m, 0.9, 0.8, 1.0) for m in METRICS]
     groups = pd.DataFrame(
         [("val", "probe", "benign", "all", 3, 1.0), ("val", "probe", "any", "worst: benign/all", 3, 0.25)],
         columns=list(RESULT_TABLES["groups"].columns),

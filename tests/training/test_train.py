@@ -44,7 +44,9 @@ def test_every_loss_writes_a_complete_run(tiny: Path, tmp_path: Path, loss: str)
         "readouts_init.safetensors",
         "history.csv",
         "history.png",
+        "checkpoints",  # the last epoch's weights, kept by default (default_checkpoints)
     }
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["epoch_1.safetensors"]
     config = json.loads((run / "config.json").read_text())
     assert config["run_format"] == train.RUN_FORMAT and config["config"]["loss"] == loss
     assert config["config"]["loss_params"] == {k: p.default for k, p in losses.params(loss).items()}
@@ -351,3 +353,87 @@ def test_a_hostile_manifest_scenario_is_a_one_line_error(tiny: Path, tmp_path: P
     with pytest.raises(train.TrainError, match="dataset.json scenario: label") as info:
         _run(copy, tmp_path / "run")
     assert "\n" not in str(info.value) and not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize(
+    "epochs, expected",
+    [(1, (1,)), (2, (1, 2)), (3, (1, 2, 3)), (6, (1, 2, 4, 6)), (8, (1, 2, 4, 8)), (30, (1, 2, 4, 8, 16, 30))],
+)
+def test_default_checkpoints_are_log_spaced_and_end_at_the_last_epoch(epochs: int, expected: tuple) -> None:
+    assert train.default_checkpoints(epochs) == expected
+
+
+def test_checkpoints_save_the_weights_and_change_no_other_file(tiny: Path, tmp_path: Path) -> None:
+    from conftest import file_tree
+    from nodulab.training.models import read_checkpoint_config
+
+    kept = _run(tiny, tmp_path / "kept", loss="supcon", epochs=3, seed=2)
+    plain = _run(tiny, tmp_path / "plain", loss="supcon", epochs=3, seed=2, checkpoints="none")
+    assert sorted(p.name for p in (kept / "checkpoints").iterdir()) == [f"epoch_{k}.safetensors" for k in (1, 2, 3)]
+    assert not (plain / "checkpoints").exists()
+    a, b = file_tree(kept), file_tree(plain)
+    a = {name: data for name, data in a.items() if not name.startswith("checkpoints/")}
+    assert set(a) == set(b)
+    for name in a.keys() - {"history.csv"}:  # config.json, model and readouts files, history.png
+        assert a[name] == b[name], name
+    drop = ["seconds"]  # the only column that is a wall-clock measurement
+    pd.testing.assert_frame_equal(
+        pd.read_csv(kept / "history.csv").drop(columns=drop), pd.read_csv(plain / "history.csv").drop(columns=drop)
+    )
+    final, first = (load_file(kept / "checkpoints" / f"epoch_{k}.safetensors") for k in (3, 1))
+    weights = load_file(kept / "model.safetensors")
+    assert all(torch.equal(final[k], weights[k]) for k in weights)  # the last epoch is the run's model
+    assert not all(torch.equal(first[k], weights[k]) for k in weights)
+    stored = read_checkpoint_config(kept / "checkpoints" / "epoch_1.safetensors")
+    assert (
+        stored["checkpoint_epoch"] == 1
+        and stored["init_sha256"] == json.loads((kept / "config.json").read_text())["init_sha256"]
+    )
+    assert "checkpoints" not in json.loads((kept / "config.json").read_text())["config"]
+
+
+def test_chosen_checkpoints_are_kept_as_given(tiny: Path, tmp_path: Path) -> None:
+    run = _run(tiny, tmp_path / "run", epochs=3, checkpoints=[2, 1, 2])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_1.safetensors", "epoch_2.safetensors"]
+    assert train.check_checkpoints("3, 1", 3) == (1, 3) and train.check_checkpoints((), 3) == ()
+
+
+@pytest.mark.parametrize("checkpoints", ["0", "4", "1,x", "1.5", "", [1.5], [True], "1,,2", 2.0])
+def test_bad_checkpoints_are_one_line_errors(tiny: Path, tmp_path: Path, checkpoints: object) -> None:
+    with pytest.raises(train.TrainError, match="^--checkpoints: ") as info:
+        _run(tiny, tmp_path / "run", epochs=3, checkpoints=checkpoints)
+    assert "\n" not in str(info.value) and not (tmp_path / "run").exists()
+
+
+def test_training_and_best_val_never_touch_dynamics_or_a_test_split(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from nodulab.explanation import dynamics
+
+    read: list[str] = []
+    original = data.load_split
+    monkeypatch.setattr(train, "load_split", lambda root, split: (read.append(split), original(root, split))[1])
+
+    def forbidden(*args, **kw):
+        raise AssertionError("training called nodulab.explanation.dynamics")
+
+    for name, value in vars(dynamics).items():
+        if callable(value) and getattr(value, "__module__", None) == dynamics.__name__:
+            monkeypatch.setattr(dynamics, name, forbidden)
+    called: list[str] = []  # and no code of that module runs, however it is reached
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename == dynamics.__file__:
+            called.append(frame.f_code.co_name)
+
+    sys.setprofile(profile)
+    try:
+        run = _run(tiny, tmp_path / "run", epochs=2, selection="best-val", checkpoints=[1, 2])
+    finally:
+        sys.setprofile(None)
+    assert called == []
+    assert sorted(read) == ["train", "val", "val_balanced"]  # val_balanced for dfr only; no test split
+    assert (run / "checkpoints" / "epoch_2.safetensors").is_file()

@@ -18,6 +18,8 @@ DEFAULT_EPOCHS = 30
 """Default epochs: on ``size-confound`` at 32 px, n = 2,000 every loss but ``triplet`` (whose
 semi-hard loss is a mean over what it mines) ends with a flat training loss over its last 20% of
 epochs (README: Training and evaluation, with the measured numbers)."""
+MAX_EPOCHS = 10_000
+"""Most epochs of one run (``[train] epochs``)."""
 DEFAULT_LR = 1e-3
 DEFAULT_WEIGHT_DECAY = 0.0
 """AdamW defaults (``hparams.OPTIMISER_PARAMS`` holds them with their tuning ranges)."""

@@ -57,11 +57,11 @@ class ResultTable:
 
 
 RESULT_TABLES: dict[str, ResultTable] = {
-    "metrics": ResultTable(
+    "metrics": ResultTable(  # dataset: the scenario whose images were scored (a ceiling's runs score others')
         "metrics.csv",
-        ("split", "classifier", "metric", "value", "ci_low", "ci_high"),
-        key=("split", "classifier", "metric"),
-        text=("split", "classifier", "metric"),
+        ("dataset", "split", "classifier", "metric", "value", "ci_low", "ci_high"),
+        key=("dataset", "split", "classifier", "metric"),
+        text=("dataset", "split", "classifier", "metric"),
     ),
     "groups": ResultTable(
         "groups.csv",
@@ -71,7 +71,23 @@ RESULT_TABLES: dict[str, ResultTable] = {
     ),
     "reliance": ResultTable(
         "explain/reliance.csv",
-        ("split", "classifier", "factor", "kind", "value_from", "value_to", "n", "flip_rate", "delta_p"),
+        (
+            "split",
+            "classifier",
+            "factor",
+            "kind",
+            "value_from",
+            "value_to",
+            "n",
+            "flip_rate",
+            "delta_p",
+            "in_support",  # 1/0: the switch's output stays in the training support
+            "null_flip_rate",  # the classifier's mean flip under the null switches, on the same rows
+            "excess_flip_rate",  # flip_rate - null_flip_rate, paired per row
+            "excess_low",  # percentile bootstrap 95% interval of the excess over the rows
+            "excess_high",
+            "degenerate",  # 1/0: the classifier calls one class on >= 95% of the split's rows
+        ),
         key=("split", "classifier", "factor", "kind", "value_from", "value_to"),
         text=("split", "classifier", "factor", "kind", "value_from", "value_to"),
     ),
@@ -98,6 +114,12 @@ RESULT_TABLES: dict[str, ResultTable] = {
         ("split", "classifier", "region", "mass", "area_share"),
         key=("split", "classifier", "region"),
         text=("split", "classifier", "region"),
+    ),
+    "dynamics": ResultTable(  # written by explanation.dynamics from the run's checkpoints
+        "dynamics.csv",
+        ("epoch", "split", "classifier", "measure", "value", "ci_low", "ci_high"),
+        key=("epoch", "split", "classifier", "measure"),
+        text=("split", "classifier", "measure"),
     ),
     "history": ResultTable(  # written by training.loop: epoch, then one column per curve
         "history.csv",

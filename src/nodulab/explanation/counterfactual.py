@@ -5,11 +5,24 @@ sweeps and the cue-reliance index.
 equal; the switches are ``nodulab.explanation.switches``) and asks every classifier of a run again. It writes
 ``RUN/explain/`` (a temporary folder renamed into place):
 
-- ``reliance.csv`` (``split,classifier,factor,kind,value_from,value_to,n,flip_rate,delta_p``):
-  per switch, the share of predictions (P >= 0.5) that change and the mean change in
-  P(malignant), over the ``n`` rows the switch applied to;
+- ``reliance.csv`` (``split,classifier,factor,kind,value_from,value_to,n,flip_rate,delta_p,
+  in_support,null_flip_rate,excess_flip_rate,excess_low,excess_high,degenerate``): per switch and
+  classifier, over the ``n`` rows the switch applied to, the share of predictions (P >= 0.5) that
+  change (``flip_rate``) and the mean change in P(malignant) (``delta_p``); ``in_support`` (1/0)
+  whether the switch's output stays in the training support (``switches.rows_in_support``);
+  ``null_flip_rate`` the classifier's null flip rate on those rows (per row, the mean flip over
+  the in-support ``null`` switches: a fresh nuisance draw, rotation +90 degrees, the mirrored
+  offset; then the mean over rows); ``excess_flip_rate`` = flip minus null flip, paired per row,
+  averaged, with ``excess_low``, ``excess_high`` its percentile bootstrap 95% interval over the
+  rows (``BOOTSTRAP_DRAWS`` resamples, numpy, seeded by split, classifier and switch, so reruns
+  give the same bytes); ``degenerate`` (1/0) whether the classifier calls one class on at least
+  ``DEGENERATE_SHARE`` of the split's explained rows. A degenerate classifier flips on nothing
+  because it decides nothing: it must never be read as relying (or not relying) on a factor.
+  Rows no in-support null switch applied to are left out of the three excess columns and of
+  ``null_flip_rate`` (NaN when none is left);
 - ``sweep.csv`` (``split,classifier,factor,value,mean_p,n``) and ``sweep.png``: mean P(malignant)
-  of the same rows re-rendered at each value of a continuous factor (``SWEEPS``);
+  of the same rows re-rendered at each value of a continuous factor (``SWEEPS``; a diameter keeps
+  the spicules in mm, ``switches.with_diameter``);
 - ``cue.csv`` (``split,classifier,confound,label_only,confound_only,both,neither``): on rows
   where both the label-cue switch and the confound switch apply, the share whose prediction flips
   under the label switch only, the confound switch only, each of the two, or neither (sums to 1);
@@ -30,6 +43,7 @@ folder, after the tables above are written; the CLI passes ``EXTRA_WRITERS``: ``
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +54,7 @@ import pandas as pd
 from nodulab.common.progress import Progress
 from nodulab.common.tables import RESULT_TABLES
 from nodulab.explanation.context import Predict
-from nodulab.explanation.switches import Switch, fits
+from nodulab.explanation.switches import Switch, fits, with_diameter
 from nodulab.synth.renderer import render
 
 EXPLAIN_DIR = "explain"
@@ -55,6 +69,12 @@ SWEEPS: dict[str, tuple[float, ...]] = {
 SWEEP_ROWS = 256
 """Rows per split in the sweep (the first ones): a mean P over 256 rows has SE <= 0.03, and the
 sweep re-renders every row at every value (26 values), so it is capped to keep ``explain`` fast."""
+SWEEP_SETTERS: dict[str, Callable[[pd.DataFrame, float], pd.DataFrame]] = {"diameter_mm": with_diameter}
+"""Sweeps that set more than their column: a diameter keeps the spicules in mm."""
+BOOTSTRAP_DRAWS = 1000
+"""Resamples of the rows behind ``excess_low``, ``excess_high``."""
+DEGENERATE_SHARE = 0.95
+"""A classifier calling one class on at least this share of a split's explained rows is ``degenerate``."""
 
 
 @dataclass
@@ -77,11 +97,13 @@ def predict_rows(
     device: str = "cpu",
     chunk: int = CHUNK,
     tick: Callable[[int], None] | None = None,
+    view: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Render rows chunk by chunk and predict each chunk once; ``{classifier: (N,) P}``."""
+    """Render rows chunk by chunk (at render ``view``: 0 as stored) and predict each chunk once;
+    ``{classifier: (N,) P}``."""
     parts: list[dict[str, np.ndarray]] = []
     for start in range(0, len(rows), chunk):
-        images, _ = render(rows.iloc[start : start + chunk], size, dim, device, chunk=chunk)
+        images, _ = render(rows.iloc[start : start + chunk], size, dim, device, view=view, chunk=chunk)
         parts.append(predict(images))
         if tick:
             tick(len(images))
@@ -122,24 +144,75 @@ def counterfactuals(
 
     return [
         Counterfactual(
-            switch, where, predict_rows(switched, predict, size, dim, device=device, chunk=chunk, tick=tick), skipped
+            switch,
+            where,
+            predict_rows(switched, predict, size, dim, device=device, chunk=chunk, tick=tick, view=switch.view),
+            skipped,
         )
         for switch, where, switched, skipped in planned
     ]
 
 
+def null_flips(n: int, base: np.ndarray, results: Sequence[Counterfactual], classifier: str) -> np.ndarray:
+    """Per row: the mean flip over the in-support ``null`` switches that applied to it (NaN where none did)."""
+    total, count = np.zeros(n), np.zeros(n)
+    for r in results:
+        if r.switch.kind != "null" or not r.switch.in_support or len(r.where) == 0:
+            continue
+        total[r.where] += (r.p[classifier] >= THRESHOLD) != (base[r.where] >= THRESHOLD)
+        count[r.where] += 1
+    return np.divide(total, count, out=np.full(n, np.nan), where=count > 0)
+
+
+def is_degenerate(p: np.ndarray) -> bool:
+    """Whether a classifier calls one class (P >= 0.5, or < 0.5) on at least ``DEGENERATE_SHARE`` of the rows."""
+    if len(p) == 0:
+        return False
+    share = float(np.mean(np.asarray(p) >= THRESHOLD))
+    return max(share, 1.0 - share) >= DEGENERATE_SHARE
+
+
+def bootstrap_seed(split: str, classifier: str, switch: Switch) -> int:
+    """The excess interval's seed: a hash of the split, the classifier and the switch (its key in ``reliance.csv``)."""
+    key = "\x1f".join((split, classifier, switch.factor, switch.kind, switch.value_from, switch.value_to))
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+
+
+def bootstrap_interval(values: np.ndarray, seed: int, draws: int = BOOTSTRAP_DRAWS) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of the mean of ``values`` (rows resampled with replacement)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = np.empty(draws)
+    step = max(1, 2**22 // len(values))  # resamples at once: a few MB of indices
+    for start in range(0, draws, step):
+        k = min(step, draws - start)
+        means[start : start + k] = values[rng.integers(0, len(values), (k, len(values)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def reliance_frame(split: str, base: dict[str, np.ndarray], results: Sequence[Counterfactual]) -> pd.DataFrame:
-    """``reliance.csv`` rows: per switch and classifier, flip rate and mean change of P.
+    """``reliance.csv`` rows: per switch and classifier, flip rate, mean change of P, and the
+    flips beyond the null switches' (module docstring).
 
     Switches that applied to no row are left out.
     """
     out = []
     for classifier, p0 in base.items():
+        null = null_flips(len(p0), p0, results, classifier)
+        degenerate = int(is_degenerate(p0))
         for r in results:
             if len(r.where) == 0:
                 continue
             before, after = p0[r.where], r.p[classifier]
-            flips = (after >= THRESHOLD) != (before >= THRESHOLD)
+            flips = ((after >= THRESHOLD) != (before >= THRESHOLD)).astype(float)
+            floor = null[r.where]
+            paired = ~np.isnan(floor)
+            excess = flips[paired] - floor[paired]
+            nan = float("nan")
+            low, high = bootstrap_interval(excess, bootstrap_seed(split, classifier, r.switch))
             s = r.switch
             out.append(
                 (
@@ -152,6 +225,12 @@ def reliance_frame(split: str, base: dict[str, np.ndarray], results: Sequence[Co
                     len(r.where),
                     float(flips.mean()),
                     float(np.mean(after - before)),
+                    int(s.in_support),
+                    float(floor[paired].mean()) if paired.any() else nan,
+                    float(excess.mean()) if paired.any() else nan,
+                    low,
+                    high,
+                    degenerate,
                 )
             )
     return pd.DataFrame(out, columns=list(RESULT_TABLES["reliance"].columns))
@@ -200,7 +279,8 @@ def sweep_frame(
     chunk: int = CHUNK,
     progress: Progress | None = None,
 ) -> pd.DataFrame:
-    """``sweep.csv`` rows: mean P(malignant) of the same rows re-rendered at each value.
+    """``sweep.csv`` rows: mean P(malignant) of the same rows re-rendered at each value (a
+    diameter keeps the spicules in mm, ``SWEEP_SETTERS``).
 
     Rows whose lesion would not fit the patch at a value are left out there (``n`` counts the rest;
     ``mean_p`` is NaN where none fit).
@@ -208,8 +288,11 @@ def sweep_frame(
     plan = []
     for factor, values in sweeps.items():
         for value in values:
-            switched = rows.copy()
-            switched[factor] = value
+            if factor in SWEEP_SETTERS:
+                switched = SWEEP_SETTERS[factor](rows, value)
+            else:
+                switched = rows.copy()
+                switched[factor] = value
             plan.append((factor, value, switched[fits(switched, size, dim)]))
     total, done, found = sum(len(s) for *_, s in plan), 0, []
     for factor, value, switched in plan:
@@ -310,18 +393,26 @@ def sweep_figure(frame: pd.DataFrame) -> Any:
 
 
 def reliance_table(frame: pd.DataFrame, top: int = 4) -> Any:
-    """The console summary: per split and classifier, the switches ranked by flip rate (rich Table)."""
+    """The console summary: per split and classifier, the switches ranked by flip rate with their
+    excess over the null flips, and the null flip rate (rich Table)."""
     from rich.table import Table
 
-    table = Table(title=f"flip rate per switch (top {top})")
+    table = Table(title=f"flip rate per switch (top {top}; ex: excess over the null switches)")
     table.add_column("split", no_wrap=True)
     table.add_column("classifier", no_wrap=True)
+    table.add_column("null", no_wrap=True)
     table.add_column("switches ranked by flip rate")
     for (split, classifier), part in frame.groupby(["split", "classifier"], sort=False):
-        ranked = part.sort_values("flip_rate", ascending=False, kind="stable").head(top)
+        nulls = part[(part["kind"] == "null") & (part["in_support"] == 1)]
+        ranked = part[part["kind"] != "null"].sort_values("flip_rate", ascending=False, kind="stable").head(top)
         cells = [
-            f"{r.factor} {r.value_from}→{r.value_to} {r.flip_rate:.2f}" + (" (rob)" if r.kind == "robustness" else "")
+            f"{r.factor} {r.value_from}→{r.value_to} {r.flip_rate:.2f}"
+            + (f" (ex {r.excess_flip_rate:+.2f})" if r.excess_flip_rate == r.excess_flip_rate else "")
+            + (" (rob)" if r.kind == "robustness" else "")
             for r in ranked.itertuples(index=False)
         ]
-        table.add_row(split, classifier, "; ".join(cells))
+        degenerate = bool(len(part)) and bool(part["degenerate"].iloc[0])
+        name = f"{classifier} (degenerate)" if degenerate else classifier
+        null = f"{nulls['flip_rate'].mean():.2f}" if len(nulls) else "-"
+        table.add_row(split, name, null, "; ".join(cells))
     return table

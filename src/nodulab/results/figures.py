@@ -87,3 +87,41 @@ def history_figure(history: pd.DataFrame, names: list[str], *, title: str) -> by
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     return to_png(fig)
+
+
+DYNAMICS_LINES = {
+    "balanced_accuracy": ("conflict balanced accuracy", "C0", "-"),
+    "cue_flip_rate": ("cue flip rate", "C2", "--"),
+    "confound_flip_rate": ("confound flip rate", "C3", "--"),
+    "null_flip_rate": ("null flip rate", "0.5", ":"),
+}
+"""The dynamics figure's lines: measure -> (legend, colour, line style)."""
+
+
+def dynamics_figure(frame: pd.DataFrame, *, title: str) -> bytes:
+    """Per loss (one panel each), the conflict score and the flip rates against epoch: mean over
+    seeds as a line, the seeds' range as a band.
+
+    Args:
+        frame: columns ``label`` (the panel: a loss and its readout), ``seed``, ``epoch``,
+            ``measure`` (``DYNAMICS_LINES``), ``value``.
+    """
+    labels = list(dict.fromkeys(frame["label"])) or [""]
+    fig = Figure(figsize=(3.0 * len(labels), 2.8), layout="constrained")
+    axes = fig.subplots(1, len(labels), squeeze=False)[0]
+    for ax, label in zip(axes, labels):
+        part = frame[frame["label"] == label]
+        for measure, (legend, colour, style) in DYNAMICS_LINES.items():
+            lines = part[part["measure"] == measure].groupby("epoch")["value"]
+            if not len(lines):
+                continue
+            mean, low, high = lines.mean(), lines.min(), lines.max()
+            ax.plot(mean.index, mean.to_numpy(), color=colour, linestyle=style, marker=".", label=legend)
+            ax.fill_between(mean.index, low.to_numpy(), high.to_numpy(), color=colour, alpha=0.15, linewidth=0)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("epoch")
+        ax.set_title(label, fontsize=9, usetex=False)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return to_png(fig)

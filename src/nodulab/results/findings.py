@@ -1,12 +1,14 @@
 """The sentences a study report opens with, built from its seed-level numbers only (design.md
 "Evaluation and explanation", "Expected behaviour").
 
-Four kinds, in order: (a) ce's gap to the clean ceiling on each confounded scenario's conflict
-splits, with a Welch interval over seeds; (b) which cue each loss relies on there
-(counterfactual flip rates of the label-cue vs the confound switches, and the cue-reliance
-index); (c) which loss keeps the most balanced accuracy there, and whether its lead over ce is
-claimed; (d) which differences to ce are within noise. Every sentence names the readout it
-reads (a loss's own behaviour: ``head`` where it has one, else ``probe``; see ``studytables``).
+First the budget regime (whether the matched ceiling is learnt and had plateaued), then four
+kinds, in order: (a) ce's gap to the matched ceiling on each confounded scenario's conflict
+splits (the ceiling's runs scored on the same images), with a Welch interval over seeds; (b)
+which cue each loss relies on there (counterfactual flip rates of the label-cue vs the confound
+switches, and the cue-reliance index); (c) which loss keeps the most balanced accuracy there,
+and whether its lead over ce is claimed; (d) which differences to ce are within noise. Every
+sentence names the readout it reads (a loss's own behaviour: ``head`` where it has one, else
+``probe``; see ``seed_tables``).
 
 A difference is claimed only when its Holm-corrected interval excludes 0, which needs at least
 ``MIN_SEEDS`` paired seeds; with fewer the sentences say the study cannot tell.
@@ -25,13 +27,13 @@ from nodulab.results.seed_tables import (
     ALPHA,
     MIN_SEEDS,
     REFERENCE,
-    Ceiling,
     Manifests,
     ceiling_gaps,
     conflict_cells,
     cue_summary,
-    find_ceilings,
     iid_split,
+    implied_ceilings,
+    matched_scores,
     ood_gaps,
     own_scores,
     paired_differences,
@@ -74,21 +76,22 @@ def _cell_values(scores: pd.DataFrame, scenario: str, loss: str, split: str) -> 
 
 
 def ceiling_sentences(
-    scores: pd.DataFrame, ceiling: Mapping[str, Ceiling] | Ceiling | None, cells: list[Cell]
+    scores: pd.DataFrame, ceilings: Mapping[str, str], matched: pd.DataFrame, cells: list[Cell]
 ) -> list[str]:
-    """(a) ce on every conflict split against its clean ceiling (or, without one, against ``val``)."""
+    """(a) ce on every conflict split against its matched ceiling on the same images (or, without
+    one, against the IID split)."""
     if not cells:
         return []
     if REFERENCE not in set(scores["loss"]):
         return [f"The study has no {REFERENCE} runs, so no loss can be read against {REFERENCE}."]
-    if not ceiling:
+    if not ceilings:
         return [
             "The study has no clean scenario (no confound), so there is no ceiling: "
             f"{REFERENCE}'s conflict-split scores are read against the IID split "
             "(test_iid, else val: the training distribution).",
             *_val_sentences(scores, cells),
         ]
-    gaps = ceiling_gaps(scores, ceiling)
+    gaps = ceiling_gaps(scores, matched)
     sentences = []
     for scenario, split in cells:
         row = gaps[(gaps["scenario"] == scenario) & (gaps["split"] == split) & (gaps["loss"] == REFERENCE)]
@@ -97,14 +100,80 @@ def ceiling_sentences(
         r = row.iloc[0]
         sentences.append(
             f"On {scenario}/{split}, {REFERENCE} ({r['readout']}) reaches balanced accuracy {_num(r['mean'])}"
-            f"{_bracket(r['low'], r['high'])} against the clean ceiling {_num(r['ceiling_mean'])}"
-            f"{_bracket(r['ceiling_low'], r['ceiling_high'])} ({r['ceiling']}): a gap of {_num(r['gap'])} "
-            f"({_gap_interval(r['gap_low'], r['gap_high'])})."
+            f"{_bracket(r['low'], r['high'])} against its matched ceiling {_num(r['ceiling_mean'])}"
+            f"{_bracket(r['ceiling_low'], r['ceiling_high'])} ({r['ceiling']}'s {r['ceiling_loss']} on the same "
+            f"images): a gap of {_num(r['gap'])} ({_gap_interval(r['gap_low'], r['gap_high'])})."
         )
-    where = ceiling if isinstance(ceiling, Ceiling) else ", ".join(sorted({str(c) for c in ceiling.values()}))
+    where = ", ".join(sorted(set(ceilings.values())))
     return sentences or [
-        f"{REFERENCE} has no score on the clean ceiling ({where}) to read its conflict splits against."
+        f"{REFERENCE} has no score of its matched ceiling ({where}) on the same images to read its conflict "
+        "splits against."
     ]
+
+
+PLATEAU_RISE = 0.01
+"""The ceiling has plateaued when its val balanced accuracy rose by less than this between its last two checkpoints."""
+LEARNT = 0.90
+"""A matched ceiling below this balanced accuracy means the cue is not yet learnt at the study's budget."""
+
+
+def regime_sentences(
+    matched: pd.DataFrame, dynamics: pd.DataFrame | None, readouts: Mapping[str, str], cells: list[Cell]
+) -> list[str]:
+    """The budget regime, first: whether the matched ceiling is learnt and had plateaued (from its
+    checkpoints' val scores), so that a reader knows whether the verdicts measure learning speed."""
+    sentences = []
+    for scenario, split in cells:
+        top = matched[(matched["scenario"] == scenario) & (matched["split"] == split) & (matched["loss"] == REFERENCE)]
+        if top.empty:
+            continue
+        ceiling, summary = top["ceiling"].iloc[0], seed_summary(top["value"])
+        rise = _val_rise(dynamics, ceiling, readouts)
+        learnt = summary.mean >= LEARNT and rise is not None and rise[0] < PLATEAU_RISE
+        trend = (
+            f"its val balanced accuracy {rise[1]:.2f} → {rise[2]:.2f} from epoch {rise[3]} to {rise[4]}"
+            if rise is not None
+            else "no checkpoints to tell whether it had plateaued"
+        )
+        head = (
+            "At this budget the cue is learnt"
+            if learnt
+            else "At this budget the cue is not yet learnt (or not shown to have plateaued)"
+        )
+        sentences.append(
+            f"{head}: matched ceiling {_num(summary.mean)}{_bracket(summary.low, summary.high)} ({ceiling}'s "
+            f"{REFERENCE} on {scenario}/{split}), {trend}."
+            + (
+                ""
+                if learnt
+                else " Read the verdicts below as what is learnt first at this budget, not as what a trained "
+                "model uses."
+            )
+        )
+    return sentences
+
+
+def _val_rise(
+    dynamics: pd.DataFrame | None, scenario: str, readouts: Mapping[str, str]
+) -> tuple[float, float, float, int, int] | None:
+    """(rise, before, after, epoch before, last epoch): ce's val balanced accuracy (mean over selected
+    seeds) between its last two checkpoints on ``scenario``; None without two checkpoints."""
+    if dynamics is None or dynamics.empty:
+        return None
+    cheap = "head" if readouts.get(REFERENCE) == "head" else "knn"
+    rows = dynamics[
+        (dynamics["scenario"] == scenario)
+        & (dynamics["loss"] == REFERENCE)
+        & (dynamics["selected"] == 1)
+        & (dynamics["split"] == "val")
+        & (dynamics["classifier"] == cheap)
+        & (dynamics["measure"] == "balanced_accuracy")
+    ]
+    curve = rows.groupby("epoch")["value"].mean().sort_index()
+    if len(curve) < 2:
+        return None
+    (e0, before), (e1, after) = curve.iloc[-2:].items()
+    return float(after - before), float(before), float(after), int(e0), int(e1)
 
 
 def _val_sentences(scores: pd.DataFrame, cells: list[Cell]) -> list[str]:
@@ -127,10 +196,17 @@ def _val_sentences(scores: pd.DataFrame, cells: list[Cell]) -> list[str]:
 
 
 def _reliance_words(row: Mapping[str, float]) -> str:
-    """``ce (head; flip rate cue 0.12 vs confound 0.85; cue index label-only 0.05 vs confound-only 0.80)``."""
+    """``ce (head; excess flip rate cue 0.12 vs confound 0.85 over null 0.04; cue index label-only 0.05 vs
+    confound-only 0.80)``."""
     parts = [str(row["readout"])]
     if _pair(row, "cue", "confound"):
-        parts.append(f"flip rate cue {_num(row['cue'])} vs confound {_num(row['confound'])}")
+        null = row.get("null", math.nan)
+        if math.isfinite(null):
+            parts.append(
+                f"excess flip rate cue {_num(row['cue'])} vs confound {_num(row['confound'])} over null {_num(null)}"
+            )
+        else:
+            parts.append(f"flip rate cue {_num(row['cue'])} vs confound {_num(row['confound'])}")
     if _pair(row, "label_only", "confound_only"):
         parts.append(f"cue index label-only {_num(row['label_only'])} vs confound-only {_num(row['confound_only'])}")
     return f"{row['loss']} ({'; '.join(parts)})"
@@ -153,14 +229,30 @@ def reliance_sentences(relied: pd.DataFrame | None, indexed: pd.DataFrame | None
         return ["The store has no explain tables, so which cue each loss relies on was not measured."]
     keys = ["scenario", "loss", "readout"]
     frames = []
+    degenerate = []
     if relied is not None and not relied.empty:
-        frames.append(relied[[*keys, "cue", "confound"]])
+        stuck = relied["degenerate"].fillna(0) > 0.5
+        degenerate = [f"{r.loss} ({r.readout}) on {r.scenario}" for r in relied[stuck].itertuples()]
+        relied = relied[~stuck]
+        frames.append(relied[[*keys, "cue", "confound", "null"]])
     if indexed is not None and not indexed.empty:
         frames.append(indexed.groupby(keys)[["label_only", "confound_only"]].mean().reset_index())
+    note = (
+        [
+            f"Degenerate (one class predicted on >= 95% of the rows in most seeds), so not read as relying on "
+            f"anything: {', '.join(degenerate)}."
+        ]
+        if degenerate
+        else []
+    )
     if not frames:
-        return ["The explain tables have no label-cue or confound switch on a conflict split."]
+        return [*note, "The explain tables have no label-cue or confound switch on a conflict split."]
     table = frames[0] if len(frames) == 1 else frames[0].merge(frames[1], on=keys, how="outer")
-    sentences = []
+    if indexed is not None and degenerate:
+        table = table[
+            [f"{r['loss']} ({r['readout']}) on {r['scenario']}" not in degenerate for _, r in table.iterrows()]
+        ]
+    sentences = note
     for scenario, part in table.groupby("scenario", sort=True):
         rows = [
             r for r in part.to_dict("records") if _pair(r, "cue", "confound") or _pair(r, "label_only", "confound_only")
@@ -269,6 +361,8 @@ def findings(
     reliance: pd.DataFrame | None = None,
     cue: pd.DataFrame | None = None,
     *,
+    ceilings: Mapping[str, str] | None = None,
+    dynamics: pd.DataFrame | None = None,
     alpha: float = ALPHA,
 ) -> list[str]:
     """The report's opening sentences, built from the numbers only.
@@ -277,6 +371,9 @@ def findings(
         metrics: the store's ``metrics`` table (``Store.table("metrics")``).
         manifests: scenario -> its dataset manifest (``dataset.json``), for confounds and splits.
         reliance, cue: the store's explain tables (``None`` or empty when not measured).
+        ceilings: each confounded scenario's matched ceiling (the study's ``ceilings``; default
+            ``implied_ceilings``).
+        dynamics: the store's ``dynamics`` table, for the regime sentence (``regime_sentences``).
         alpha: the family-wise error rate of the claims.
 
     Returns:
@@ -286,6 +383,7 @@ def findings(
     """
     readouts = readout_map(metrics)
     scores = own_scores(metrics, readouts)
+    ceilings = implied_ceilings(manifests) if ceilings is None else ceilings
     if scores.empty:
         return ["The store holds no finished run with scores yet: nothing to report."]
     paired = paired_differences(scores, alpha=alpha)
@@ -293,8 +391,10 @@ def findings(
     on = {scenario: [split for s, split in cells if s == scenario] for scenario, _ in cells}
     relied = reliance_summary(reliance, readouts, on) if reliance is not None and len(reliance) else None
     indexed = cue_summary(cue, readouts, on) if cue is not None and len(cue) else None
+    matched = matched_scores(metrics, ceilings, readouts)
     return [
-        *ceiling_sentences(scores, find_ceilings(manifests, scores), cells),
+        *regime_sentences(matched, dynamics, readouts, cells),
+        *ceiling_sentences(scores, ceilings, matched, cells),
         *reliance_sentences(relied, indexed),
         *best_sentences(scores, paired, cells),
         *noise_sentences(paired),

@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
+from nodulab.common.seedstats import seed_summary
 from nodulab.common.writing import check_out, write_atomically
 from nodulab.results.findings import findings
 from nodulab.results.sections import (
+    dynamics_section,
     explain_section,
     figure_html,
     figures_section,
@@ -31,8 +36,10 @@ from nodulab.results.sections import (
 )
 from nodulab.results.seed_tables import (
     ceiling_gaps,
+    conflict_cells,
     ood_gaps,
     paired_differences,
+    reliance_summary,
 )
 from nodulab.results.store import STORE_FILE, Store
 from nodulab.results.view import StudyResults, read_results
@@ -87,16 +94,23 @@ def _one_line(text: str) -> str:
     return line if len(line) <= 240 else line[:237] + "..."
 
 
-def findings_section(study: StudyResults) -> str:
+def findings_section(study: StudyResults, suffix: str = "", title: str = "") -> str:
     tables = study.tables
-    sentences = findings(tables["metrics"], study.manifests, tables["reliance"], tables["cue"])
+    sentences = findings(
+        tables["metrics"],
+        study.manifests,
+        tables["reliance"],
+        tables["cue"],
+        ceilings=study.ceiling,
+        dynamics=tables.get("dynamics"),
+    )
     items = "".join(f"<li>{html.escape(s)}</li>" for s in sentences)
-    return section("findings", "Findings", f"<ul class='findings'>{items}</ul>")
+    return section("findings" + suffix, "Findings" + title, f"<ul class='findings'>{items}</ul>")
 
 
 def gallery_section(study: StudyResults) -> str:
     """Each scenario's dataset gallery (``datasets.gallery``) with its confounds."""
-    datasets = study.store.datasets()
+    datasets = study.store.datasets().drop_duplicates("scenario")  # budget cells resize train only
     if datasets.empty:
         return section("datasets", "Datasets", missing("The store records no dataset."))
     parts = []
@@ -111,36 +125,119 @@ def gallery_section(study: StudyResults) -> str:
     return section("datasets", "Datasets", "".join(parts))
 
 
-def build_page(study: StudyResults) -> str:
-    """The whole HTML page of a study."""
-    gaps, ood = ceiling_gaps(study.scores, study.ceiling), ood_gaps(study.scores)
-    tops = sorted({str(c) for c in study.ceiling.values()})
+def cell_sections(study: StudyResults, suffix: str = "", title: str = "") -> list[str]:
+    """Findings, scores, differences, reliance, dynamics and figures of one budget cell."""
+    gaps, ood = ceiling_gaps(study.scores, study.matched), ood_gaps(study.scores)
+    pairs = sorted(f"{c} for {s}" for s, c in study.ceiling.items())
     ceiling = (
-        f"The clean ceiling is {html.escape(', '.join(tops))}: the same loss there (else ce), a "
-        "scenario without confounds (a [source] scenario's: the same table, confounds broken)."
-        if tops
+        f"Matched ceilings: {html.escape(', '.join(pairs))}. Each ceiling differs from its confounded "
+        "scenario only in the confounds; its runs are scored on the confounded scenario's own test splits "
+        "(the same images), the same loss there (else ce)."
+        if pairs
         else "The study has no clean scenario (no confound), so no split is read against a ceiling."
     )
     scores = "".join(scores_section(study, scenario, gaps, ood) for scenario in study.scenarios)
-    sections = [
-        header_section(study),
-        findings_section(study),
-        gallery_section(study),
+    paired = paired_section(study, paired_differences(study.scores))
+    if suffix:
+        paired = paired.replace("<section id='differences'>", f"<section id='differences{suffix}'>", 1)
+        paired = paired.replace("<h2>", f"<h2>{title[3:]} · " if title else "<h2>", 1)
+    return [
+        findings_section(study, suffix, title),
         section(
-            "scores", "Balanced accuracy per loss and split", f"<p>{ceiling}</p>{scores or missing('No scores yet.')}"
+            "scores" + suffix,
+            "Balanced accuracy per loss and split" + title,
+            f"<p>{ceiling}</p>{scores or missing('No scores yet.')}",
         ),
-        paired_section(study, paired_differences(study.scores)),
+        paired,
         section(
-            "reliance",
-            "What each model relies on",
+            "reliance" + suffix,
+            "What each model relies on" + title,
             "".join(explain_section(study, s) for s in study.scenarios) or missing("No scenario yet."),
         ),
         section(
-            "figures",
-            "Grad-CAM, embeddings and training curves",
+            "dynamics" + suffix,
+            "Learning dynamics" + title,
+            "".join(dynamics_section(study, s) for s in study.scenarios) or missing("No scenario yet."),
+        ),
+        section(
+            "figures" + suffix,
+            "Grad-CAM, embeddings and training curves" + title,
             "".join(figures_section(study, s) for s in study.scenarios) or missing("No scenario yet."),
         ),
     ]
+
+
+def budget_section(study: StudyResults) -> str:
+    """Across budget cells: each loss's conflict-split score and reliance verdict per cell, and
+    where the ranking or a verdict changes between cells."""
+    cells = study.cells
+    rows, rankings, verdicts = [], {}, {}
+    for cell in cells:
+        part = study.for_cell(cell)
+        for scenario, split in conflict_cells(part.scores, part.manifests):
+            found = part.scores[(part.scores["scenario"] == scenario) & (part.scores["split"] == split)]
+            means = found.groupby("loss")["value"].mean().sort_values(ascending=False)
+            rankings.setdefault((scenario, split), {})[cell] = list(means.index)
+            relied = reliance_summary(part.tables["reliance"], part.readouts, {scenario: [split]})
+            for loss, mean in means.items():
+                summary = seed_summary(found.loc[found["loss"] == loss, "value"])
+                r = relied[relied["loss"] == loss]
+                verdict = (
+                    ("confound" if r["confound"].iloc[0] > r["cue"].iloc[0] else "cue")
+                    if len(r) and pd.notna(r["cue"].iloc[0]) and pd.notna(r["confound"].iloc[0])
+                    else "n/a"
+                )
+                verdicts.setdefault((scenario, split, loss), {})[cell] = verdict
+                interval = f" [{summary.low:.2f}, {summary.high:.2f}]" if math.isfinite(summary.low) else ""
+                rows.append(
+                    f"<tr><td class='name'>{html.escape(cell)}</td><td class='name'>{html.escape(scenario)}/"
+                    f"{html.escape(split)}</td><td class='name'>{html.escape(study.label(loss))}</td>"
+                    f"<td>{mean:.2f}{interval}</td><td>{summary.n}</td><td class='name'>{verdict}</td></tr>"
+                )
+    changes = []
+    for (scenario, split), ranked in rankings.items():
+        orders = {tuple(v) for v in ranked.values()}
+        changes.append(
+            f"{scenario}/{split}: the ranking "
+            + (
+                "changes between cells (" + "; ".join(f"{c}: {' > '.join(v)}" for c, v in ranked.items()) + ")"
+                if len(orders) > 1
+                else "is the same in every cell"
+            )
+        )
+    for (scenario, split, loss), by_cell in verdicts.items():
+        if len(set(by_cell.values()) - {"n/a"}) > 1:
+            changes.append(
+                f"{scenario}/{split}: {loss}'s larger flip rate moves between cells ("
+                + "; ".join(f"{c}: {v}" for c, v in by_cell.items())
+                + ")"
+            )
+    table = (
+        "<table><tr><th class='name'>budget cell</th><th class='name'>conflict split</th>"
+        "<th class='name'>loss (readout)</th><th>balanced accuracy, mean [95% CI]</th><th>seeds</th>"
+        "<th class='name'>larger flip rate</th></tr>" + "".join(rows) + "</table>"
+    )
+    items = "".join(f"<li>{html.escape(c)}</li>" for c in changes)
+    note = (
+        "<p class='note'>Each budget cell (training rows × epochs) has its own datasets, seeds and ceiling; "
+        "losses are compared within a cell. Larger flip rate: whether the cue or the confound switch flips "
+        "more of the loss's own predictions (mean over seeds, no interval).</p>"
+    )
+    return section(
+        "budget", "Budget cells", note + (table if rows else missing("No scores yet.")) + f"<ul>{items}</ul>"
+    )
+
+
+def build_page(study: StudyResults) -> str:
+    """The whole HTML page of a study: one block of sections per budget cell, and a comparison of the cells."""
+    cells = study.cells
+    if len(cells) <= 1:
+        body = cell_sections(study.for_cell(cells[0]) if cells else study)
+        sections = [header_section(study), body[0], gallery_section(study), *body[1:]]
+    else:
+        sections = [header_section(study), budget_section(study), gallery_section(study)]
+        for i, cell in enumerate(cells):
+            sections += cell_sections(study.for_cell(cell), f"-{i}", f" · {html.escape(cell)}")
     return page(f"nodulab study {study.meta.get('name', '')}", sections)
 
 

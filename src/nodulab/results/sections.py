@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from nodulab.results.figures import heatmap, history_figure, sweep_figure
+from nodulab.results.figures import DYNAMICS_LINES, dynamics_figure, heatmap, history_figure, sweep_figure
 from nodulab.results.seed_tables import (
     METRIC,
     MIN_SEEDS,
@@ -50,6 +50,7 @@ CONTENTS = (
     ("scores", "Scores"),
     ("differences", "Differences to ce"),
     ("reliance", "Reliance"),
+    ("dynamics", "Dynamics"),
     ("figures", "Figures"),
 )
 
@@ -265,7 +266,7 @@ def _reliance_heatmap(study: StudyResults, scenario: str, reliance: pd.DataFrame
     own = own[own["split"].isin(splits)]
     if own.empty:
         return missing("No reliance rows of the losses' own readouts on these splits.")
-    kinds = {"cue": 0, "confound": 1, "nuisance": 2, "robustness": 3}
+    kinds = {"cue": 0, "confound": 1, "null": 2, "nuisance": 3, "robustness": 4}
     own = own.assign(switch=own.apply(_switch, axis=1), order=own["kind"].map(kinds).fillna(4))
     per_seed = own.groupby(["loss", "switch", "seed"])["flip_rate"].mean().groupby(["loss", "switch"]).mean()
     matrix = per_seed.unstack("switch")
@@ -403,3 +404,57 @@ def _history(study: StudyResults, scenario: str, chosen: pd.DataFrame) -> str:
     elif unplotted:
         parts.append(missing("No training history stored for " + ", ".join(unplotted) + "."))
     return "".join(parts)
+
+
+def dynamics_rows(study: StudyResults, scenario: str) -> pd.DataFrame:
+    """The dynamics of each loss's cheap readout (``head`` where it has one, else ``knn``; the probe
+    exists only at the last epoch) on the scenario's conflict splits, selected draws: columns of
+    the store's ``dynamics`` table plus ``label``."""
+    frame = study.tables.get("dynamics")
+    if frame is None or frame.empty:
+        return pd.DataFrame(columns=["label", "loss", "seed", "epoch", "split", "measure", "value"])
+    frame = frame[(frame["scenario"] == scenario) & (frame["selected"] == 1)]
+    cheap = frame["loss"].map(lambda loss: "head" if study.readouts.get(loss) == "head" else "knn")
+    frame = frame[frame["classifier"] == cheap]
+    splits = read_splits(frame[["scenario", "split"]], study.manifests).get(scenario, [])
+    frame = frame[frame["split"].isin(splits) & frame["measure"].isin(list(DYNAMICS_LINES))]
+    return frame.assign(label=frame["loss"] + " (" + frame["classifier"] + ")")
+
+
+def dynamics_section(study: StudyResults, scenario: str) -> str:
+    """Per loss, the conflict score and the cue / confound / null flip rates against epoch (seed bands)."""
+    title = f"<h3>{html.escape(scenario)}</h3>"
+    frame = dynamics_rows(study, scenario)
+    if frame.empty:
+        return title + missing("No dynamics for this scenario (no checkpoints, or no conflict split).")
+    note = (
+        "<p class='note'>Learning dynamics, read from checkpoints after training: they never select "
+        "anything. Balanced accuracy on the conflict split and the flip rates of the cue, confound and "
+        "null switches on a fixed subset of it, per epoch; line = mean over seeds, band = the seeds' range. "
+        "The cheap readout of each loss: its head, else kNN.</p>"
+    )
+    crossing = []
+    for label, part in frame.groupby("label", sort=True):
+        epoch = cue_overtakes(part)
+        crossing.append(
+            f"{html.escape(label)}: "
+            + (f"epoch {epoch}" if epoch is not None else "never within the run (at the checkpoints)")
+        )
+    figure = dynamics_figure(frame, title=f"{scenario}: learning dynamics")
+    return (
+        title
+        + note
+        + figure_html(figure, f"dynamics of {scenario}")
+        + "<p class='note'>First checkpoint at which the mean cue flip rate exceeds the confound flip rate: "
+        + "; ".join(crossing)
+        + ".</p>"
+    )
+
+
+def cue_overtakes(frame: pd.DataFrame) -> int | None:
+    """The first epoch whose mean (over seeds) cue flip rate exceeds the confound flip rate, if any."""
+    means = frame.groupby(["epoch", "measure"])["value"].mean().unstack("measure")
+    if not {"cue_flip_rate", "confound_flip_rate"} <= set(means.columns):
+        return None
+    ahead = means.index[(means["cue_flip_rate"] > means["confound_flip_rate"]).to_numpy()]
+    return int(ahead[0]) if len(ahead) else None

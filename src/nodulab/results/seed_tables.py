@@ -9,11 +9,11 @@ that (scenario, loss, seed) (kNN balanced accuracy on ``val``, the same score fo
   feature-quality oracle and ``*_init`` are untrained controls: never a loss's behaviour.
 - **IID and OOD.** ``val`` shares the training distribution; the OOD gap of a split is
   ``val`` minus that split, per seed.
-- **The clean ceiling.** The first scenario (by name) whose manifest has no confound, read on its
-  first test split that overrides no factor; a ``[source]`` scenario's is the first one drawing
-  from the same table with its confounds broken (``lidc`` -> ``lidc-balanced``), read on a test
-  split with the confounds broken. A loss's ceiling is that score of the same loss,
-  else of ``ce``; the gap to it has a Welch interval over seeds (different runs, not paired).
+- **The matched ceiling.** Each confounded scenario's ceiling is the scenario the study names
+  (``studies.config``: it differs only in the confounds; ``lidc`` -> ``lidc-balanced``). Its runs
+  are scored on the confounded scenario's own test splits (``metrics.dataset``), so the gap is read
+  on the same images (``matched_scores``, ``ceiling_gaps``). A loss's ceiling is that score of the
+  same loss, else of ``ce``; the gap has a Welch interval over seeds (different runs, not paired).
 - **Differences to ce.** Per (scenario, test split) and loss, the per-seed difference to ``ce``
   (seeds paired by number), a paired t-test, and Holm's correction over every comparison with
   at least ``MIN_SEEDS`` pairs. A difference is claimed only when its Holm-level interval
@@ -25,7 +25,6 @@ Numpy, scipy and pandas only, so the report never loads torch.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -78,6 +77,8 @@ def own_scores(
 ) -> pd.DataFrame:
     """Own-behaviour ``metric`` per run and split: scenario, loss, seed, draw, split, readout, value."""
     frame = metrics[metrics["metric"] == metric]
+    if "dataset" in frame:  # a run's scores on its own images (a ceiling's on others' are ``matched_scores``)
+        frame = frame[frame["dataset"] == frame["scenario"]]
     frame = own_rows(frame, readouts or readout_map(metrics), selected_only=selected_only)
     return frame[["scenario", "loss", "seed", "draw", "split", "readout", "value"]]
 
@@ -140,54 +141,38 @@ def conflict_splits(manifest: Mapping[str, Any] | None, splits: list[str]) -> li
     return [s for s in tests if "conflict" in s] or tests
 
 
-@dataclass(frozen=True)
-class Ceiling:
-    """Where the clean ceiling is read: a scenario without confounds and one of its test splits."""
+def implied_ceilings(manifests: Manifests) -> dict[str, str]:
+    """Ceilings a store that names none implies: with exactly one confound-free scenario drawing from
+    the same source (a synthetic one, or a ``[source]`` table), that one (``studies.config`` names them)."""
 
-    scenario: str
-    split: str
+    def table(name: str) -> Any:
+        source = _scenario(manifests[name]).get("source")
+        return source.get("table") if isinstance(source, Mapping) else None
 
-    def __str__(self) -> str:
-        return f"{self.scenario}/{self.split}"
-
-
-def find_ceiling(manifests: Manifests, scores: pd.DataFrame, table: str | None = None) -> Ceiling | None:
-    """The first scenario without confounds (by name) and its first scored test split with no factor override.
-
-    With ``table``, only ``[source]`` scenarios drawing from that table count (their test splits
-    with the confounds broken); without, only scenarios with no ``[source]``.
-    """
-    for name in sorted(manifests):
-        scenario = _scenario(manifests[name])
-        if "confounds" not in scenario or confounds_of(manifests[name]):
-            continue
-        source = scenario.get("source")
-        if (source.get("table") if isinstance(source, Mapping) else None) != table:
-            continue
-        scored = set(scores.loc[scores["scenario"] == name, "split"])
-        specs = scenario.get("splits", {})
-        plain = [
-            s
-            for s in sorted(scored)
-            if s.startswith("test_")
-            and not specs.get(s, {}).get("factors")
-            and _source_mode(scenario, s) in (None, "broken")
-        ]
-        if plain:
-            return Ceiling(name, plain[0])
-    return None
-
-
-def find_ceilings(manifests: Manifests, scores: pd.DataFrame) -> dict[str, Ceiling]:
-    """Each scored scenario's ceiling (``find_ceiling``): a ``[source]`` scenario's from the same
-    table, any other's from the synthetic scenarios; a ceiling is not its own."""
+    free = [n for n in sorted(manifests) if "confounds" in _scenario(manifests[n]) and not confounds_of(manifests[n])]
     out = {}
-    for name in sorted(set(scores["scenario"])):
-        source = _scenario(manifests.get(name)).get("source")
-        ceiling = find_ceiling(manifests, scores, source.get("table") if isinstance(source, Mapping) else None)
-        if ceiling is not None and ceiling.scenario != name:
-            out[name] = ceiling
+    for name in sorted(manifests):
+        candidates = [c for c in free if table(c) == table(name)]
+        if confounds_of(manifests[name]) and len(candidates) == 1:
+            out[name] = candidates[0]
     return out
+
+
+def matched_scores(
+    metrics: pd.DataFrame, ceilings: Mapping[str, str], readouts: Mapping[str, str] | None = None
+) -> pd.DataFrame:
+    """The ceilings' own-behaviour scores on the confounded scenarios' images (``dataset`` column).
+
+    Columns: scenario (the confounded one), ceiling, loss, seed, draw, split, readout, value.
+    """
+    columns = ["scenario", "ceiling", "loss", "seed", "draw", "split", "readout", "value"]
+    if "dataset" not in metrics or metrics.empty:
+        return pd.DataFrame(columns=columns)
+    frame = metrics[metrics["metric"] == METRIC]
+    frame = own_rows(frame, readouts or readout_map(metrics))
+    keep = [ceilings.get(d) == s for d, s in zip(frame["dataset"], frame["scenario"])]
+    frame = frame[np.asarray(keep, dtype=bool)]
+    return frame.rename(columns={"scenario": "ceiling"}).rename(columns={"dataset": "scenario"})[columns]
 
 
 def _values(scores: pd.DataFrame, scenario: str, loss: str, split: str) -> pd.Series:
@@ -195,12 +180,13 @@ def _values(scores: pd.DataFrame, scenario: str, loss: str, split: str) -> pd.Se
     return cell.set_index("seed")["value"]
 
 
-def ceiling_gaps(scores: pd.DataFrame, ceiling: Ceiling | Mapping[str, Ceiling] | None) -> pd.DataFrame:
-    """Per scenario (but a ceiling's), loss and test split: the score, its ceiling, and the gap.
+def ceiling_gaps(scores: pd.DataFrame, matched: pd.DataFrame) -> pd.DataFrame:
+    """Per confounded scenario, loss and test split: the score, its matched ceiling on the same images, the gap.
 
-    ``ceiling`` is one ceiling for every scenario or each scenario's (``find_ceilings``).
-    Columns: scenario, split, loss, readout, n, mean, low, high, ceiling_loss, ceiling_n,
-    ceiling_mean, ceiling_low, ceiling_high, gap (ceiling − score), gap_low, gap_high (Welch), ceiling.
+    ``matched`` is ``matched_scores``: the ceiling scenario's runs scored on this scenario's test
+    splits. A loss's ceiling is the same loss there, else ``ce``. Columns: scenario, split, loss,
+    readout, n, mean, low, high, ceiling_loss, ceiling_n, ceiling_mean, ceiling_low, ceiling_high,
+    gap (ceiling − score), gap_low, gap_high (Welch: different runs), ceiling (its scenario).
     """
     columns = [
         "scenario",
@@ -221,17 +207,14 @@ def ceiling_gaps(scores: pd.DataFrame, ceiling: Ceiling | Mapping[str, Ceiling] 
         "gap_high",
         "ceiling",
     ]
-    if ceiling is None:
+    if matched.empty:
         return pd.DataFrame(columns=columns)
-    if isinstance(ceiling, Ceiling):
-        ceiling = {name: ceiling for name in set(scores["scenario"]) if name != ceiling.scenario}
-    tests = scores[scores["split"].str.startswith("test_") & scores["scenario"].isin(list(ceiling))]
+    tests = scores[scores["split"].str.startswith("test_") & scores["scenario"].isin(set(matched["scenario"]))]
     rows = []
     for (scenario, split, loss), part in tests.groupby(["scenario", "split", "loss"], sort=True):
-        top_cell = ceiling[scenario]
-        at_ceiling = scores[(scores["scenario"] == top_cell.scenario) & (scores["split"] == top_cell.split)]
-        ceiling_loss = loss if loss in set(at_ceiling["loss"]) else REFERENCE
-        top = _values(scores, top_cell.scenario, ceiling_loss, top_cell.split)
+        here = matched[(matched["scenario"] == scenario) & (matched["split"] == split)]
+        ceiling_loss = loss if loss in set(here["loss"]) else REFERENCE
+        top = _values(here, scenario, ceiling_loss, split)
         if top.empty:
             continue
         own, best = seed_summary(part["value"]), seed_summary(top)
@@ -252,7 +235,7 @@ def ceiling_gaps(scores: pd.DataFrame, ceiling: Ceiling | Mapping[str, Ceiling] 
                 best.low,
                 best.high,
                 *gap,
-                str(top_cell),
+                here["ceiling"].iloc[0],
             )
         )
     return pd.DataFrame(rows, columns=columns)
@@ -322,20 +305,36 @@ def _rows_on(table: pd.DataFrame, readouts: Mapping[str, str], splits: Mapping[s
 def reliance_summary(
     reliance: pd.DataFrame, readouts: Mapping[str, str], splits: Mapping[str, Sequence[str]]
 ) -> pd.DataFrame:
-    """Per scenario and loss, on ``splits[scenario]``: mean flip rate of the cue vs the confound switches.
+    """Per scenario and loss, on ``splits[scenario]``: the excess flip rate (over the null switches)
+    of the cue vs the confound switches.
 
-    Per seed the mean over the switches of each kind, then the mean over seeds. Columns:
-    scenario, loss, readout, seeds, cue, confound.
+    Per seed the mean over the switches of each kind of ``excess_flip_rate`` (the flip rate where
+    the table has no null switches), then the mean over seeds; ``null`` is the mean null flip rate
+    and ``degenerate`` the share of seeds whose readout predicts one class on >= 95% of the rows
+    (never read as relying on anything). Columns: scenario, loss, readout, seeds, cue, confound,
+    null, degenerate.
     """
+    columns = ["scenario", "loss", "readout", "seeds", "cue", "confound", "null", "degenerate"]
     rows = _rows_on(reliance, readouts, splits)
-    rows = rows[rows["kind"].isin(["cue", "confound"])]
-    per_seed = rows.groupby(["scenario", "loss", "readout", "seed", "kind"])["flip_rate"].mean().unstack("kind")
-    grouped = per_seed.reindex(columns=["cue", "confound"]).groupby(level=["scenario", "loss", "readout"])
-    return (
-        grouped.mean()
-        .assign(seeds=grouped.size())
-        .reset_index()[["scenario", "loss", "readout", "seeds", "cue", "confound"]]
+    if rows.empty:
+        return pd.DataFrame(columns=columns)
+    has_null = "excess_flip_rate" in rows and rows["excess_flip_rate"].notna().any()
+    rows = rows.assign(
+        rate=rows["excess_flip_rate"] if has_null else rows["flip_rate"],
+        null=rows["null_flip_rate"] if "null_flip_rate" in rows else np.nan,
+        degenerate=rows["degenerate"] if "degenerate" in rows else 0,
     )
+    keys = ["scenario", "loss", "readout", "seed"]
+    per_seed = (
+        rows[rows["kind"].isin(["cue", "confound"])]
+        .groupby([*keys, "kind"])["rate"]
+        .mean()
+        .unstack("kind")
+        .reindex(columns=["cue", "confound"])
+    )
+    per_seed = per_seed.join(rows.groupby(keys)[["null", "degenerate"]].max(), how="outer")
+    grouped = per_seed.groupby(level=["scenario", "loss", "readout"])
+    return grouped.mean().assign(seeds=grouped.size()).reset_index()[columns]
 
 
 def cue_summary(cue: pd.DataFrame, readouts: Mapping[str, str], splits: Mapping[str, Sequence[str]]) -> pd.DataFrame:

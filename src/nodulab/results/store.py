@@ -4,9 +4,9 @@
 Tables:
 
     meta      key, value                      format, study name, the study's sha256 and config
-    datasets  scenario, key, manifest_sha256, manifest, gallery (PNG)
-    runs      run_id, scenario, loss, seed, draw, selected, config (JSON), status (done | failed),
-              reason, warnings, score (the selection score), train_s, evaluate_s, explain_s, finished
+    datasets  scenario, key, manifest_sha256, manifest, gallery (PNG)   (one per scenario and n.train)
+    runs      run_id, budget, scenario, loss, seed, draw, selected, config (JSON), status (done | failed),
+              reason, warnings, score (the selection score), train_s, evaluate_s, dynamics_s, explain_s, finished
     figures   run_id, name, png                   (``common.tables.RUN_FIGURES``: cam, embedding, history)
 
 and one table per entry of ``common.tables.RESULT_TABLES`` (metrics, groups, the explain tables,
@@ -16,8 +16,9 @@ the declared key, the declared text columns ``TEXT`` and the others ``REAL``.
 
 A run and every row of it go in with one transaction, so a study killed at any moment (SIGKILL
 included) leaves either the whole run or none of it; a run is in ``runs`` at most once. Only the
-study's driver process writes. ``selected`` marks, per (scenario, loss, seed), the draw with the
-best selection score among the finished ones (ties: the lower draw).
+study's driver process writes. ``selected`` marks, per (budget, scenario, loss, seed), the draw
+with the best selection score among the finished ones (ties: the lower draw). ``budget`` is the
+run's budget cell (``n=1000,epochs=6``: ``studies.config.Cell``).
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ from nodulab.common.tables import RESULT_TABLES, ResultTable, write_table
 from nodulab.common.writing import follow_umask, write_atomically
 
 STORE_FILE = "results.sqlite"
-STORE_FORMAT = "nodulab-store/1"
-RUN_KEYS = ("run_id", "scenario", "loss", "seed", "draw", "selected")
+STORE_FORMAT = "nodulab-store/2"
+"""2: ``budget`` in ``runs`` and the keys, ``dataset`` in ``metrics``, one dataset per scenario and n.train."""
+RUN_KEYS = ("run_id", "budget", "scenario", "loss", "seed", "draw", "selected")
 """The key columns every long CSV of a study starts with."""
 RUN_COLUMNS = {
     "run_id": "TEXT PRIMARY KEY",
+    "budget": "TEXT NOT NULL DEFAULT ''",
     "scenario": "TEXT NOT NULL",
     "loss": "TEXT NOT NULL",
     "seed": "INTEGER NOT NULL",
@@ -51,6 +54,7 @@ RUN_COLUMNS = {
     "score": "REAL",
     "train_s": "REAL",
     "evaluate_s": "REAL",
+    "dynamics_s": "REAL",
     "explain_s": "REAL",
     "finished": "TEXT",
 }
@@ -73,8 +77,8 @@ def _declared(name: str) -> ResultTable:
 def _schema() -> list[str]:
     statements = [
         "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-        "CREATE TABLE IF NOT EXISTS datasets (scenario TEXT PRIMARY KEY, key TEXT NOT NULL, "
-        "manifest_sha256 TEXT NOT NULL, manifest TEXT NOT NULL, gallery BLOB)",
+        "CREATE TABLE IF NOT EXISTS datasets (scenario TEXT NOT NULL, key TEXT NOT NULL, "
+        "manifest_sha256 TEXT NOT NULL, manifest TEXT NOT NULL, gallery BLOB, PRIMARY KEY (scenario, key))",
         "CREATE TABLE IF NOT EXISTS runs (" + ", ".join(f"{c} {t}" for c, t in RUN_COLUMNS.items()) + ")",
         "CREATE TABLE IF NOT EXISTS figures (run_id TEXT NOT NULL REFERENCES runs(run_id), name TEXT NOT NULL, "
         "png BLOB NOT NULL, PRIMARY KEY (run_id, name))",
@@ -214,6 +218,7 @@ class Store:
         record["selected"] = 0
         record["reason"] = run.get("reason") or ""
         record["warnings"] = run.get("warnings") or ""
+        record["budget"] = run.get("budget") or ""
         with self._db:
             marks = ", ".join("?" * len(RUN_COLUMNS))
             self._db.execute(
@@ -233,22 +238,23 @@ class Store:
                 )
             for name, png in (figures or {}).items():
                 self._db.execute("INSERT INTO figures VALUES (?, ?, ?)", (record["run_id"], name, png))
-            self._select(record["scenario"], record["loss"], int(record["seed"]))
+            self._select(record["budget"], record["scenario"], record["loss"], int(record["seed"]))
 
-    def _select(self, scenario: str, loss: str, seed: int) -> None:
-        cell = (scenario, loss, seed)
+    def _select(self, budget: str, scenario: str, loss: str, seed: int) -> None:
+        cell = (budget, scenario, loss, seed)
+        where = "budget=? AND scenario=? AND loss=? AND seed=?"
         best = self._db.execute(
-            "SELECT run_id FROM runs WHERE scenario=? AND loss=? AND seed=? AND status='done' AND score IS NOT NULL "
+            f"SELECT run_id FROM runs WHERE {where} AND status='done' AND score IS NOT NULL "
             "ORDER BY score DESC, draw ASC LIMIT 1",
             cell,
         ).fetchone()
-        self._db.execute("UPDATE runs SET selected=0 WHERE scenario=? AND loss=? AND seed=?", cell)
+        self._db.execute(f"UPDATE runs SET selected=0 WHERE {where}", cell)
         if best:
             self._db.execute("UPDATE runs SET selected=1 WHERE run_id=?", best)
 
     def runs(self) -> pd.DataFrame:
         """Every recorded run (``config`` parsed), in grid order."""
-        frame = pd.read_sql_query("SELECT * FROM runs ORDER BY scenario, loss, seed, draw", self._db)
+        frame = pd.read_sql_query("SELECT * FROM runs ORDER BY budget, scenario, loss, seed, draw", self._db)
         frame["config"] = [json.loads(c) for c in frame["config"]]
         return frame
 
@@ -265,17 +271,25 @@ class Store:
         columns = ", ".join(f"t.{_quote(c)}" for c in declared)
         return pd.read_sql_query(
             f"SELECT {keys}, {columns} FROM {name} t JOIN runs r USING (run_id) "
-            "ORDER BY r.scenario, r.loss, r.seed, r.draw, t.rowid",
+            "ORDER BY r.budget, r.scenario, r.loss, r.seed, r.draw, t.rowid",
             self._db,
         )
 
     def datasets(self) -> pd.DataFrame:
-        return pd.read_sql_query("SELECT * FROM datasets ORDER BY scenario", self._db)
+        return pd.read_sql_query("SELECT * FROM datasets ORDER BY scenario, rowid", self._db)
+
+    def recorded_datasets(self) -> set[tuple[str, str]]:
+        """``(scenario, key)`` of every dataset recorded."""
+        return {tuple(row) for row in self._db.execute("SELECT scenario, key FROM datasets")}
 
     def manifests(self) -> dict[str, dict[str, Any]]:
-        """Each scenario's dataset manifest (its ``dataset.json``), parsed."""
-        rows = self._db.execute("SELECT scenario, manifest FROM datasets")
-        return {scenario: json.loads(text) for scenario, text in rows}
+        """Each scenario's dataset manifest (its ``dataset.json``; the first recorded where budget
+        cells resize the training split: the confounds and test splits are the same), parsed."""
+        rows = self._db.execute("SELECT scenario, manifest FROM datasets ORDER BY rowid")
+        found: dict[str, dict[str, Any]] = {}
+        for scenario, text in rows:
+            found.setdefault(scenario, json.loads(text))
+        return found
 
     def figure(self, run_id: str, name: str) -> bytes | None:
         row = self._db.execute("SELECT png FROM figures WHERE run_id=? AND name=?", (run_id, name)).fetchone()

@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 
 from nodulab.common.tables import RESULT_TABLES
-from nodulab.results.seed_tables import Ceiling, find_ceilings, own_scores, readout_map
+from nodulab.results.seed_tables import implied_ceilings, matched_scores, own_scores, readout_map
 from nodulab.results.store import Store
 
 
@@ -24,8 +24,30 @@ class StudyResults:
     manifests: dict[str, dict[str, Any]]
     readouts: dict[str, str]
     scores: pd.DataFrame
-    ceiling: dict[str, Ceiling]  # each scenario's clean ceiling (``find_ceilings``)
+    ceiling: dict[str, str]  # each confounded scenario's matched ceiling (the study's ``ceilings``)
+    matched: pd.DataFrame  # the ceilings' scores on the confounded scenarios' images (``matched_scores``)
     budget: int
+    cell: str = ""  # the budget cell these results are restricted to ("": every run)
+
+    @property
+    def cells(self) -> list[str]:
+        """The budget cells of the runs (``runs.budget``), in the study's order."""
+        order = self.config.get("cells") or []
+        found = list(dict.fromkeys(self.runs["budget"])) if "budget" in self.runs else []
+        return [c for c in order if c in found] + [c for c in found if c not in order]
+
+    def for_cell(self, cell: str) -> StudyResults:
+        """These results restricted to the runs of one budget cell."""
+        ids = set(self.runs.loc[self.runs["budget"] == cell, "run_id"])
+        return _build(
+            self.store,
+            self.meta,
+            self.config,
+            self.runs[self.runs["run_id"].isin(ids)].reset_index(drop=True),
+            {name: t[t["run_id"].isin(ids)].reset_index(drop=True) for name, t in self.tables.items()},
+            self.manifests,
+            cell,
+        )
 
     @property
     def scenarios(self) -> list[str]:
@@ -41,25 +63,37 @@ class StudyResults:
 
 
 def read_results(store: Store) -> StudyResults:
-    """Read the store's tables and build the seed-level tables every section shares."""
+    """Read the store's tables and build the seed-level tables every section shares (every cell)."""
     tables = {name: store.table(name) for name in RESULT_TABLES}
-    config = store.study_config()
-    runs = store.runs()
+    return _build(store, store.meta(), store.study_config(), store.runs(), tables, store.manifests(), "")
+
+
+def _build(
+    store: Store,
+    meta: dict[str, str],
+    config: dict[str, Any],
+    runs: pd.DataFrame,
+    tables: dict[str, pd.DataFrame],
+    manifests: dict[str, dict[str, Any]],
+    cell: str,
+) -> StudyResults:
     metrics = tables["metrics"]
     readouts = readout_map(metrics)
-    scores = own_scores(metrics, readouts)
-    manifests = store.manifests()
+    named = config.get("ceilings")
+    ceilings = {str(k): str(v) for k, v in named.items()} if isinstance(named, dict) else implied_ceilings(manifests)
     return StudyResults(
         store,
-        store.meta(),
+        meta,
         config,
         runs,
         tables,
         manifests,
         readouts,
-        scores,
-        find_ceilings(manifests, scores),
+        own_scores(metrics, readouts),
+        ceilings,
+        matched_scores(metrics, ceilings, readouts),
         _budget(config, runs),
+        cell,
     )
 
 

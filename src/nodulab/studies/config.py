@@ -14,14 +14,18 @@ A study is a preset (``presets/studies/*.toml``, listed by ``nodulab studies``) 
     dim = 2
     size = 32
     pixel_mm = 1.4
-    n = { train = 1500, val = 500, test = 500 }   # or one number; "test" = every test_* split
+    n = { train = 1500, val = 500, test = 500 }   # or one number; "test" = every test_* split;
+                                             # train may be a list: one budget cell per value
 
     [train]
     encoder = "small-cnn"
-    epochs = 8
+    epochs = 8                               # or a list: one budget cell per value
     batch_size = 128
     views = "both"
     threads = 2                              # per run, whatever --jobs or the executor
+    checkpoints = [1, 2, 4]                  # epochs whose weights the dynamics stage scores
+                                             # (default: 1, 2, 4, ... below epochs); the last
+                                             # epoch is always added
 
     [tuning]
     budget = 1                               # draws per (scenario, loss, seed); 1 = the defaults
@@ -29,6 +33,22 @@ A study is a preset (``presets/studies/*.toml``, listed by ``nodulab studies``) 
     [explain]
     splits = ["test_*conflict"]              # names or shell patterns; none = no explain
     n = 300                                  # rows per split (default all)
+    dynamics_n = 200                         # conflict rows the dynamics stage switches
+
+    [ceilings]                               # each confounded scenario's matched ceiling
+    size-confound = "clean"
+
+**Budget cells.** Every (``n.train``, ``epochs``) pair is a cell of the grid with its own seeds,
+datasets and ceiling (``Study.cells``); a study with scalars has one cell.
+
+**Matched ceilings** (``Study.ceilings``). A confounded scenario's ceiling is a scenario of the
+study without confounds, named in ``[ceilings]``; with exactly one confound-free synthetic
+scenario in the study it is implied, with several and none named the study is refused. A
+``[source]`` scenario's ceiling is the scenario drawing from the same table with its confounds
+broken in training (``lidc`` -> ``lidc-balanced``). The ceiling must differ from the confounded
+scenario only in its confounds: the same label rule, image geometry and, for every other factor,
+the same training distribution (a mismatch is refused, naming the factor). The ceiling's runs are
+scored on the confounded scenario's own test splits (the same images), so the gap is read on them.
 
 Validation is pydantic's, like scenarios': one line naming the key, ``StudyError``. Losses are
 checked against the loss registry (``nodulab.training.hparams``) when a study is validated;
@@ -41,20 +61,32 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from nodulab.common.choices import DEFAULT_EPOCHS, ENCODERS, MAX_N, VIEWS
-from nodulab.synth.scenario import Scenario, ScenarioError, is_split_name, one_line
-from nodulab.synth.scenarios import load_scenario, load_scenario_dict, parse_toml, read_limited, scenario_to_dict
+from nodulab.common.choices import DEFAULT_EPOCHS, ENCODERS, MAX_EPOCHS, MAX_N, VIEWS
+from nodulab.synth.factors import FACTORS
+from nodulab.synth.scenario import Scenario, ScenarioError, is_split_name, one_line, source_mode
+from nodulab.synth.scenarios import (
+    load_scenario,
+    load_scenario_dict,
+    parse_toml,
+    read_limited,
+    scenario_to_dict,
+    split_distributions,
+)
 from nodulab.training import hparams
 
 MAX_SEEDS = 100
 MAX_BUDGET = 100
+MAX_CELLS = 16
+"""Most budget cells (``n.train`` values x ``epochs`` values) a study may have."""
+DYNAMICS_N = 200
+"""Conflict rows the dynamics stage re-renders under each switch, by default."""
 _MODEL = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
@@ -68,34 +100,74 @@ class DataSettings(BaseModel):
     dim: int | None = Field(None, ge=2, le=3)
     size: int | None = Field(None, ge=1)
     pixel_mm: float | None = None
-    n: int | dict[str, int] | None = None
+    n: int | dict[str, int | list[int]] | None = None
 
     @field_validator("n")
     @classmethod
-    def _check_n(cls, n: int | dict[str, int] | None) -> int | dict[str, int] | None:
+    def _check_n(cls, n: int | dict[str, int | list[int]] | None) -> int | dict[str, int | list[int]] | None:
         for key, value in n.items() if isinstance(n, dict) else [("", n)] if n is not None else []:
             if key and key != "test" and not is_split_name(key):
                 raise ValueError(f"unknown split {key!r} (a split name, or 'test' for every test_* split)")
-            if not 1 <= value <= MAX_N:
-                raise ValueError(f"{key or 'n'} must be 1..{MAX_N:,}, got {value}")
+            if isinstance(value, list) and key != "train":
+                raise ValueError(f"n.{key}: only n.train may be a list (one budget cell per value)")
+            for v in _values(value, f"n.{key}" if key else "n"):
+                if not 1 <= v <= MAX_N:
+                    raise ValueError(f"{key or 'n'} must be 1..{MAX_N:,}, got {v}")
         return n
+
+    def train_sizes(self) -> list[int | None]:
+        """The ``n.train`` values (``[None]``: the scenario's own size), one budget cell each."""
+        if isinstance(self.n, dict) and "train" in self.n:
+            value = self.n["train"]
+            return list(value) if isinstance(value, list) else [value]
+        return [self.n] if isinstance(self.n, int) else [None]
+
+
+def _values(value: int | list[int], where: str) -> list[int]:
+    """A scalar or a list of distinct values (one budget cell each)."""
+    if not isinstance(value, list):
+        return [value]
+    if not value:
+        raise ValueError(f"{where}: an empty list")
+    if len(set(value)) != len(value):
+        raise ValueError(f"{where}: a value is listed twice")
+    return value
 
 
 class TrainSettings(BaseModel):
     model_config = _MODEL
     encoder: str = "small-cnn"
-    epochs: int = Field(DEFAULT_EPOCHS, ge=1)
+    epochs: int | list[int] = DEFAULT_EPOCHS
     batch_size: int = Field(128, ge=2)
     views: str = "both"
     threads: int = Field(1, ge=1, le=256)
+    checkpoints: list[int] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> TrainSettings:
+        for epochs in _values(self.epochs, "epochs"):
+            if not 1 <= epochs <= MAX_EPOCHS:
+                raise ValueError(f"epochs must be 1..{MAX_EPOCHS:,}, got {epochs}")
+        for k in self.checkpoints or []:
+            if not 1 <= k <= max(self.epoch_values()):
+                raise ValueError(f"checkpoints: {k} is not an epoch of the study (1..{max(self.epoch_values())})")
         if self.encoder not in ENCODERS:
             raise ValueError(f"encoder: must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
         if self.views not in VIEWS:
             raise ValueError(f"views: must be one of {', '.join(VIEWS)}, got {self.views!r}")
         return self
+
+    def epoch_values(self) -> list[int]:
+        return list(self.epochs) if isinstance(self.epochs, list) else [self.epochs]
+
+    def checkpoints_for(self, epochs: int) -> list[int]:
+        """The epochs whose weights a run of ``epochs`` saves: ``checkpoints`` up to it (default
+        1, 2, 4, ... below it), and the last epoch."""
+        from nodulab.training.loop import default_checkpoints
+
+        if self.checkpoints is None:
+            return list(default_checkpoints(epochs))
+        return sorted({k for k in self.checkpoints if k <= epochs} | {epochs})
 
 
 class TuningSettings(BaseModel):
@@ -107,6 +179,7 @@ class ExplainSettings(BaseModel):
     model_config = _MODEL
     splits: list[str] = []
     n: int | None = Field(None, ge=1, le=MAX_N)
+    dynamics_n: int = Field(DYNAMICS_N, ge=1, le=MAX_N)
 
 
 ALL_LOSSES = "all"
@@ -136,6 +209,7 @@ class StudyModel(BaseModel):
     train: TrainSettings = TrainSettings()
     tuning: TuningSettings = TuningSettings()
     explain: ExplainSettings = ExplainSettings()
+    ceilings: dict[str, str] = {}
 
     @field_validator("losses", mode="before")
     @classmethod
@@ -153,7 +227,23 @@ class StudyModel(BaseModel):
         _check_losses(self.losses, "losses")
         for scenario, chosen in self.scenario_losses.items():
             _check_losses(chosen, f"scenario_losses.{scenario}")
+        cells = len(self.data.train_sizes()) * len(self.train.epoch_values())
+        if cells > MAX_CELLS:
+            raise ValueError(f"n.train x epochs makes {cells} budget cells; at most {MAX_CELLS}")
         return self
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One budget cell: training rows (``None``: the scenario's own) and epochs."""
+
+    n_train: int | None
+    epochs: int
+
+    @property
+    def label(self) -> str:
+        """``n=1000,epochs=6`` (``epochs=6`` when the scenarios keep their own size): the store's ``budget``."""
+        return f"n={self.n_train},epochs={self.epochs}" if self.n_train is not None else f"epochs={self.epochs}"
 
 
 @dataclass(frozen=True)
@@ -165,10 +255,31 @@ class Study:
     sha256: str
     sources: tuple[Path, ...] = ()
     """The files it was read from (the study file, scenario files): a study never writes over them."""
+    ceilings: dict[str, str] = field(default_factory=dict)
+    """Each confounded scenario's matched ceiling (a scenario of the study), when it has one."""
+    sized: dict[tuple[str, int | None], Scenario] = field(default_factory=dict)
+    """Each scenario resized to each ``n.train`` value (``Study.scenario``)."""
 
     @property
     def name(self) -> str:
         return self.model.name
+
+    def cells(self) -> list[Cell]:
+        """The budget cells, ``n.train`` outer, ``epochs`` inner, in the file's order."""
+        return [Cell(n, e) for n in self.model.data.train_sizes() for e in self.model.train.epoch_values()]
+
+    def scenario(self, name: str, cell: Cell) -> Scenario:
+        """The scenario as a cell trains on it (its train split resized to ``cell.n_train``)."""
+        return self.sized.get((name, cell.n_train), self.scenarios[name])
+
+    def data_name(self, scenario: str, n_train: int | None) -> str:
+        """The name of a scenario's dataset for one ``n.train`` value (the scenario's name when the
+        study has one ``n.train``): how the driver and the executors find it."""
+        return scenario if len(self.model.data.train_sizes()) == 1 else f"{scenario} n={n_train}"
+
+    def ceiling_of(self, ceiling: str) -> list[str]:
+        """The confounded scenarios whose ceiling is ``ceiling``."""
+        return [s for s, c in self.ceilings.items() if c == ceiling]
 
     def losses(self, scenario: str) -> list[str]:
         return list(self.model.scenario_losses.get(scenario, self.model.losses))
@@ -180,7 +291,7 @@ class Study:
 
     def planned_runs(self) -> int:
         m = self.model
-        return sum(len(self.losses(s)) for s in self.scenarios) * m.seeds * m.tuning.budget
+        return sum(len(self.losses(s)) for s in self.scenarios) * m.seeds * m.tuning.budget * len(self.cells())
 
     def record(self) -> dict[str, Any]:
         """JSON form: the settings, every resolved scenario (what the hash covers), the grid's size."""
@@ -188,17 +299,26 @@ class Study:
             "study": self.model.model_dump(mode="json"),
             "budget": self.model.tuning.budget,
             "planned_runs": self.planned_runs(),
+            "cells": [c.label for c in self.cells()],
+            "ceilings": dict(self.ceilings),
             "scenarios": {name: scenario_to_dict(s) for name, s in self.scenarios.items()},
         }
 
 
-def _split_sizes(scenario: Scenario, n: int | dict[str, int] | None) -> dict[str, int]:
+def _split_sizes(scenario: Scenario, n: int | dict[str, int | list[int]] | None) -> dict[str, int]:
+    """Each split's ``n`` from ``[data] n`` (a ``train`` list counts by its first value)."""
     if n is None:
         return {}
     if isinstance(n, int):
         return dict.fromkeys(scenario.splits, n)
     sizes = {s: n["test"] for s in scenario.splits if s.startswith("test_") and "test" in n}
-    return sizes | {s: v for s, v in n.items() if s in scenario.splits}
+    return sizes | {s: v[0] if isinstance(v, list) else v for s, v in n.items() if s in scenario.splits}
+
+
+def _resized(scenario: Scenario, n_train: int) -> Scenario:
+    d = scenario_to_dict(scenario)
+    d["splits"] = {**d["splits"], "train": {**d["splits"]["train"], "n": n_train}}
+    return load_scenario_dict(d)
 
 
 def _scenario_path(entry: str, base: Path | None) -> Path | str:
@@ -236,11 +356,86 @@ def study_from_dict(d: dict[str, Any], base: Path | None = None, source: Path | 
     for name in model.scenario_losses:
         if name not in scenarios:
             raise StudyError(f"scenario_losses.{name}: not a scenario of this study ({', '.join(scenarios)})")
-    partial = Study(model, scenarios, "")
+    sized = {}
+    for name, scenario in scenarios.items():
+        for n_train in model.data.train_sizes()[1:]:
+            try:
+                sized[(name, n_train)] = _resized(scenario, n_train)
+            except ScenarioError as error:
+                raise StudyError(f"n.train = {n_train}: {name}: {error}") from None
+    ceilings = resolve_ceilings(scenarios, model.ceilings)
+    partial = Study(model, scenarios, "", ceilings=ceilings)
     digest = hashlib.sha256(json.dumps(partial.record(), sort_keys=True).encode()).hexdigest()
     files = [p for p in (_scenario_path(e, base) for e in model.scenarios) if isinstance(p, Path) or Path(p).is_file()]
     sources = tuple(Path(p) for p in ([source] if source else []) + files)
-    return Study(model, scenarios, digest, sources)
+    return Study(model, scenarios, digest, sources, ceilings, sized)
+
+
+# ----------------------------------------------------------------------------- matched ceilings
+def _confounded(scenario: Scenario) -> bool:
+    """Whether a scenario trains with a confound (a ``[source]`` one: with its table's joint ratings)."""
+    if scenario.source is not None:
+        train = scenario.splits.get("train")
+        return source_mode(scenario.source.confounds, "train", train.confounds if train else None) == "real"
+    return bool(scenario.confounds)
+
+
+def _table(scenario: Scenario) -> str | None:
+    return scenario.source.table if scenario.source is not None else None
+
+
+def check_ceiling(confounded: Scenario, ceiling: Scenario, where: str) -> None:
+    """Refuse a ceiling that differs from ``confounded`` in more than its confounds (naming what differs)."""
+    if _table(confounded) != _table(ceiling):
+        raise StudyError(f"{where}: {ceiling.name!r} draws from another source than {confounded.name!r}")
+    if _confounded(ceiling):
+        raise StudyError(f"{where}: {ceiling.name!r} has confounds itself; a ceiling has none")
+    if confounded.label != ceiling.label:
+        raise StudyError(f"{where}: {ceiling.name!r} has another label rule than {confounded.name!r}")
+    if confounded.image != ceiling.image:
+        raise StudyError(f"{where}: {ceiling.name!r} has another image geometry than {confounded.name!r}")
+    if _table(confounded) is not None:
+        return  # the same table with its confounds broken: the factors are the table's
+    taken = {c.factor for c in confounded.confounds} | {confounded.label.factor}
+    for factor in FACTORS:
+        if factor in taken:
+            continue
+        mine = split_distributions(confounded, "train", factor)
+        theirs = split_distributions(ceiling, "train", factor)
+        if mine != theirs:
+            raise StudyError(
+                f"{where}: {ceiling.name!r} differs from {confounded.name!r} in {factor} "
+                "(a matched ceiling differs only in the confounds)"
+            )
+
+
+def resolve_ceilings(scenarios: dict[str, Scenario], named: dict[str, str]) -> dict[str, str]:
+    """Each confounded scenario's ceiling: named in ``[ceilings]``, else implied (see the module doc)."""
+    for name, ceiling in named.items():
+        if name not in scenarios:
+            raise StudyError(f"ceilings.{name}: not a scenario of this study ({', '.join(scenarios)})")
+        if ceiling not in scenarios:
+            raise StudyError(f"ceilings.{name}: {ceiling!r} is not a scenario of this study")
+        if not _confounded(scenarios[name]):
+            raise StudyError(f"ceilings.{name}: {name!r} has no confound, so it needs no ceiling")
+    out = {}
+    for name, scenario in scenarios.items():
+        if not _confounded(scenario):
+            continue
+        if name in named:
+            out[name] = named[name]
+        else:
+            free = [c for c, s in scenarios.items() if not _confounded(s) and _table(s) == _table(scenario)]
+            if len(free) > 1:
+                raise StudyError(
+                    f"ceilings: {name!r} could be read against {', '.join(free)}; "
+                    f'name its ceiling ([ceilings] {name} = "...")'
+                )
+            if not free:
+                continue
+            out[name] = free[0]
+        check_ceiling(scenario, scenarios[out[name]], f"ceilings.{name}")
+    return out
 
 
 def _presets() -> Any:

@@ -7,7 +7,10 @@ draws, evaluate, explain, store.
   scenario, the data seed, the RNG scheme and the dataset format: ``cache_key``), shared by the
   scenario's runs. A lock file makes two processes that want the same dataset produce it once:
   the second waits, then checks the files against the manifest's hashes (``ensure_dataset``).
-- **The grid** (``plan``): per seed, scenario, loss and tuning draw one ``RunSpec``. Draw 0 is the
+- **The grid** (``plan``): per budget cell, seed, scenario, loss and tuning draw one ``RunSpec``.
+  A budget cell (``n.train`` x ``epochs``, ``studies.config.Cell``) has its own seeds, datasets
+  (a scenario's training split resized) and ceiling. A ceiling's runs carry ``ceiling_of``: the
+  confounded scenarios (of the same cell) whose test splits they also score. Draw 0 is the
   registry's defaults; draw k > 0 takes every parameter from its tuning range with its own seed
   (``losses.draw_params``), the same budget for every loss. A run's key ``run_id`` is the hash of
   its resolved config, which holds the dataset's manifest hash.
@@ -36,9 +39,16 @@ from nodulab.common.writing import check_out, is_inside
 from nodulab.data.dataset import MANIFEST, load_manifest, sha256_file
 from nodulab.data.gallery import gallery_png
 from nodulab.results.store import STORE_FILE, Store, export_csvs
-from nodulab.studies.config import Study
+from nodulab.studies.config import Cell, Study
 from nodulab.studies.executors import EXECUTORS
-from nodulab.studies.runner import Batch, RunResult, RunSpec, StudyRunError, ensure_dataset, unpack_folder
+from nodulab.studies.runner import (
+    Batch,
+    RunResult,
+    RunSpec,
+    StudyRunError,
+    ensure_dataset,
+    unpack_folder,
+)
 from nodulab.training import losses
 
 RUNS_DIR = "runs"
@@ -46,27 +56,35 @@ DATASETS_DIR = "datasets"
 
 
 def plan(study: Study, manifests: dict[str, str]) -> list[RunSpec]:
-    """Every run of the study in grid order: seed, scenario, loss, draw (seed 0 of everything first).
+    """Every run of the study in grid order: budget cell, seed, scenario, loss, draw (seed 0 of
+    everything first within a cell).
 
-    ``manifests`` maps each scenario to its dataset's manifest sha256 (part of every run's key).
+    ``manifests`` maps each dataset (``Study.data_name``) to its manifest sha256 (part of every run's key).
     The device is not part of the key (bf16 on CUDA changes numbers, not what the run is).
     """
     m = study.model
     specs = []
-    for seed in range(m.seeds):
+    for cell, seed in ((cell, seed) for cell in study.cells() for seed in range(m.seeds)):
         for scenario in study.scenarios:
+            data = study.data_name(scenario, cell.n_train)
+            ceiling_of = [
+                {"scenario": other, "data": study.data_name(other, cell.n_train)}
+                for other in study.ceiling_of(scenario)
+            ]
             for loss in study.losses(scenario):
                 for draw in range(m.tuning.budget):
                     params = losses.draw_params(loss, draw, seed)
                     loss_keys = set(losses.params(loss))
                     config = {
                         "scenario": scenario,
-                        "manifest_sha256": manifests[scenario],
+                        "manifest_sha256": manifests[data],
                         "loss": loss,
                         "seed": seed,
                         "draw": draw,
                         "encoder": m.train.encoder,
-                        "epochs": m.train.epochs,
+                        "n_train": cell.n_train,
+                        "epochs": cell.epochs,
+                        "checkpoints": study.model.train.checkpoints_for(cell.epochs),
                         "batch_size": m.train.batch_size,
                         "views": m.train.views,
                         "threads": m.train.threads,
@@ -76,9 +94,11 @@ def plan(study: Study, manifests: dict[str, str]) -> list[RunSpec]:
                         "selection": "last",
                         "threshold": "fixed",
                         "explain": {"splits": study.explain_splits(scenario), "n": m.explain.n},
+                        "dynamics_n": m.explain.dynamics_n,
+                        "ceiling_of": [{**o, "manifest_sha256": manifests[o["data"]]} for o in ceiling_of],
                     }
                     run_id = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-                    specs.append(RunSpec(scenario, loss, seed, draw, config, run_id))
+                    specs.append(RunSpec(scenario, loss, seed, draw, config, run_id, cell.label, data))
     return specs
 
 
@@ -101,6 +121,7 @@ def _run_row(result: RunResult) -> dict[str, Any]:
     s = result.spec
     return {
         "run_id": s.run_id,
+        "budget": s.budget,
         "scenario": s.scenario,
         "loss": s.loss,
         "seed": s.seed,
@@ -111,7 +132,7 @@ def _run_row(result: RunResult) -> dict[str, Any]:
         "score": result.score,
         "warnings": "; ".join(result.warnings),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        **{k: result.timings.get(k) for k in ("train_s", "evaluate_s", "explain_s")},
+        **{k: result.timings.get(k) for k in ("train_s", "evaluate_s", "dynamics_s", "explain_s")},
     }
 
 
@@ -188,21 +209,24 @@ def run_study(
     with Store(out / STORE_FILE, _study_meta(study)) as store:
         if retry_failed:
             store.forget_failed()
-        data_dirs, manifests = {}, {}
+        data_dirs, manifests, scenarios = {}, {}, {}
         gen_start = time.perf_counter()
-        recorded = set(store.manifests())
-        for name, scenario in study.scenarios.items():
-            report_rows = _rows_rendered(name, on_dataset) if on_dataset else None
-            data_dirs[name] = ensure_dataset(cache, scenario, study.model.data.seed, progress=report_rows)
-            manifests[name] = sha256_file(data_dirs[name] / MANIFEST)
-            if name not in recorded:
-                store.add_dataset(
-                    name,
-                    data_dirs[name].name,
-                    manifests[name],
-                    load_manifest(data_dirs[name]),
-                    gallery_png(data_dirs[name]),
-                )
+        recorded = store.recorded_datasets()
+        for n_train in dict.fromkeys(cell.n_train for cell in study.cells()):
+            for name in study.scenarios:
+                data = study.data_name(name, n_train)
+                scenarios[data] = scenario = study.scenario(name, Cell(n_train, 0))
+                report_rows = _rows_rendered(data, on_dataset) if on_dataset else None
+                data_dirs[data] = ensure_dataset(cache, scenario, study.model.data.seed, progress=report_rows)
+                manifests[data] = sha256_file(data_dirs[data] / MANIFEST)
+                if (name, data_dirs[data].name) not in recorded:
+                    store.add_dataset(
+                        name,
+                        data_dirs[data].name,
+                        manifests[data],
+                        load_manifest(data_dirs[data]),
+                        gallery_png(data_dirs[data]),
+                    )
         summary.generate_seconds = time.perf_counter() - gen_start
         specs = plan(study, manifests)
         finished = store.finished()
@@ -226,7 +250,8 @@ def run_study(
             if on_result:
                 on_result(result, summary.skipped + summary.done + summary.failed, summary.planned)
 
-        EXECUTORS[executor](todo, Batch(study, data_dirs, manifests, runs_dir, device, jobs, progress), record)
+        batch = Batch(study, data_dirs, manifests, scenarios, runs_dir, device, jobs, progress)
+        EXECUTORS[executor](todo, batch, record)
         export_csvs(store, out)
     if report:
         from nodulab.results.report import write_report

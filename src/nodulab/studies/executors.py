@@ -16,26 +16,20 @@ from nodulab.studies.ray_executor import run_ray
 from nodulab.studies.runner import Batch, Done, RunResult, RunSpec, execute
 
 
-def _execute_in_worker(spec: RunSpec, data_dir: str, run_dir: str, device: str) -> RunResult:
-    return execute(spec, Path(data_dir), Path(run_dir), device)
+def _execute_in_worker(spec: RunSpec, data_dirs: dict[str, str], run_dir: str, device: str) -> RunResult:
+    return execute(spec, {k: Path(v) for k, v in data_dirs.items()}, Path(run_dir), device)
 
 
 def run_local(specs: list[RunSpec], batch: Batch, done: Done) -> None:
     """Run ``specs`` here (``jobs`` 1) or in ``jobs`` spawned worker processes; ``done`` per result."""
     if batch.jobs == 1:
         for spec in specs:
-            done(
-                execute(
-                    spec, batch.data_dirs[spec.scenario], batch.runs_dir / spec.run_id, batch.device, batch.progress
-                )
-            )
+            done(execute(spec, batch.data_dirs, batch.runs_dir / spec.run_id, batch.device, batch.progress))
         return
+    paths = {k: str(v) for k, v in batch.data_dirs.items()}
     with ProcessPoolExecutor(max_workers=batch.jobs, mp_context=get_context("spawn")) as pool:
         pending: set[Future[RunResult]] = {
-            pool.submit(
-                _execute_in_worker, s, str(batch.data_dirs[s.scenario]), str(batch.runs_dir / s.run_id), batch.device
-            )
-            for s in specs
+            pool.submit(_execute_in_worker, s, paths, str(batch.runs_dir / s.run_id), batch.device) for s in specs
         }
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)

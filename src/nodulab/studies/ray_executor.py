@@ -1,7 +1,8 @@
 """``nodulab study --executor ray``: one Ray task per run, on the cluster ``RAY_ADDRESS`` names or a local one.
 
-Workers share no files with the driver. A task gets the run's spec, its scenario (resolved) and
-the manifest hash the driver's dataset has; it regenerates the dataset into the worker's own cache
+Workers share no files with the driver. A task gets the run's spec, the datasets it reads (its
+own and, for a ceiling's run, the confounded scenarios'), each as its resolved scenario and the
+manifest hash the driver's dataset has; it regenerates each dataset into the worker's own cache
 when it lacks it (the renderer is pure), refuses it unless the manifest and every file match the
 hashes, runs, and returns the results with its run folder packed as bytes. The driver alone writes
 the store and the run folders. Each task asks for the study's threads as CPUs and one GPU on CUDA.
@@ -47,14 +48,18 @@ def pack_folder(folder: Path) -> bytes:
 
 
 def execute_packed(
-    spec: dict[str, Any], scenario: dict[str, Any], data_seed: int, manifest_sha256: str, device: str
+    spec: dict[str, Any], datasets: dict[str, tuple[dict[str, Any], str]], data_seed: int, device: str
 ) -> RunResult:
-    """A run where no file is shared: regenerate the dataset, check its hashes, run, pack the folder."""
+    """A run where no file is shared: regenerate its datasets (``{name: (scenario, manifest sha256)}``),
+    check their hashes, run, pack the folder."""
     run = RunSpec(**spec)
-    data_dir = ensure_dataset(worker_cache(), load_scenario_dict(scenario), data_seed, manifest_sha256)
+    data_dirs = {
+        name: ensure_dataset(worker_cache(), load_scenario_dict(scenario), data_seed, sha)
+        for name, (scenario, sha) in datasets.items()
+    }
     scratch = Path(tempfile.mkdtemp(prefix="nodulab-run-"))
     try:
-        result = execute(run, data_dir, scratch / run.run_id, device)
+        result = execute(run, data_dirs, scratch / run.run_id, device)
         if (scratch / run.run_id).is_dir():
             result.folder = pack_folder(scratch / run.run_id)
         return result
@@ -72,7 +77,7 @@ def run_ray(todo: list[RunSpec], batch: Batch, record: Done) -> None:
     if not todo:
         return
     ray = _ray()
-    study, manifests, device = batch.study, batch.manifests, batch.device
+    study, device = batch.study, batch.device
     started = not ray.is_initialized()
     if started:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -80,16 +85,12 @@ def run_ray(todo: list[RunSpec], batch: Batch, record: Done) -> None:
         task = ray.remote(execute_packed).options(
             num_cpus=study.model.train.threads, num_gpus=1 if device == "cuda" else 0, max_retries=0
         )
-        refs = {
-            task.remote(
-                asdict(spec),
-                scenario_to_dict(study.scenarios[spec.scenario]),
-                study.model.data.seed,
-                manifests[spec.scenario],
-                device,
-            ): spec
-            for spec in todo
-        }
+
+        def datasets(spec: RunSpec) -> dict[str, tuple[dict[str, Any], str]]:
+            names = [spec.data, *(other["data"] for other in spec.config["ceiling_of"])]
+            return {n: (scenario_to_dict(batch.scenarios[n]), batch.manifests[n]) for n in names}
+
+        refs = {task.remote(asdict(spec), datasets(spec), study.model.data.seed, device): spec for spec in todo}
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)

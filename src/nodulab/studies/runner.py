@@ -1,5 +1,7 @@
 """One run of a study (design.md "Study, store, report"): its spec, its dataset from the
-content-named cache, and ``execute``: train, evaluate, explain, read the run folder's tables back.
+content-named cache, and ``execute``: train (saving checkpoints), evaluate (a ceiling's run also on
+the test splits of the scenarios it is the ceiling of), score the checkpoints (``dynamics.csv``),
+explain, read the run folder's tables back.
 
 A run that fails is returned as failed with its one-line reason; it does not stop the others.
 Datasets are generated once into a cache named by content (the resolved scenario, the data seed,
@@ -106,6 +108,14 @@ class RunSpec:
     draw: int
     config: dict[str, Any] = field(hash=False)
     run_id: str = ""
+    budget: str = ""
+    """The budget cell's label (``studies.config.Cell.label``)."""
+    data: str = ""
+    """Its dataset's name in ``Batch.data_dirs`` (``Study.data_name``)."""
+
+
+CEILING_DIR = "ceiling"
+"""Where a ceiling's run keeps its scores of the confounded scenarios' images: ``RUN/ceiling/<i>/``."""
 
 
 # ----------------------------------------------------------------------------- one run
@@ -140,21 +150,25 @@ def _selection_score(run_dir: Path, history: pd.DataFrame) -> float | None:
     return float(row[SELECTION_SCORE].iloc[0]) if len(row) and SELECTION_SCORE in row else None
 
 
-def _read_back(run_dir: Path) -> tuple[dict[str, pd.DataFrame], dict[str, bytes], float | None]:
-    """The run folder's tables (``RESULT_TABLES``; wide ones in long form), figures, and selection score.
+def _read_table(path: Path, name: str) -> pd.DataFrame:
+    """One result table; a declared text column is read as text (``007`` stays ``007``); ``nan`` is
+    the only missing value."""
+    table = RESULT_TABLES[name]
+    dtype = None if table.wide else dict.fromkeys(table.text, str)
+    return pd.read_csv(path, keep_default_na=False, na_values=["nan"], dtype=dtype)
 
-    A declared text column is read as text (``007`` stays ``007``); ``nan`` is the only missing value.
-    """
+
+def _read_back(run_dir: Path) -> tuple[dict[str, pd.DataFrame], dict[str, bytes], float | None]:
+    """The run folder's tables (``RESULT_TABLES``; wide ones in long form; the metrics of its
+    ``ceiling/`` scores added), figures, and selection score."""
     tables = {
-        name: pd.read_csv(
-            run_dir / table.file,
-            keep_default_na=False,
-            na_values=["nan"],
-            dtype=None if table.wide else dict.fromkeys(table.text, str),
-        )
+        name: _read_table(run_dir / table.file, name)
         for name, table in RESULT_TABLES.items()
         if (run_dir / table.file).is_file()
     }
+    extra = sorted((run_dir / CEILING_DIR).glob(f"*/{RESULT_TABLES['metrics'].file}"))
+    if extra and "metrics" in tables:
+        tables["metrics"] = pd.concat([tables["metrics"], *(_read_table(p, "metrics") for p in extra)])
     score = _selection_score(run_dir, tables["history"])
     tables = {name: RESULT_TABLES[name].long(frame) for name, frame in tables.items()}
     figures = {name: (run_dir / rel).read_bytes() for name, rel in RUN_FIGURES.items() if (run_dir / rel).is_file()}
@@ -162,15 +176,23 @@ def _read_back(run_dir: Path) -> tuple[dict[str, pd.DataFrame], dict[str, bytes]
 
 
 def execute(
-    spec: RunSpec, data_dir: Path, run_dir: Path, device: str = "cpu", progress: Progress | None = None
+    spec: RunSpec,
+    data_dirs: dict[str, Path],
+    run_dir: Path,
+    device: str = "cpu",
+    progress: Progress | None = None,
 ) -> RunResult:
-    """Train, evaluate and explain one run into ``run_dir`` (replaced); never raises for a bad run."""
+    """Train, evaluate, score the checkpoints and explain one run into ``run_dir`` (replaced); never
+    raises for a bad run. ``data_dirs`` holds its dataset (``spec.data``) and, for a ceiling's run,
+    those of the scenarios it is the ceiling of (``config["ceiling_of"]``)."""
     from nodulab.explanation.counterfactual import SWEEP_ROWS
+    from nodulab.explanation.dynamics import dynamics_run
     from nodulab.explanation.run import EXTRA_WRITERS, explain_run
     from nodulab.training.evaluation import evaluate_run
     from nodulab.training.loop import train
 
     c = spec.config
+    data_dir = data_dirs[spec.data]
     timings: dict[str, float] = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -191,13 +213,27 @@ def execute(
                 device=device,
                 selection=c["selection"],
                 threads=c["threads"],
+                checkpoints=c["checkpoints"],
                 force=True,
                 progress=progress,
             )
             timings["train_s"] = time.perf_counter() - start
             start = time.perf_counter()
             evaluate_run(run_dir, data_dir, device=device, threshold=c["threshold"], force=True)
+            for i, other in enumerate(c["ceiling_of"]):  # the same images as the confounded runs
+                evaluate_run(
+                    run_dir,
+                    data_dirs[other["data"]],
+                    device=device,
+                    threshold=c["threshold"],
+                    out=run_dir / CEILING_DIR / str(i),
+                    force=True,
+                )
             timings["evaluate_s"] = time.perf_counter() - start
+            if c["checkpoints"]:
+                start = time.perf_counter()
+                dynamics_run(run_dir, data_dir, n=c["dynamics_n"], device=device, force=True)
+                timings["dynamics_s"] = time.perf_counter() - start
             if c["explain"]["splits"]:
                 start = time.perf_counter()
                 n = c["explain"]["n"]
@@ -240,7 +276,11 @@ class Batch:
 
     study: Study
     data_dirs: dict[str, Path]
+    """Every dataset by ``Study.data_name``."""
     manifests: dict[str, str]
+    """Their manifest sha256, by ``Study.data_name``."""
+    scenarios: dict[str, Scenario]
+    """Their resolved scenarios, by ``Study.data_name`` (what a worker without the files regenerates)."""
     runs_dir: Path
     device: str
     jobs: int = 1

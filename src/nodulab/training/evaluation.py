@@ -15,7 +15,8 @@ of a dataset except ``train`` and ``val_balanced`` with every classifier the run
 
 It writes, atomically (each file renamed into place):
 
-- ``metrics.csv`` (``split, classifier, metric, value, ci_low, ci_high``): each metric with a
+- ``metrics.csv`` (``dataset, split, classifier, metric, value, ci_low, ci_high``; ``dataset`` is
+  the scored dataset's scenario name): each metric with a
   **sample-level** bootstrap 95% percentile interval (``scoring.bootstrap_intervals``: the split's samples
   resampled with replacement, the model fixed). It leaves out the variance between training
   seeds, which a study adds; read it as "how much this one model's score depends on which test
@@ -203,8 +204,8 @@ def evaluate_run(
         draws: bootstrap resamples per split (``BOOTSTRAP_DRAWS``).
 
     Returns:
-        Long frame with the columns of ``RESULT_TABLES["metrics"]`` (``split, classifier, metric,
-        value, ci_low, ci_high``; the interval sample-level, ``bootstrap_intervals``); splits
+        Long frame with the columns of ``RESULT_TABLES["metrics"]`` (``dataset, split, classifier,
+        metric, value, ci_low, ci_high``; the interval sample-level, ``bootstrap_intervals``); splits
         ``val`` first, then the others by name; classifiers in ``CLASSIFIERS`` order, those the run has;
         metrics ``METRICS``. ``groups.csv`` holds ``group_rows`` of every split and classifier.
 
@@ -235,6 +236,7 @@ def evaluate_run(
     if threshold == "val" and THRESHOLD_SPLIT not in splits:
         raise RunError(f"--threshold val: DATA_DIR {data_dir} has no {THRESHOLD_SPLIT} split to choose it on")
     thresholds = dict.fromkeys(run.classifiers, THRESHOLD)
+    dataset = str(manifest.get("scenario", {}).get("name", ""))
     rows, groups = [], []
     with run_threads(run.threads):
         for split in splits:  # val first: its thresholds are fixed before a test split is read
@@ -247,7 +249,7 @@ def evaluate_run(
             for classifier, p in scores.items():
                 for metric, value in binary_metrics(labels, p, thresholds[classifier]).items():
                     low, high = intervals[classifier][metric] if not math.isnan(value) else (math.nan, math.nan)
-                    rows.append((split, classifier, metric, float(value), low, high))
+                    rows.append((dataset, split, classifier, metric, float(value), low, high))
                 for row in group_rows(factors, p >= thresholds[classifier]):
                     groups.append((split, classifier, *row))
     frame = pd.DataFrame(rows, columns=list(RESULT_TABLES["metrics"].columns))

@@ -14,7 +14,12 @@ Run folder (written into a temporary folder, renamed into place when complete):
 ``config.json`` (everything resolved, versions and thread count included),
 ``model.safetensors``, ``readouts.safetensors`` (probe, kNN, dfr), ``readouts_init.safetensors``
 (probe and kNN of the untrained encoder), ``history.csv`` and ``history.png`` (one row per
-epoch).
+epoch), and ``checkpoints/epoch_<k>.safetensors``: the weights at the end of each epoch ``k``
+asked for (``checkpoints``; default ``default_checkpoints``: 1, 2, 4, ... below the last epoch,
+and the last). Checkpoints are only saved: nothing in training or selection reads them, they are
+not part of ``TrainConfig`` or ``config.json``, and every other file of the run is byte-identical
+with or without them. The dynamics stage (``nodulab.explanation.dynamics``, run by ``evaluate``
+and the study, never by ``train``) scores them.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ import copy
 import json
 import math
 import platform
+import re
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,6 +51,8 @@ from nodulab.training.augment import geometric_conflicts, make_views
 from nodulab.training.models import ENCODERS, NoduleNet, build_model, save_model, state_sha256
 from nodulab.training.readouts import KNN_K, Readouts, extract, fit_dfr, fit_readouts, knn_neighbours, odd_k
 from nodulab.training.runs import (
+    CHECKPOINT_FILE,
+    CHECKPOINTS_DIR,
     CONFIG_FILE,
     HISTORY_FILE,
     MODEL_FILE,
@@ -164,6 +172,65 @@ def _check_views(config: TrainConfig, manifest: dict, data_dir: Path) -> None:
             f"--views {config.views}: flips, rotations and shifts change {', '.join(conflicts)}, "
             "which this scenario's label or confounds use; use --views rerender"
         )
+
+
+def default_checkpoints(epochs: int) -> tuple[int, ...]:
+    """The epochs whose weights a run keeps by default: 1, 2, 4, 8, ... below ``epochs``, and ``epochs``.
+
+    Log-spaced, because what a model relies on changes fastest early (easy features are learnt
+    first); a 30-epoch run keeps 1, 2, 4, 8, 16, 30.
+    """
+    if epochs < 1:
+        return ()
+    found, k = [], 1
+    while k < epochs:
+        found.append(k)
+        k *= 2
+    return (*found, int(epochs))
+
+
+CHECKPOINTS_NONE = "none"
+"""``--checkpoints none``: keep no per-epoch weights."""
+
+
+def check_checkpoints(checkpoints: Sequence[int] | str | None, epochs: int) -> tuple[int, ...]:
+    """The epochs to keep, sorted and unique, from ``train``'s ``checkpoints`` argument.
+
+    Args:
+        checkpoints: ``None`` (``default_checkpoints(epochs)``), ``"none"`` or an empty sequence
+            (no checkpoints), a comma-separated string (``"1,2,4"``, the CLI's) or integers.
+        epochs: the run's epochs; every entry must lie in ``1..epochs``.
+
+    Raises:
+        TrainError: one line naming ``--checkpoints``: an entry that is not a whole number, or
+            lies outside ``1..epochs``.
+    """
+    if checkpoints is None:
+        return default_checkpoints(epochs)
+    hint = "give epoch numbers such as 1,2,4,8 or none"
+    if isinstance(checkpoints, str):
+        if checkpoints.strip().lower() == CHECKPOINTS_NONE:
+            return ()
+        items: list[object] = [item.strip() for item in checkpoints.split(",")]
+    elif isinstance(checkpoints, (int, np.integer)):
+        items = [checkpoints]
+    else:
+        try:
+            items = list(checkpoints)
+        except TypeError:
+            raise TrainError(f"--checkpoints: {checkpoints!r} is not a list of epochs ({hint})") from None
+    values = []
+    for item in items:
+        if isinstance(item, str) and re.fullmatch(r"[0-9]{1,9}", item):
+            values.append(int(item))
+        elif isinstance(item, (int, np.integer)) and not isinstance(item, (bool, np.bool_)):
+            values.append(int(item))
+        else:
+            raise TrainError(f"--checkpoints: {item!r} is not an epoch number ({hint})")
+    outside = [v for v in values if not 1 <= v <= epochs]
+    if outside:
+        raise TrainError(f"--checkpoints: epoch {outside[0]} is outside 1..{epochs} (the run's --epochs)")
+    return tuple(sorted(set(values)))
 
 
 TRAINING_SPLITS = ("train", "val")
@@ -387,6 +454,7 @@ def train(
     device: str = "auto",
     selection: str = "last",
     threads: int | None = None,
+    checkpoints: Sequence[int] | str | None = None,
     force: bool = False,
     progress: Progress | None = None,
 ) -> Path:
@@ -413,6 +481,13 @@ def train(
             val-selected checkpoints favour shortcuts).
         threads: torch CPU threads for the run (default: the current count); recorded, and
             restored by ``evaluate`` (CPU results are bit-identical only at the same count).
+        checkpoints: the epochs whose weights go to ``checkpoints/epoch_<k>.safetensors`` (the
+            state at the end of epoch ``k``): ``None`` for ``default_checkpoints(epochs)`` (1, 2,
+            4, ... below ``epochs``, and ``epochs``), ``"none"`` or ``()`` for none, integers or a
+            comma-separated string (``"1,2,4"``) in ``1..epochs``; an explicit list is kept as
+            given (the last epoch is not added). Only saved, never read by training or
+            selection, and not recorded in ``config.json``: every other file is byte-identical
+            with or without them.
         force: replace an existing run folder.
         progress: called with (stage, done, total).
 
@@ -436,6 +511,7 @@ def train(
         loss_params=dict(loss_params or {}),
     )
     _check(config)
+    keep = check_checkpoints(checkpoints, config.epochs)
     check_out(out, [data_dir])
     check_run_dir(out, force)
     try:
@@ -453,7 +529,7 @@ def train(
             stacklevel=2,
         )
     with run_threads(config.threads):
-        return _train(config, manifest, data_dir, out, train_split, val_split, force, progress)
+        return _train(config, manifest, data_dir, out, train_split, val_split, force, progress, keep)
 
 
 def _train(
@@ -465,6 +541,7 @@ def _train(
     val_split: _Split,
     force: bool,
     progress: Progress | None,
+    checkpoints: tuple[int, ...] = (),
 ) -> Path:
     objective = losses.build(config.loss, **config.loss_params)
     image = manifest["image"]
@@ -487,6 +564,7 @@ def _train(
     scheduler = _schedule(optimiser, config.epochs * steps, config.warmup_fraction)
     generator = torch.Generator().manual_seed(config.seed)
     history, best = [], (-math.inf, None, config.epochs)
+    kept: dict[int, dict[str, torch.Tensor]] = {}  # epoch -> weights at its end, written with the run
     for epoch in range(config.epochs):
         start = time.perf_counter()
         record = {"epoch": epoch + 1}
@@ -510,6 +588,8 @@ def _train(
         for message in training_warnings(record, objective):
             warnings.warn(message, stacklevel=3)
         history.append(record)
+        if epoch + 1 in checkpoints:
+            kept[epoch + 1] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         if config.selection == "best-val" and record[SELECTION_SCORE] > best[0]:
             best = (record[SELECTION_SCORE], copy.deepcopy(model.state_dict()), epoch + 1)
     if config.selection == "best-val":
@@ -532,9 +612,21 @@ def _train(
         frame.to_csv(tmp / HISTORY_FILE, index=False, float_format="%.6g")
         history_figure(frame, config.loss).savefig(tmp / "history.png", dpi=100, metadata={"Software": None})
         (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        _save_checkpoints(model, kept, tmp / CHECKPOINTS_DIR, record)
     if progress:
         progress("readouts", 3, 3)
     return out
+
+
+def _save_checkpoints(model: NoduleNet, kept: dict[int, dict[str, torch.Tensor]], folder: Path, record: dict) -> None:
+    """``checkpoints/epoch_<k>.safetensors``: ``save_model``'s format, the run record plus ``checkpoint_epoch``."""
+    if not kept:
+        return
+    folder.mkdir()
+    snapshot = copy.deepcopy(model).cpu()
+    for epoch, state in sorted(kept.items()):
+        snapshot.load_state_dict(state)
+        save_model(snapshot, folder / CHECKPOINT_FILE.format(epoch=epoch), {**record, "checkpoint_epoch": epoch})
 
 
 def _fit_readouts(model: NoduleNet, train_split: _Split, val_split: _Split, config: TrainConfig) -> Readouts:

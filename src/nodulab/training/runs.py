@@ -8,6 +8,13 @@ A run folder written by ``nodulab train``::
     RUN/readouts.safetensors        probe and kNN fitted on train, dfr fitted on val_balanced
     RUN/readouts_init.safetensors   probe and kNN of the untrained encoder (the controls)
     RUN/history.csv, history.png    per-epoch training record
+    RUN/checkpoints/epoch_<k>.safetensors
+                                    the weights at the end of epoch k, for the epochs ``train``
+                                    was asked to keep (``--checkpoints``; default 1, 2, 4, ...
+                                    below the last epoch, and the last), in ``model.safetensors``'s
+                                    format with ``checkpoint_epoch`` in the metadata; read only by
+                                    the dynamics stage (``nodulab.explanation.dynamics``), which
+                                    accepts nothing else in the folder
 
 ``load_run`` opens one and ``LoadedRun.predict`` gives P(malignant) of every classifier the run
 has (``CLASSIFIERS``): ``head``, ``probe``, ``knn``, ``dfr``, ``probe_init``, ``knn_init``.
@@ -41,6 +48,10 @@ READOUTS_FILE = "readouts.safetensors"
 READOUTS_INIT_FILE = "readouts_init.safetensors"
 HISTORY_FILE = "history.csv"
 HISTORY_FIGURE = "history.png"
+CHECKPOINTS_DIR = "checkpoints"
+"""Folder of the per-epoch weights (``CHECKPOINT_FILE``); not part of ``config.json``."""
+CHECKPOINT_FILE = "epoch_{epoch}.safetensors"
+"""Name of epoch ``k``'s weights in ``CHECKPOINTS_DIR`` (``k`` in decimal, no leading zero)."""
 CLASSIFIERS = ("head", "probe", "knn", "dfr", "probe_init", "knn_init")
 """Every classifier a run can have, in report order. ``head`` is the loss's own behaviour where
 the loss has one; ``dfr`` is a feature-quality oracle; ``*_init`` are the untrained controls."""
