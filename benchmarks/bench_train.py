@@ -91,7 +91,7 @@ def flops_per_sample(encoder: str, dim: int, size: int, batch_size: int) -> floa
 def measure(
     root: Path, encoder: str, views: str, device: str, batch_size: int, repeats: int
 ) -> tuple[float, float, list[float]]:
-    """Median samples/s of nodulab's epoch and of the plain loop, and the CPU matmul GFLOPS timed between them."""
+    """Median samples/s of nodulab's epoch and of the plain loop, and the CPU matmul GFLOPS of each round."""
     split = train._Split.load(root, "train")
     image = data.load_manifest(root)["image"]
     config = train.TrainConfig(str(root), "ce", encoder=encoder, batch_size=batch_size, views=views, device=device)

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 
@@ -278,3 +279,24 @@ def test_a_degenerate_readout_is_never_read_as_relying_on_anything(clear_lead: P
     text = " ".join(reliance_sentences(summary, None))
     assert "Degenerate" in text and "ce (head) on size-confound" in text
     assert "ce (head; excess" not in text and "supcon (probe; excess" in text
+
+
+def test_convergence_reads_the_last_fifth_of_the_training_curve() -> None:
+    from nodulab.results.findings import convergence_sentences
+    from nodulab.results.seed_tables import convergence
+
+    def curve(loss: str, seed: int, name: str, values: list[float]) -> list[tuple]:
+        return [("s", loss, seed, 1, e + 1, name, v) for e, v in enumerate(values)]
+
+    flat = [1.0, 0.5, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.201]  # 0.001 over the last 2 epochs, of 0.8
+    falling = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
+    rows = curve("ce", 0, "train_loss", flat) + curve("ce", 1, "train_loss", flat)
+    rows += curve("simclr", 0, "train_loss", flat) + curve("simclr", 1, "train_loss", falling)
+    rows += curve("triplet", 0, "train_loss", [0.2] * 10) + curve("triplet", 0, "mined_triplets", falling)
+    history = pd.DataFrame(rows, columns=["scenario", "loss", "seed", "selected", "epoch", "name", "value"])
+    found = convergence(history).set_index(["loss", "seed"])
+    assert found.loc[("ce", 0), "converged"] and not found.loc[("simclr", 1), "converged"]
+    assert found.loc[("triplet", 0), "curve"] == "mined_triplets" and not found.loc[("triplet", 0), "converged"]
+    assert found.loc[("simclr", 1), "change"] == pytest.approx(0.2)  # the last 20% of 10 epochs: 2 epochs
+    text = convergence_sentences(history)[0]
+    assert "converged: ce" in text and "simclr (1 of 2 seeds)" in text and "triplet (1 of 1 seeds)" in text

@@ -25,11 +25,14 @@ import pandas as pd
 from nodulab.common.seedstats import holm, seed_summary
 from nodulab.results.seed_tables import (
     ALPHA,
+    CONVERGED_SHARE,
+    LAST_SHARE,
     MIN_SEEDS,
     REFERENCE,
     Manifests,
     ceiling_gaps,
     conflict_cells,
+    convergence,
     cue_summary,
     iid_split,
     implied_ceilings,
@@ -151,6 +154,35 @@ def regime_sentences(
             )
         )
     return sentences
+
+
+def convergence_sentences(history: pd.DataFrame | None) -> list[str]:
+    """Which losses' training curves are flat at the end (``seed_tables.convergence``), per scenario."""
+    if history is None or history.empty:
+        return []
+    found = convergence(history)
+    if found.empty:
+        return []
+    parts = []
+    for scenario, part in found.groupby("scenario", sort=True):
+        flat = part.groupby("loss")["converged"].agg(["sum", "size"])
+        done = [loss for loss, r in flat.iterrows() if r["sum"] == r["size"]]
+        not_done = [
+            f"{loss} ({r['size'] - r['sum']} of {r['size']} seeds)"
+            for loss, r in flat.iterrows()
+            if r["sum"] < r["size"]
+        ]
+        parts.append(
+            f"on {scenario}, "
+            + (f"converged: {', '.join(done)}" if done else "none converged")
+            + (f"; still changing: {', '.join(not_done)}" if not_done else "")
+        )
+    return [
+        f"Training curves over their last {LAST_SHARE:.0%} of epochs (converged: the training loss, for "
+        f"triplet the mined count, moved by less than {CONVERGED_SHARE:.0%} of its total decrease): "
+        + "; ".join(parts)
+        + "."
+    ]
 
 
 def _val_rise(
@@ -363,6 +395,7 @@ def findings(
     *,
     ceilings: Mapping[str, str] | None = None,
     dynamics: pd.DataFrame | None = None,
+    history: pd.DataFrame | None = None,
     alpha: float = ALPHA,
 ) -> list[str]:
     """The report's opening sentences, built from the numbers only.
@@ -374,6 +407,7 @@ def findings(
         ceilings: each confounded scenario's matched ceiling (the study's ``ceilings``; default
             ``implied_ceilings``).
         dynamics: the store's ``dynamics`` table, for the regime sentence (``regime_sentences``).
+        history: the store's ``history`` table, for the convergence sentence (``convergence_sentences``).
         alpha: the family-wise error rate of the claims.
 
     Returns:
@@ -394,6 +428,7 @@ def findings(
     matched = matched_scores(metrics, ceilings, readouts)
     return [
         *regime_sentences(matched, dynamics, readouts, cells),
+        *convergence_sentences(history),
         *ceiling_sentences(scores, ceilings, matched, cells),
         *reliance_sentences(relied, indexed),
         *best_sentences(scores, paired, cells),

@@ -103,6 +103,7 @@ def findings_section(study: StudyResults, suffix: str = "", title: str = "") -> 
         tables["cue"],
         ceilings=study.ceiling,
         dynamics=tables.get("dynamics"),
+        history=tables.get("history"),
     )
     items = "".join(f"<li>{html.escape(s)}</li>" for s in sentences)
     return section("findings" + suffix, "Findings" + title, f"<ul class='findings'>{items}</ul>")

@@ -367,3 +367,36 @@ def conflict_cells(scores: pd.DataFrame, manifests: Manifests) -> list[tuple[str
         found = conflict_splits(manifest, list(scores.loc[scores["scenario"] == scenario, "split"]))
         cells += [(scenario, s) for s in found if manifest is not None or "conflict" in s]
     return cells
+
+
+CONVERGED_SHARE = 0.02
+"""A run has converged when its training loss changed by less than this share of its total decrease
+over the last ``LAST_SHARE`` of its epochs (for triplet, its count of mined triplets, whose loss is
+a mean over what it mines)."""
+LAST_SHARE = 0.2
+
+
+def convergence(history: pd.DataFrame) -> pd.DataFrame:
+    """Per selected run of ``history`` (the store's long table): whether its training curve is flat.
+
+    The curve is ``mined_triplets`` where the run records it, else ``train_loss``; the change over the
+    last ``LAST_SHARE`` of epochs (at least one) is compared with the total decrease from the first
+    epoch to the lowest value. Columns: scenario, loss, seed, epochs, curve, change, decrease, converged.
+    """
+    columns = ["scenario", "loss", "seed", "epochs", "curve", "change", "decrease", "converged"]
+    history = history[history["selected"] == 1] if "selected" in history else history
+    rows = []
+    for (scenario, loss, seed), part in history.groupby(["scenario", "loss", "seed"], sort=True):
+        names = set(part["name"])
+        curve = "mined_triplets" if "mined_triplets" in names else "train_loss"
+        if curve not in names:
+            continue
+        values = part[part["name"] == curve].sort_values("epoch")["value"].to_numpy(dtype=float)
+        if len(values) < 2:
+            continue
+        back = max(1, int(round(LAST_SHARE * len(values))))
+        change = abs(values[-1] - values[-1 - back])
+        decrease = abs(values[0] - (values.min() if curve == "train_loss" else values[-1]))
+        converged = bool(change < CONVERGED_SHARE * decrease) if decrease > 0 else change == 0
+        rows.append((scenario, loss, int(seed), len(values), curve, change, decrease, converged))
+    return pd.DataFrame(rows, columns=columns)
