@@ -1,7 +1,8 @@
 """The quick preset at its real size answers (`slow`: run by `make test-slow` and CI after `make test`).
 
 At `quick`'s budget (2,000 rows x 6 epochs) the matched ceiling is learnt (README "Studies": 0.97
-+- 0.01 over 3 seeds), so the report must say so first, and every run must carry its dynamics.
++- 0.01 over 3 seeds), so the report must say so first (whether or not it had plateaued), and every
+run must carry its dynamics.
 """
 
 from __future__ import annotations

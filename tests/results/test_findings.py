@@ -300,3 +300,40 @@ def test_convergence_reads_the_last_fifth_of_the_training_curve() -> None:
     assert found.loc[("simclr", 1), "change"] == pytest.approx(0.2)  # the last 20% of 10 epochs: 2 epochs
     text = convergence_sentences(history)[0]
     assert "converged: ce" in text and "simclr (1 of 2 seeds)" in text and "triplet (1 of 1 seeds)" in text
+
+
+def test_the_findings_open_with_the_budget_regime(clear_lead: Path, tmp_path: Path) -> None:
+    first = sentences_of(clear_lead)[0]  # the ceiling scores 0.95 on the conflict images, no checkpoints
+    assert first.startswith("At this budget the cue is learnt, but training had not been shown to plateau")
+
+    def weak(scenario: str, loss: str, seed: int, split: str) -> float:
+        return (0.8 if scenario == "clean" else 0.6) + noise(scenario, loss, seed, split)
+
+    first = sentences_of(make_study(tmp_path, weak, losses=("ce",), explain=False))[0]
+    assert first.startswith("At this budget the cue is not yet learnt: matched ceiling 0.8")
+    assert "(clean's ce on size-confound/test_conflict)" in first
+
+
+def test_a_flat_val_curve_of_the_ceiling_reads_as_plateaued() -> None:
+    from nodulab.results.findings import regime_sentences
+
+    matched = pd.DataFrame(
+        [("size-confound", "clean", "ce", s, 0, "test_conflict", "head", v) for s, v in enumerate([0.96, 0.97, 0.98])],
+        columns=["scenario", "ceiling", "loss", "seed", "draw", "split", "readout", "value"],
+    )
+
+    def dynamics(last: float) -> pd.DataFrame:
+        rows = [
+            ("clean", "ce", s, 1, e, "val", "head", "balanced_accuracy", v)
+            for s in range(3)
+            for e, v in ((1, 0.7), (4, 0.99), (6, last))
+        ]
+        columns = ["scenario", "loss", "seed", "selected", "epoch", "split", "classifier", "measure", "value"]
+        return pd.DataFrame(rows, columns=columns)
+
+    cells = [("size-confound", "test_conflict")]
+    flat = regime_sentences(matched, dynamics(0.995), {"ce": "head"}, cells)[0]
+    assert flat.startswith("At this budget the cue is learnt and the ceiling had plateaued: matched ceiling 0.97")
+    assert "0.99 → 0.99 from epoch 4 to 6" in flat  # 0.995 prints as 0.99
+    rising = regime_sentences(matched, dynamics(1.0), {"ce": "head"}, cells)[0]
+    assert "had not been shown to plateau" in rising

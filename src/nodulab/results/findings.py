@@ -132,27 +132,27 @@ def regime_sentences(
             continue
         ceiling, summary = top["ceiling"].iloc[0], seed_summary(top["value"])
         rise = _val_rise(dynamics, ceiling, readouts)
-        learnt = summary.mean >= LEARNT and rise is not None and rise[0] < PLATEAU_RISE
         trend = (
             f"its val balanced accuracy {rise[1]:.2f} → {rise[2]:.2f} from epoch {rise[3]} to {rise[4]}"
             if rise is not None
             else "no checkpoints to tell whether it had plateaued"
         )
-        head = (
-            "At this budget the cue is learnt"
-            if learnt
-            else "At this budget the cue is not yet learnt (or not shown to have plateaued)"
+        where = (
+            f"matched ceiling {_num(summary.mean)}{_bracket(summary.low, summary.high)} ({ceiling}'s "
+            f"{REFERENCE} on {scenario}/{split}), {trend}"
         )
-        sentences.append(
-            f"{head}: matched ceiling {_num(summary.mean)}{_bracket(summary.low, summary.high)} ({ceiling}'s "
-            f"{REFERENCE} on {scenario}/{split}), {trend}."
-            + (
-                ""
-                if learnt
-                else " Read the verdicts below as what is learnt first at this budget, not as what a trained "
-                "model uses."
+        if summary.mean < LEARNT:
+            sentences.append(
+                f"At this budget the cue is not yet learnt: {where}. Read the verdicts below as what is "
+                "learnt first at this budget, not as what a trained model uses."
             )
-        )
+        elif rise is None or rise[0] >= PLATEAU_RISE:
+            sentences.append(
+                f"At this budget the cue is learnt, but training had not been shown to plateau: {where}. "
+                "A longer budget may still change the verdicts below."
+            )
+        else:
+            sentences.append(f"At this budget the cue is learnt and the ceiling had plateaued: {where}.")
     return sentences
 
 
