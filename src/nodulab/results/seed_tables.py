@@ -332,7 +332,8 @@ def reliance_summary(
         .unstack("kind")
         .reindex(columns=["cue", "confound"])
     )
-    per_seed = per_seed.join(rows.groupby(keys)[["null", "degenerate"]].max(), how="outer")
+    seeds = rows.groupby(keys)
+    per_seed = per_seed.join(seeds["null"].mean(), how="outer").join(seeds["degenerate"].max(), how="outer")
     grouped = per_seed.groupby(level=["scenario", "loss", "readout"])
     return grouped.mean().assign(seeds=grouped.size()).reset_index()[columns]
 
