@@ -299,7 +299,7 @@ def test_convergence_reads_the_last_fifth_of_the_training_curve() -> None:
     assert found.loc[("triplet", 0), "curve"] == "mined_triplets" and not found.loc[("triplet", 0), "converged"]
     assert found.loc[("simclr", 1), "change"] == pytest.approx(0.2)  # the last 20% of 10 epochs: 2 epochs
     text = convergence_sentences(history)[0]
-    assert "converged: ce" in text and "simclr (1 of 2 seeds)" in text and "triplet (1 of 1 seeds)" in text
+    assert "on s, ce 2/2, simclr 1/2, triplet 0/1." in text
 
 
 def test_the_findings_open_with_the_budget_regime(clear_lead: Path, tmp_path: Path) -> None:

@@ -166,20 +166,10 @@ def convergence_sentences(history: pd.DataFrame | None) -> list[str]:
     parts = []
     for scenario, part in found.groupby("scenario", sort=True):
         flat = part.groupby("loss")["converged"].agg(["sum", "size"])
-        done = [loss for loss, r in flat.iterrows() if r["sum"] == r["size"]]
-        not_done = [
-            f"{loss} ({r['size'] - r['sum']} of {r['size']} seeds)"
-            for loss, r in flat.iterrows()
-            if r["sum"] < r["size"]
-        ]
-        parts.append(
-            f"on {scenario}, "
-            + (f"converged: {', '.join(done)}" if done else "none converged")
-            + (f"; still changing: {', '.join(not_done)}" if not_done else "")
-        )
+        parts.append(f"on {scenario}, " + ", ".join(f"{loss} {r['sum']}/{r['size']}" for loss, r in flat.iterrows()))
     return [
-        f"Training curves over their last {LAST_SHARE:.0%} of epochs (converged: the training loss, for "
-        f"triplet the mined count, moved by less than {CONVERGED_SHARE:.0%} of its total decrease): "
+        f"Converged seeds per loss (the training loss, for triplet the mined count, moved by less than "
+        f"{CONVERGED_SHARE:.0%} of its total decrease over the last {LAST_SHARE:.0%} of epochs): "
         + "; ".join(parts)
         + "."
     ]
