@@ -183,11 +183,12 @@ def budget_section(study: StudyResults) -> str:
             for loss, mean in means.items():
                 summary = seed_summary(found.loc[found["loss"] == loss, "value"])
                 r = relied[relied["loss"] == loss]
-                verdict = (
-                    ("confound" if r["confound"].iloc[0] > r["cue"].iloc[0] else "cue")
-                    if len(r) and pd.notna(r["cue"].iloc[0]) and pd.notna(r["confound"].iloc[0])
-                    else "n/a"
-                )
+                if len(r) and r["degenerate"].fillna(0).iloc[0] > 0.5:
+                    verdict = "degenerate"
+                elif len(r) and pd.notna(r["cue"].iloc[0]) and pd.notna(r["confound"].iloc[0]):
+                    verdict = "confound" if r["confound"].iloc[0] > r["cue"].iloc[0] else "cue"
+                else:
+                    verdict = "n/a"
                 verdicts.setdefault((scenario, split, loss), {})[cell] = verdict
                 interval = f" [{summary.low:.2f}, {summary.high:.2f}]" if math.isfinite(summary.low) else ""
                 rows.append(
@@ -209,20 +210,21 @@ def budget_section(study: StudyResults) -> str:
     for (scenario, split, loss), by_cell in verdicts.items():
         if len(set(by_cell.values()) - {"n/a"}) > 1:
             changes.append(
-                f"{scenario}/{split}: {loss}'s larger flip rate moves between cells ("
+                f"{scenario}/{split}: {loss}'s larger excess flip rate moves between cells ("
                 + "; ".join(f"{c}: {v}" for c, v in by_cell.items())
                 + ")"
             )
     table = (
         "<table><tr><th class='name'>budget cell</th><th class='name'>conflict split</th>"
         "<th class='name'>loss (readout)</th><th>balanced accuracy, mean [95% CI]</th><th>seeds</th>"
-        "<th class='name'>larger flip rate</th></tr>" + "".join(rows) + "</table>"
+        "<th class='name'>larger excess flip rate</th></tr>" + "".join(rows) + "</table>"
     )
     items = "".join(f"<li>{html.escape(c)}</li>" for c in changes)
     note = (
         "<p class='note'>Each budget cell (training rows × epochs) has its own datasets, seeds and ceiling; "
-        "losses are compared within a cell. Larger flip rate: whether the cue or the confound switch flips "
-        "more of the loss's own predictions (mean over seeds, no interval).</p>"
+        "losses are compared within a cell. Larger excess flip rate: whether the cue or the confound switch "
+        "flips more of the loss's own predictions beyond the null switches (mean over seeds, no interval); "
+        "degenerate: one class on >= 95% of the rows in most seeds.</p>"
     )
     return section(
         "budget", "Budget cells", note + (table if rows else missing("No scores yet.")) + f"<ul>{items}</ul>"
