@@ -401,8 +401,8 @@ def findings(
         alpha: the family-wise error rate of the claims.
 
     Returns:
-        (a) ce's gap to the clean ceiling on each confounded scenario's conflict splits; (b) which
-        cue each loss relies on there; (c) which loss keeps the most there and whether its lead
+        The budget regime and convergence; (a) ce's gap to the matched ceiling on each confounded
+        scenario's conflict splits; (b) which cue each loss relies on there; (c) which loss keeps the most there and whether its lead
         over ce is claimed; (d) what is within noise, or that the seeds cannot tell.
     """
     readouts = readout_map(metrics)

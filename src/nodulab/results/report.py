@@ -4,7 +4,7 @@ It reads only ``DIR/results.sqlite`` (read-only) and writes ``DIR/report.html`` 
 inline, every figure an inline base64 PNG, no JavaScript and no external URL, so the page can be
 mailed or archived as one file. Sections: the study (grid, runs done and failed, the tuning
 rule), the findings (``findings.findings``), the dataset galleries, per scenario the loss × split
-table beside the clean ceiling with the controls and oracles apart, the paired differences to
+table beside the matched ceiling with the controls and oracles apart, the paired differences to
 ce, what each model relies on (reliance heatmap, diameter sweep, cue index, probes), Grad-CAM
 and embedding maps, and training curves. A missing piece (no explain tables, no clean scenario,
 one seed, failed runs) becomes a short sentence, never an error or an empty image.
