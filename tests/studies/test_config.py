@@ -32,10 +32,22 @@ def test_presets_load_and_are_listed() -> None:
     assert {s.image.dim for s in load_study("paper-3d").scenarios.values()} == {3}
 
 
+def test_standard_preset_is_the_cpu_answer() -> None:
+    """55 runs at the budget where the matched ceiling is learnt (README: the budget table)."""
+    standard = load_study("standard")
+    assert standard.planned_runs() == 55 and standard.model.seeds == 5
+    assert standard.ceilings == {"size-confound": "clean", "attenuation-confound": "clean"}
+    assert [(c.n_train, c.epochs) for c in standard.cells()] == [(2000, 30)]
+    assert standard.model.train.checkpoints_for(30) == [1, 2, 4, 8, 16, 30]
+    assert {s.image.size for s in standard.scenarios.values()} == {32}
+
+
 def test_quick_preset_shape() -> None:
     quick = load_study("quick")
     assert set(quick.scenarios) == {"clean", "size-confound"}
     assert quick.model.seeds >= 3 and quick.model.train.epochs <= 10
+    assert [(c.n_train, c.epochs) for c in quick.cells()] == [(2000, 6)]  # 2x the old budget: the ceiling is learnt
+    assert quick.ceilings == {"size-confound": "clean"}
     assert quick.losses("clean") == ["ce"] and quick.losses("size-confound") == ["ce", "supcon", "simclr"]
     assert quick.explain_splits("size-confound") == ["test_conflict"] and quick.explain_splits("clean") == []
     assert {s.image.size for s in quick.scenarios.values()} == {32}
