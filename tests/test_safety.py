@@ -371,9 +371,15 @@ def test_outputs_follow_the_umask(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         assert invoke("generate", "clean", *SMALL, "--out", "ds").exit_code == 0
         assert invoke("export", "ds", "--format", "medmnist", "--out", "ds.npz").exit_code == 0
         assert invoke("gallery", "ds", "--out", "g.png").exit_code == 0
+        # weights (safetensors replaces its file with a new inode) and checkpoints follow it too
+        trained = invoke("train", "ds", "--loss", "ce", "--epochs", "2", "--batch-size", "4", "--out", "run")
+        assert trained.exit_code == 0, trained.output
     finally:
         os.umask(old)
-    for path in [tmp_path / "ds", *(tmp_path / "ds").rglob("*"), tmp_path / "ds.npz", tmp_path / "g.png"]:
+    run = tmp_path / "run"
+    weights = [run / "model.safetensors", run / "readouts.safetensors", *(run / "checkpoints").iterdir()]
+    assert len(weights) == 4  # model, readouts, checkpoints 1 and 2
+    for path in [tmp_path / "ds", *(tmp_path / "ds").rglob("*"), tmp_path / "ds.npz", tmp_path / "g.png", *weights]:
         expected = (0o777 if path.is_dir() else 0o666) & ~umask
         assert path.stat().st_mode & 0o777 == expected, (path, oct(path.stat().st_mode))
 

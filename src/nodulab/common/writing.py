@@ -98,8 +98,8 @@ def write_atomically(path: Path | str, write: Callable[[str], Any], *, exclusive
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        follow_umask(tmp)
         write(tmp)
+        follow_umask(tmp)  # after the write: a writer may replace the file (safetensors makes a new inode)
         fsync_file(Path(tmp))
         if exclusive:
             rename_no_replace(Path(tmp), path)
