@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 
 from nodulab import __version__
-from nodulab.common.choices import DEFAULT_EPOCHS, DEVICES, SELECTIONS, VIEWS
+from nodulab.common.choices import DEFAULT_EPOCHS, DEVICES, MAX_EPOCHS, SELECTIONS, VIEWS
 from nodulab.common.scoring import binary_metrics
 from nodulab.data.dataset import DatasetError, check_out, hu_to_input, load_manifest, load_split, sha256_file, staged
 from nodulab.synth.scenario import BALANCED_SPLIT, ScenarioError
@@ -138,8 +138,8 @@ def _check(config: TrainConfig) -> None:
         raise TrainError(f"--loss: unknown loss {config.loss!r}; choose from {', '.join(losses.names())}")
     if config.encoder not in ENCODERS:
         raise TrainError(f"--encoder must be one of {', '.join(ENCODERS)}, got {config.encoder!r}")
-    if config.epochs < 1:
-        raise TrainError(f"--epochs must be >= 1, got {config.epochs}")
+    if not 1 <= config.epochs <= MAX_EPOCHS:
+        raise TrainError(f"--epochs must be 1..{MAX_EPOCHS:,}, got {config.epochs}")
     if config.batch_size < 2:
         raise TrainError(f"--batch-size must be >= 2, got {config.batch_size}")
     if not (config.lr > 0 and math.isfinite(config.lr)):
