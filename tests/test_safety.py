@@ -7,6 +7,7 @@ reports bad data as failed checks, exit 1). Datasets are tiny copies of one gene
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -413,3 +414,35 @@ def test_force_replaces_only_what_this_kind_of_command_wrote(tmp_path: Path) -> 
                 pass
     assert data.is_complete(tmp_path / "empty", dataset=True)
     no_scratch(tmp_path)
+
+
+# ----------------------------------------------------------------------------- names in figures
+HOSTILE_NAME = "a$\\x$ {b} <script>c</script> \\"
+
+
+def test_user_strings_in_figures_are_plain_text(tmp_path: Path) -> None:
+    """A name with $...$ would be mathtext (``$\\x$`` raises); every figure builder draws it as typed."""
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from nodulab.data.gallery import gallery_png
+    from nodulab.results import figures
+    from nodulab.synth.scenarios import load_scenario as load
+    from nodulab.synth.scenarios import load_scenario_dict, scenario_to_dict
+
+    bare = Figure()
+    bare.subplots().set_title(HOSTILE_NAME)
+    with pytest.raises(ValueError):  # the control: matplotlib's default reads it as maths
+        bare.savefig(io.BytesIO(), format="png")
+    d = scenario_to_dict(load("clean", n=4, size=32, pixel_mm=1.4))
+    d["name"] = HOSTILE_NAME
+    data.generate(load_scenario_dict(d), tmp_path / "ds")
+    assert gallery_png(tmp_path / "ds").startswith(b"\x89PNG")
+    matrix = pd.DataFrame([[0.5]], index=[HOSTILE_NAME], columns=[HOSTILE_NAME])
+    assert figures.heatmap(matrix, title=HOSTILE_NAME, colorbar=HOSTILE_NAME).startswith(b"\x89PNG")
+    frame = pd.DataFrame(
+        {"label": HOSTILE_NAME, "seed": 0, "epoch": [1, 2], "measure": "balanced_accuracy", "value": [0.5, 0.6]}
+    )
+    assert figures.dynamics_figure(frame, title=HOSTILE_NAME).startswith(b"\x89PNG")
+    curves = pd.DataFrame({"label": HOSTILE_NAME, "value": [6.0, 8.0], "mean_p": [0.2, 0.4]})
+    assert figures.sweep_figure(curves, title=HOSTILE_NAME).startswith(b"\x89PNG")

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from nodulab.common.plaintext import plain_text
 from nodulab.data.dataset import (
     DatasetError,
     OutExists,
@@ -123,6 +124,7 @@ def _draw_split(
             ax.set_title(factor_caption(frame.iloc[chosen[c]]), fontsize=6.5)
 
 
+@plain_text
 def gallery_figure(root: Path, *, per_cell: int = 4, seed: int = 0) -> Figure:
     """The gallery of a dataset folder as a matplotlib ``Figure``: one panel per split, one row per cell.
 

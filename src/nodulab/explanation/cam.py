@@ -41,6 +41,7 @@ from matplotlib.figure import Figure
 from scipy.stats import spearmanr
 from torch import nn
 
+from nodulab.common.plaintext import plain_text
 from nodulab.common.tables import RESULT_TABLES, write_table
 from nodulab.data.dataset import hu_to_input, load_split, lung_window
 from nodulab.data.gallery import LABEL_NAMES, axial_mip
@@ -319,6 +320,7 @@ def _display(image: np.ndarray, cam: np.ndarray, row: pd.Series) -> tuple[np.nda
     return axial_mip(image, row), axial_mip(cam, row)
 
 
+@plain_text
 def cam_figure(
     run: LoadedRun,
     data_dir: Path | str,

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from nodulab.common.plaintext import plain_text
 from nodulab.common.progress import Progress
 from nodulab.common.tables import RESULT_TABLES
 from nodulab.explanation.context import Predict
@@ -361,6 +362,7 @@ def explain_split(
 
 
 # ----------------------------------------------------------------------------- the run folder
+@plain_text
 def sweep_figure(frame: pd.DataFrame) -> Any:
     """``sweep.png``: one panel per (split, factor), a line per classifier (a matplotlib Figure)."""
     from matplotlib.figure import Figure

@@ -38,6 +38,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from nodulab.common.plaintext import plain_text
 from nodulab.common.tables import RESULT_TABLES, write_table
 from nodulab.data.dataset import load_manifest, load_split
 from nodulab.data.gallery import short_factor
@@ -268,6 +269,7 @@ def _colour_columns(factors: pd.DataFrame) -> list[str]:
     return [c for c in names if c in factors and factors[c].nunique() > 1]
 
 
+@plain_text
 def embedding_figure(run: LoadedRun, data_dir: Path | str, *, split: str, n: int | None = None) -> Figure:
     """The frozen embedding of the trained encoder, coloured by label and by each varying factor.
 

@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from nodulab.common.plaintext import plain_text
+
 DPI = 90
 
 
@@ -22,6 +24,7 @@ def to_png(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
+@plain_text
 def heatmap(
     matrix: pd.DataFrame, *, title: str, colorbar: str, vmin: float = 0.0, vmax: float = 1.0, cmap: str = "viridis"
 ) -> bytes:
@@ -50,6 +53,7 @@ def heatmap(
     return to_png(fig)
 
 
+@plain_text
 def sweep_figure(curves: pd.DataFrame, *, title: str) -> bytes:
     """Mean P(malignant) against the swept value, one line per loss.
 
@@ -70,6 +74,7 @@ def sweep_figure(curves: pd.DataFrame, *, title: str) -> bytes:
     return to_png(fig)
 
 
+@plain_text
 def history_figure(history: pd.DataFrame, names: list[str], *, title: str) -> bytes:
     """Training curves: one panel per history name, one line per run label.
 
@@ -98,6 +103,7 @@ DYNAMICS_LINES = {
 """The dynamics figure's lines: measure -> (legend, colour, line style)."""
 
 
+@plain_text
 def dynamics_figure(frame: pd.DataFrame, *, title: str) -> bytes:
     """Per loss (one panel each), the conflict score and the flip rates against epoch: mean over
     seeds as a line, the seeds' range as a band.

@@ -402,8 +402,9 @@ def findings(
 
     Returns:
         The budget regime and convergence; (a) ce's gap to the matched ceiling on each confounded
-        scenario's conflict splits; (b) which cue each loss relies on there; (c) which loss keeps the most there and whether its lead
-        over ce is claimed; (d) what is within noise, or that the seeds cannot tell.
+        scenario's conflict splits; (b) which cue each loss relies on there; (c) which loss keeps
+        the most there and whether its lead over ce is claimed; (d) what is within noise, or that
+        the seeds cannot tell.
     """
     readouts = readout_map(metrics)
     scores = own_scores(metrics, readouts)

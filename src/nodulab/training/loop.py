@@ -42,6 +42,7 @@ import torch
 
 from nodulab import __version__
 from nodulab.common.choices import DEFAULT_EPOCHS, DEVICES, MAX_EPOCHS, SELECTIONS, VIEWS
+from nodulab.common.plaintext import plain_text
 from nodulab.common.scoring import binary_metrics
 from nodulab.data.dataset import DatasetError, check_out, hu_to_input, load_manifest, load_split, sha256_file, staged
 from nodulab.synth.scenario import BALANCED_SPLIT, ScenarioError
@@ -645,6 +646,7 @@ def _fit_readouts(model: NoduleNet, train_split: _Split, val_split: _Split, conf
     )
 
 
+@plain_text
 def history_figure(history: pd.DataFrame, title: str) -> Figure:
     """``history.png``: training loss and validation scores per epoch (learning rate dashed)."""
     from matplotlib.figure import Figure
