@@ -145,10 +145,12 @@ def test_out_holding_another_study_is_refused(tmp_path: Path) -> None:
     result = runner.invoke(app, ["study", str(path), "--out", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     before = (out / STORE_FILE).read_bytes()
+    names = sorted(p.name for p in out.iterdir())
     other = tmp_path / "other.toml"
     other.write_text(TINY.replace('name = "tiny"', 'name = "other"').replace("seeds = 2", "seeds = 1"))
     assert_one_line_error(runner.invoke(app, ["study", str(other), "--out", str(out)]), "holds study 'tiny'")
     assert (out / STORE_FILE).read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == names  # no -wal, -shm or lock file appeared
     assert_one_line_error(runner.invoke(app, ["study", str(path), "--out", str(out / STORE_FILE)]), "is a file")
     assert_one_line_error(
         runner.invoke(app, ["study", str(path), "--out", str(out), "--cache", str(out / "runs" / "x")]), "lies inside"
@@ -428,3 +430,32 @@ def test_a_ceiling_that_differs_in_another_factor_is_refused(tmp_path: Path) -> 
         {**base, "scenarios": ["clean", "scanner-shift", "size-confound"], "ceilings": {"size-confound": "clean"}}
     )
     assert study.ceilings == {"size-confound": "clean"}
+
+
+def test_a_second_live_study_on_one_out_is_refused_and_touches_nothing(tmp_path: Path) -> None:
+    """The lock is an OS lock (flock) on OUT/.study.lock: held by a live study, released by the kernel."""
+    import fcntl
+
+    from nodulab.studies.driver import LOCK_FILE
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / LOCK_FILE, "a") as held:  # a live study holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = runner.invoke(app, ["study", str(_tiny(tmp_path)), "--out", str(out), "--device", "cpu"])
+        assert_one_line_error(result, "in use by another running study")
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE] and (out / LOCK_FILE).read_bytes() == b""
+    # released (as the kernel does when the holder dies): the study runs there
+    assert studying.run_study(load_study(_tiny(tmp_path)), out, report=False).failed == 0
+
+
+def test_a_refused_study_leaves_out_absent(tmp_path: Path) -> None:
+    """A study refused after --out was made (a cached dataset that fails its hashes) removes it again."""
+    study = load_study(_tiny(tmp_path))
+    cache = tmp_path / "cache"
+    folder = run_one.ensure_dataset(cache, study.scenarios["size-confound"], study.model.data.seed)
+    images = next(folder.glob("*/images.npy"))
+    images.write_bytes(images.read_bytes()[:-8] + b"\x00" * 8)  # a corrupted cache entry
+    with pytest.raises(Exception, match="does not match its sha256"):
+        studying.run_study(study, tmp_path / "out", cache=cache)
+    assert not (tmp_path / "out").exists()

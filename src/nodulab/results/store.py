@@ -93,7 +93,7 @@ def _schema() -> list[str]:
     return statements
 
 
-def _check_owner(path: Path, study: Mapping[str, Any]) -> None:
+def check_owner(path: Path, study: Mapping[str, Any]) -> None:
     """Refuse an existing file that is not this study's store (read-only; nothing is written).
 
     A file with no table at all is a store whose study was killed before its first commit: it is
@@ -139,7 +139,7 @@ class Store:
             return
         existed = self.path.exists()
         if existed:  # check whose store it is before writing anything into it
-            _check_owner(self.path, study)
+            check_owner(self.path, study)
         self._db = sqlite3.connect(self.path)
         try:
             self._db.execute("PRAGMA journal_mode=WAL")

@@ -19,6 +19,8 @@ draws, evaluate, explain, store.
 - **Executors**: ``local`` (in this process, or ``--jobs N`` worker processes) or ``ray``
   (``study_ray.py``). Only this process writes the store; each run goes in with one transaction,
   so a study killed at any moment resumes where it stopped and never redoes a recorded run.
+- **Ownership** (``study_lock``): ``OUT/.study.lock`` is held (``flock``) for the study's life; a
+  second live study on ``OUT`` is refused. Every check runs before the store is created.
 - **Selection** (``store.Store``): per (scenario, loss, seed) the draw with the best kNN balanced
   accuracy on ``val`` at the run's last epoch, the same score for every loss; no test split is
   read to select.
@@ -26,10 +28,13 @@ draws, evaluate, explain, store.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +43,7 @@ from nodulab.common.progress import Progress
 from nodulab.common.writing import check_out, is_inside
 from nodulab.data.dataset import MANIFEST, load_manifest, sha256_file
 from nodulab.data.gallery import gallery_png
-from nodulab.results.store import STORE_FILE, Store, export_csvs
+from nodulab.results.store import STORE_FILE, Store, check_owner, export_csvs
 from nodulab.studies.config import Cell, Study
 from nodulab.studies.executors import EXECUTORS
 from nodulab.studies.runner import (
@@ -49,6 +54,7 @@ from nodulab.studies.runner import (
     ensure_dataset,
     unpack_folder,
 )
+from nodulab.synth.scenario import Scenario
 from nodulab.training import losses
 
 RUNS_DIR = "runs"
@@ -148,14 +154,49 @@ def _rows_rendered(name: str, on_dataset: Callable[[str, int], None]) -> Progres
     return report
 
 
+LOCK_FILE = ".study.lock"
+"""``OUT/.study.lock``: held (``flock``) by the study running in ``OUT`` for its whole life; the kernel
+releases it when that process dies, so a resume after ``kill -9`` is never refused."""
+BEFORE_STORE = (LOCK_FILE, DATASETS_DIR)
+"""What a study puts in a new ``--out`` before its store: a folder holding only these is its own."""
+
+
 def check_study_out(out: Path, study: Study) -> None:
     """Refuse an ``--out`` that is, holds or lies inside a file the study was read from, that is a
-    file, or that is a non-empty folder without a store (``Store`` refuses another study's store)."""
+    file, that is a non-empty folder without a store (but for what a study writes before its
+    store), or whose store holds another study. Reads only: a refused ``--out`` gains no file."""
     check_out(out, study.sources)
     if out.exists() and not out.is_dir():
         raise StudyRunError(f"--out {out} is a file, not a study folder")
-    if not (out / STORE_FILE).is_file() and out.is_dir() and any(out.iterdir()):
+    if (out / STORE_FILE).is_file():
+        check_owner(out / STORE_FILE, _study_meta(study))
+    elif out.is_dir() and any(p.name not in BEFORE_STORE for p in out.iterdir()):
         raise StudyRunError(f"--out {out} is a non-empty folder without {STORE_FILE}; use a new folder")
+
+
+@contextmanager
+def study_lock(out: Path) -> Iterator[None]:
+    """Hold ``OUT/.study.lock`` while the study runs; a second live study on ``out`` is refused
+    (one line) without touching anything. If ``out`` did not exist and the study is refused before
+    its store exists, ``out`` is removed again: a refused study leaves it absent."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK_FILE, "a")  # noqa: SIM115 - held for the study's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise StudyRunError(
+            f"--out {out} is in use by another running study; wait for it or choose another folder"
+        ) from None
+    try:
+        yield
+    except Exception:  # a refusal (not an interrupt: a resume reuses the datasets made so far)
+        if created and not (out / STORE_FILE).exists():
+            shutil.rmtree(out, ignore_errors=True)  # only what this study made: out did not exist
+        raise
+    finally:
+        handle.close()
 
 
 def _study_meta(study: Study) -> dict[str, Any]:
@@ -201,61 +242,68 @@ def run_study(
     if jobs < 1:
         raise StudyRunError(f"--jobs must be >= 1, got {jobs}")
     check_study_out(out, study)
-    out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache) if cache is not None else out / DATASETS_DIR
     if is_inside(out / RUNS_DIR, cache):
         raise StudyRunError(f"--cache {cache} lies inside {out / RUNS_DIR}, whose run folders a study replaces")
+    check_out(cache, study.sources, flag="--cache")
     summary = StudySummary()
-    with Store(out / STORE_FILE, _study_meta(study)) as store:
-        if retry_failed:
-            store.forget_failed()
-        data_dirs, manifests, scenarios = {}, {}, {}
+    with study_lock(out):
         gen_start = time.perf_counter()
-        recorded = store.recorded_datasets()
-        for n_train in dict.fromkeys(cell.n_train for cell in study.cells()):
-            for name in study.scenarios:
-                data = study.data_name(name, n_train)
-                scenarios[data] = scenario = study.scenario(name, Cell(n_train, 0))
-                report_rows = _rows_rendered(data, on_dataset) if on_dataset else None
-                data_dirs[data] = ensure_dataset(cache, scenario, study.model.data.seed, progress=report_rows)
-                manifests[data] = sha256_file(data_dirs[data] / MANIFEST)
-                if (name, data_dirs[data].name) not in recorded:
-                    store.add_dataset(
-                        name,
-                        data_dirs[data].name,
-                        manifests[data],
-                        load_manifest(data_dirs[data]),
-                        gallery_png(data_dirs[data]),
-                    )
+        data_dirs, manifests, scenarios, names = _datasets(study, cache, on_dataset)
         summary.generate_seconds = time.perf_counter() - gen_start
-        specs = plan(study, manifests)
-        finished = store.finished()
-        todo = [s for s in specs if s.run_id not in finished]
-        summary.planned, summary.skipped = len(specs), len(specs) - len(todo)
-        if on_plan:
-            on_plan(summary.planned, summary.skipped)
-        runs_dir = out / RUNS_DIR
-        runs_dir.mkdir(exist_ok=True)
+        with Store(out / STORE_FILE, _study_meta(study)) as store:  # every check passed: the store may exist now
+            if retry_failed:
+                store.forget_failed()
+            recorded = store.recorded_datasets()
+            for data, folder in data_dirs.items():
+                if (names[data], folder.name) not in recorded:
+                    manifest = load_manifest(folder)
+                    store.add_dataset(names[data], folder.name, manifests[data], manifest, gallery_png(folder))
+            specs = plan(study, manifests)
+            finished = store.finished()
+            todo = [s for s in specs if s.run_id not in finished]
+            summary.planned, summary.skipped = len(specs), len(specs) - len(todo)
+            if on_plan:
+                on_plan(summary.planned, summary.skipped)
+            runs_dir = out / RUNS_DIR
+            runs_dir.mkdir(exist_ok=True)
 
-        def record(result: RunResult) -> None:
-            if result.folder is not None:
-                unpack_folder(result.folder, runs_dir / result.spec.run_id)
-                result.folder = None
-            store.add_run(_run_row(result), result.tables, result.figures)
-            result.tables, result.figures = {}, {}  # in the store now; a long grid keeps only the summary
-            summary.done += result.status == "done"
-            summary.failed += result.status == "failed"
-            summary.run_seconds += sum(result.timings.values())
-            summary.results.append(result)
-            if on_result:
-                on_result(result, summary.skipped + summary.done + summary.failed, summary.planned)
+            def record(result: RunResult) -> None:
+                if result.folder is not None:
+                    unpack_folder(result.folder, runs_dir / result.spec.run_id)
+                    result.folder = None
+                store.add_run(_run_row(result), result.tables, result.figures)
+                result.tables, result.figures = {}, {}  # in the store now; a long grid keeps only the summary
+                summary.done += result.status == "done"
+                summary.failed += result.status == "failed"
+                summary.run_seconds += sum(result.timings.values())
+                summary.results.append(result)
+                if on_result:
+                    on_result(result, summary.skipped + summary.done + summary.failed, summary.planned)
 
-        batch = Batch(study, data_dirs, manifests, scenarios, runs_dir, device, jobs, progress)
-        EXECUTORS[executor](todo, batch, record)
-        export_csvs(store, out)
-    if report:
-        from nodulab.results.report import write_report
+            batch = Batch(study, data_dirs, manifests, scenarios, runs_dir, device, jobs, progress)
+            EXECUTORS[executor](todo, batch, record)
+            export_csvs(store, out)
+        if report:
+            from nodulab.results.report import write_report
 
-        write_report(out)
-    summary.wall_seconds = time.perf_counter() - started
-    return summary
+            write_report(out)
+        summary.wall_seconds = time.perf_counter() - started
+        return summary
+
+
+def _datasets(
+    study: Study, cache: Path, on_dataset: Callable[[str, int], None] | None
+) -> tuple[dict[str, Path], dict[str, str], dict[str, Scenario], dict[str, str]]:
+    """Every dataset of the study (per scenario and ``n.train``), generated once into ``cache`` or
+    checked against its hashes: folders, manifest sha256, resolved scenarios and scenario names, by
+    ``Study.data_name``."""
+    data_dirs, manifests, scenarios, names = {}, {}, {}, {}
+    for n_train in dict.fromkeys(cell.n_train for cell in study.cells()):
+        for name in study.scenarios:
+            data = study.data_name(name, n_train)
+            scenarios[data], names[data] = study.scenario(name, Cell(n_train, 0)), name
+            report_rows = _rows_rendered(data, on_dataset) if on_dataset else None
+            data_dirs[data] = ensure_dataset(cache, scenarios[data], study.model.data.seed, progress=report_rows)
+            manifests[data] = sha256_file(data_dirs[data] / MANIFEST)
+    return data_dirs, manifests, scenarios, names
