@@ -446,3 +446,25 @@ def test_user_strings_in_figures_are_plain_text(tmp_path: Path) -> None:
     assert figures.dynamics_figure(frame, title=HOSTILE_NAME).startswith(b"\x89PNG")
     curves = pd.DataFrame({"label": HOSTILE_NAME, "value": [6.0, 8.0], "mean_p": [0.2, 0.4]})
     assert figures.sweep_figure(curves, title=HOSTILE_NAME).startswith(b"\x89PNG")
+
+
+def test_a_long_out_name_and_a_symlink_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 240-byte --out name fits (temporary siblings shorten it, hashed); a symlink loop is one line."""
+    from nodulab.common.writing import short_name, write_atomically
+
+    monkeypatch.chdir(tmp_path)
+    long = "d" * 240
+    result = invoke("generate", "clean", *SMALL, "--out", long)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / long / "dataset.json").is_file()
+    write_atomically(tmp_path / ("f" * 250), lambda tmp: Path(tmp).write_text("x"))
+    assert (tmp_path / ("f" * 250)).read_text() == "x"
+    assert short_name("a" * 64) == "a" * 64 and len(short_name("é" * 200).encode()) <= 64
+    assert short_name("b" * 300) != short_name("b" * 299)  # hashed: two long names stay apart
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for command in (["generate", "clean", *SMALL], ["gallery", long]):
+        result = invoke(*command, "--out", "loop/x.png" if command[0] == "gallery" else "loop/x")
+        assert result.exit_code == 2 and "cannot be resolved" in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -64,12 +65,12 @@ def check_out(out: Path | str, inputs: Iterable[Path | str] = (), *, flag: str =
     Raises:
         DatasetError: with a one-line message naming the conflict.
     """
-    target = Path(out).resolve()
+    target = _resolve(out, flag)
     cwd = Path.cwd().resolve()
     if target == cwd or target in cwd.parents or target == Path(target.anchor):
         raise DatasetError(f"{flag} {out}: is the current folder or one of its parents; name a new folder")
     for given in inputs:
-        source = Path(given).resolve()
+        source = _resolve(given, "input")
         if target == source or target in source.parents:
             raise DatasetError(f"{flag} {out}: would replace the input {given}; choose another path")
         if source in target.parents:
@@ -77,9 +78,17 @@ def check_out(out: Path | str, inputs: Iterable[Path | str] = (), *, flag: str =
     return target
 
 
+def _resolve(path: Path | str, flag: str) -> Path:
+    """``path`` with symlinks resolved; a symlink loop is a one-line ``DatasetError``."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as error:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise DatasetError(f"{flag} {path}: cannot be resolved ({' '.join(str(error).split())})") from None
+
+
 def is_inside(root: Path, path: Path) -> bool:
     """Whether ``path`` (symlinks resolved) lies under ``root`` (symlinks resolved)."""
-    root, path = Path(root).resolve(), Path(path).resolve()
+    root, path = _resolve(root, "path"), _resolve(path, "path")
     return path == root or root in path.parents
 
 
@@ -95,7 +104,7 @@ def write_atomically(path: Path | str, write: Callable[[str], Any], *, exclusive
         exclusive: fail with ``OutExists`` if ``path`` exists (checked at the rename).
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{short_name(path.name)}.", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -157,9 +166,21 @@ def rename_no_replace(src: Path, dst: Path) -> None:
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40] or "host"
 
 
+SHORT_NAME = 64
+"""Longest output name kept whole inside a temporary sibling's name (NAME_MAX is 255 bytes)."""
+
+
+def short_name(name: str) -> str:
+    """``name`` as it appears inside a temporary sibling's name: whole up to ``SHORT_NAME`` bytes,
+    else its first 40 characters and a hash of the whole (so a 255-byte ``--out`` still fits)."""
+    if len(name.encode()) <= SHORT_NAME:
+        return name
+    return f"{name.encode()[:40].decode(errors='ignore')}~{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+
+
 def _scratch_prefix(kind: str, out: Path) -> str:
     """``.tmp-<name>-<host>-<pid>-``: who owns a temporary sibling, so a later run can tidy up."""
-    return f".{kind}-{out.name}-{_HOST}-{os.getpid()}-"
+    return f".{kind}-{short_name(out.name)}-{_HOST}-{os.getpid()}-"
 
 
 def _alive(pid: int) -> bool:
@@ -181,7 +202,7 @@ def remove_stale_scratch(out: Path) -> list[Path]:
     Returns:
         The folders removed.
     """
-    pattern = re.compile(rf"^\.(tmp|old)-{re.escape(out.name)}-{re.escape(_HOST)}-(\d+)-[A-Za-z0-9_]+$")
+    pattern = re.compile(rf"^\.(tmp|old)-{re.escape(short_name(out.name))}-{re.escape(_HOST)}-(\d+)-[A-Za-z0-9_]+$")
     removed = []
     if not out.parent.is_dir():
         return removed
