@@ -36,6 +36,7 @@ from nodulab.common.choices import (
     SELECTIONS,
     VIEWS,
 )
+from nodulab.common.errors import InputError
 from nodulab.training import hparams
 
 if TYPE_CHECKING:  # torch, sklearn, matplotlib and pandas load inside the commands that need them
@@ -45,16 +46,6 @@ EXIT_INPUT = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 console = Console(highlight=False)
-
-_INPUT_ERRORS = (
-    ("nodulab.synth.scenario", "ScenarioError"),
-    ("nodulab.common.writing", "DatasetError"),
-    ("nodulab.training.loop", "TrainError"),
-    ("nodulab.training.runs", "RunError"),
-    ("nodulab.studies.config", "StudyError"),
-    ("nodulab.studies.runner", "StudyRunError"),
-    ("nodulab.results.store", "StoreError"),
-)
 
 
 class Terminated(BaseException):
@@ -66,12 +57,9 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def _is_input_error(error: BaseException) -> bool:
-    """Whether ``error`` is one of the library's input errors.
-
-    Only modules already imported can have raised one, so this never loads torch at start-up.
-    """
-    loaded = [getattr(sys.modules[m], name) for m, name in _INPUT_ERRORS if m in sys.modules]
-    return isinstance(error, (OSError, *loaded))
+    """Whether ``error`` is bad input (``common.errors.InputError``) or an OS error (a full disk, a
+    permission): one line, exit 2."""
+    return isinstance(error, (OSError, InputError))
 
 
 def _fail(message: str) -> int:

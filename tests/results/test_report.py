@@ -223,3 +223,25 @@ def test_report_renders_in_headless_chromium(browser, full_report: Path, tmp_pat
         encoding="utf-8",
     )
     assert page_problems(browser, broken) == ["image 'broken' not loaded"]
+
+
+@pytest.mark.parametrize(
+    ("sql", "fragment"),
+    [
+        ("UPDATE meta SET value = '{not json' WHERE key = 'config'", "meta.config is not valid JSON"),
+        ("UPDATE meta SET value = '[1, 2]' WHERE key = 'config'", "meta.config is not a JSON object (got list)"),
+        ("UPDATE runs SET config = 'nan nan' WHERE rowid = 1", "runs.config of"),
+        ("UPDATE runs SET config = '\"text\"' WHERE rowid = 1", "is not a JSON object (got str)"),
+        ("UPDATE datasets SET manifest = '' WHERE rowid = 1", "datasets.manifest of"),
+    ],
+)
+def test_a_store_with_malformed_json_is_one_line(tmp_path: Path, sql: str, fragment: str) -> None:
+    import sqlite3
+
+    root = make_study(tmp_path / "s", score, seeds=(0,), losses=("ce",), explain=False)
+    db = sqlite3.connect(root / STORE_FILE)
+    with db:
+        db.execute(sql)
+    db.close()
+    assert_one_line_error(CliRunner().invoke(app, ["report", str(root)]), fragment)
+    assert not (root / "report.html").exists()

@@ -31,6 +31,7 @@ from typing import Any
 
 import pandas as pd
 
+from nodulab.common.errors import InputError
 from nodulab.common.tables import RESULT_TABLES, ResultTable, write_table
 from nodulab.common.writing import follow_umask, write_atomically
 
@@ -60,7 +61,7 @@ RUN_COLUMNS = {
 }
 
 
-class StoreError(ValueError):
+class StoreError(InputError):
     """The store is unreadable, of another format, or holds another study."""
 
 
@@ -185,7 +186,17 @@ class Store:
         return dict(self._db.execute("SELECT key, value FROM meta").fetchall())
 
     def study_config(self) -> dict[str, Any]:
-        return json.loads(self.meta()["config"])
+        return self._object(self.meta().get("config"), "meta.config")
+
+    def _object(self, text: Any, where: str) -> dict[str, Any]:
+        """A JSON object the store holds; anything else is a one-line ``StoreError`` (the file is untrusted)."""
+        try:
+            value = json.loads(text)
+        except (TypeError, ValueError):
+            raise StoreError(f"{self.path}: {where} is not valid JSON") from None
+        if not isinstance(value, dict):
+            raise StoreError(f"{self.path}: {where} is not a JSON object (got {type(value).__name__})")
+        return value
 
     def finished(self) -> set[str]:
         """run_ids recorded, done or failed: a resumed study never redoes them."""
@@ -255,7 +266,7 @@ class Store:
     def runs(self) -> pd.DataFrame:
         """Every recorded run (``config`` parsed), in grid order."""
         frame = pd.read_sql_query("SELECT * FROM runs ORDER BY budget, scenario, loss, seed, draw", self._db)
-        frame["config"] = [json.loads(c) for c in frame["config"]]
+        frame["config"] = [self._object(c, f"runs.config of {r}") for c, r in zip(frame["config"], frame["run_id"])]
         return frame
 
     def table(self, name: str) -> pd.DataFrame:
@@ -288,7 +299,7 @@ class Store:
         rows = self._db.execute("SELECT scenario, manifest FROM datasets ORDER BY rowid")
         found: dict[str, dict[str, Any]] = {}
         for scenario, text in rows:
-            found.setdefault(scenario, json.loads(text))
+            found.setdefault(scenario, self._object(text, f"datasets.manifest of {scenario}"))
         return found
 
     def figure(self, run_id: str, name: str) -> bytes | None:

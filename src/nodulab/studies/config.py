@@ -69,6 +69,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nodulab.common.choices import DEFAULT_EPOCHS, ENCODERS, MAX_EPOCHS, MAX_N, VIEWS
+from nodulab.common.errors import InputError
 from nodulab.synth.factors import FACTORS
 from nodulab.synth.scenario import Scenario, ScenarioError, is_split_name, one_line, source_mode
 from nodulab.synth.scenarios import (
@@ -90,7 +91,7 @@ DYNAMICS_N = 200
 _MODEL = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-class StudyError(ValueError):
+class StudyError(InputError):
     """An invalid study: unknown preset, bad TOML, unknown loss or scenario, bad number."""
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import pandas as pd
 
+from nodulab.common.errors import InputError
 from nodulab.common.progress import Progress
 from nodulab.common.tables import RESULT_TABLES, RUN_FIGURES
 from nodulab.common.writing import DatasetError, OutExists, staged
@@ -42,7 +43,7 @@ SELECTION_SCORE = "val_knn_balanced_accuracy"
 """The selection score of a draw: kNN balanced accuracy on ``val`` at the run's selected epoch."""
 
 
-class StudyRunError(ValueError):
+class StudyRunError(InputError):
     """Bad input to a study (``--out``, executor, jobs): a one-line error."""
 
 

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
 from nodulab.common.choices import MAX_N
+from nodulab.common.errors import InputError
 from nodulab.synth.factors import FACTORS, OPTIONAL, Factor
 
 MAX_SIZE = {2: 2048, 3: 256}
@@ -39,7 +40,7 @@ BALANCED_AGREEMENT = 0.5
 _MODEL = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-class ScenarioError(ValueError):
+class ScenarioError(InputError):
     """An invalid scenario; the message is one line and names the offending key."""
 
 

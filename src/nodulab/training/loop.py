@@ -42,6 +42,7 @@ import torch
 
 from nodulab import __version__
 from nodulab.common.choices import DEFAULT_EPOCHS, DEVICES, MAX_EPOCHS, SELECTIONS, VIEWS
+from nodulab.common.errors import InputError
 from nodulab.common.plaintext import plain_text
 from nodulab.common.scoring import binary_metrics
 from nodulab.data.dataset import DatasetError, check_out, hu_to_input, load_manifest, load_split, sha256_file, staged
@@ -79,7 +80,7 @@ if TYPE_CHECKING:
 Progress = Callable[[str, int, int], None]
 
 
-class TrainError(ValueError):
+class TrainError(InputError):
     """Bad input to ``train``: the message is one line naming the option."""
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nodulab.common.errors import InputError
 from nodulab.data.dataset import sha256_file
 from nodulab.training.models import NoduleNet, build_model, load_model, state_sha256
 from nodulab.training.readouts import Readouts, extract, load_readouts
@@ -57,7 +58,7 @@ CLASSIFIERS = ("head", "probe", "knn", "dfr", "probe_init", "knn_init")
 the loss has one; ``dfr`` is a feature-quality oracle; ``*_init`` are the untrained controls."""
 
 
-class RunError(ValueError):
+class RunError(InputError):
     """A run folder is missing, incomplete, unreadable or of another run format."""
 
 
