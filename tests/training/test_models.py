@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nodulab.training.models import ENCODERS, build_model, count_parameters, freeze, load_model, save_model
+from nodulab.training.models import ENCODERS, ModelError, build_model, count_parameters, freeze, load_model, save_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -208,8 +208,32 @@ def test_load_is_strict(tmp_path) -> None:
     record = {"format": "nodulab-model/1", "config": {"architecture": {**model.architecture, "head": False}}}
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(path), metadata={"nodulab": json.dumps(record)})
-    with pytest.raises(RuntimeError, match="Unexpected key"):
+    with pytest.raises(ModelError, match="tensor head.bias is .2,., the recorded architecture needs none"):
         load_model(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"embedding_dim": 2**34}, "embedding_dim = 17179869184 is outside 1..65,536"),  # no 8.8 TB allocation
+        ({"spatial_dims": 3}, "the recorded architecture needs"),  # 3D weights named for 2D tensors
+        ({"spatial_dims": 4}, "in 2 or 3"),
+        ({"encoder": "vit"}, "encoder 'vit'"),
+        ({"embedding_dim": "8"}, "embedding_dim = '8' is not a build_model setting"),
+        ({"dropout": 0.1}, "dropout = 0.1 is not a build_model setting"),
+        ({"embedding_dim": 16}, "tensor encoder"),
+    ],
+)
+def test_impossible_model_metadata_is_refused_before_allocating(tmp_path, change: dict, fragment: str) -> None:
+    model = build_model("small-cnn", 2, embedding_dim=8)
+    path = tmp_path / "m.safetensors"
+    record = {"format": "nodulab-model/1", "config": {"architecture": {**model.architecture, **change}}}
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata={"nodulab": json.dumps(record)}
+    )
+    with pytest.raises(ModelError) as error:
+        load_model(path)
+    assert fragment in str(error.value) and "\n" not in str(error.value)
 
 
 def test_save_rejects_conflicting_architecture(tmp_path) -> None:

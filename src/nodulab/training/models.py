@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nodulab.common.choices import ENCODERS
+from nodulab.common.errors import InputError
 from nodulab.data.dataset import write_atomically
 
 STEMS = ("small", "imagenet")
@@ -330,6 +331,62 @@ def read_checkpoint_config(path: Path | str) -> dict[str, Any]:
     return read_record(path, CHECKPOINT_FORMAT, "model checkpoint")["config"]
 
 
+class ModelError(InputError):
+    """A weights file whose recorded architecture is impossible or does not fit its tensors."""
+
+
+MAX_WIDTH = 65_536
+"""Largest ``embedding_dim`` / ``projection_dim`` a weights file may name (checked before anything is allocated)."""
+_ARCHITECTURE = {
+    "encoder": str,
+    "spatial_dims": int,
+    "embedding_dim": int,
+    "projection_dim": int,
+    "head": bool,
+    "projector": bool,
+    "stem": str,
+}
+
+
+def check_architecture(path: Path | str, architecture: Any) -> dict[str, Any]:
+    """The architecture a weights file records, checked against its own tensors before allocating.
+
+    The keys and types must be ``build_model``'s, the sizes within ``MAX_WIDTH``; then the network
+    is built on the ``meta`` device (no memory) and every parameter's shape compared with the
+    file's header.
+
+    Raises:
+        ModelError: one line naming the first key or tensor that does not fit.
+    """
+    if not isinstance(architecture, Mapping):
+        raise ModelError(f"{path}: its architecture record is not a table")
+    for key, value in architecture.items():
+        if key not in _ARCHITECTURE or type(value) is not _ARCHITECTURE[key]:
+            raise ModelError(f"{path}: architecture {key} = {value!r} is not a {build_model.__name__} setting")
+    if architecture.get("encoder") not in ENCODERS or architecture.get("spatial_dims") not in (2, 3):
+        raise ModelError(
+            f"{path}: architecture names encoder {architecture.get('encoder')!r} in "
+            f"{architecture.get('spatial_dims')!r} dimensions; nodulab builds {', '.join(ENCODERS)} in 2 or 3"
+        )
+    for key in ("embedding_dim", "projection_dim"):
+        if not 1 <= architecture.get(key, 128) <= MAX_WIDTH:
+            raise ModelError(f"{path}: architecture {key} = {architecture[key]} is outside 1..{MAX_WIDTH:,}")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build_model(**architecture).state_dict().items()}
+    try:
+        with safe_open(str(path), "pt") as handle:
+            found = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as err:
+        raise ModelError(f"{path}: not a safetensors file ({' '.join(str(err).split())})") from None
+    for key in sorted(set(expected) | set(found)):
+        if expected.get(key) != found.get(key):
+            raise ModelError(
+                f"{path}: tensor {key} is {found.get(key, 'missing')}, the recorded architecture needs "
+                f"{expected.get(key, 'none')}"
+            )
+    return dict(architecture)
+
+
 def load_model(path: Path | str, device: torch.device | str = "cpu") -> tuple[NoduleNet, dict[str, Any]]:
     """Rebuild a network from a ``save_model`` file and load its weights (strictly).
 
@@ -342,6 +399,6 @@ def load_model(path: Path | str, device: torch.device | str = "cpu") -> tuple[No
         ``"architecture"``).
     """
     config = read_checkpoint_config(path)
-    model = build_model(**config["architecture"])
+    model = build_model(**check_architecture(path, config.get("architecture") if isinstance(config, dict) else None))
     model.load_state_dict(load_file(str(path)), strict=True)
     return model.to(device).eval(), config
