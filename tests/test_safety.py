@@ -468,3 +468,22 @@ def test_a_long_out_name_and_a_symlink_loop(tmp_path: Path, monkeypatch: pytest.
         assert result.exit_code == 2 and "cannot be resolved" in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_temporary_files_name_their_owner_and_a_later_write_removes_dead_ones(tmp_path: Path) -> None:
+    """A kill -9 during a write leaves ``.<name>.<host>-<pid>.*``; the next write of that file removes
+    it when that process is gone, and keeps a live process's."""
+    from nodulab.common.writing import _HOST, write_atomically
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".history.csv.{_HOST}-{dead_pid}.abc123"
+    live = tmp_path / f".history.csv.{_HOST}-{os.getppid()}.def456"
+    other = tmp_path / f".metrics.csv.{_HOST}-{dead_pid}.abc123"  # another file's: not this write's to remove
+    for path in (stale, live, other):
+        path.write_text("half")
+    seen = []
+    write_atomically(tmp_path / "history.csv", lambda tmp: (seen.append(Path(tmp).name), Path(tmp).write_text("x")))
+    assert seen[0].startswith(f".history.csv.{_HOST}-{os.getpid()}.")  # its own temp names its owner
+    assert not stale.exists() and live.exists() and other.exists()
+    assert (tmp_path / "history.csv").read_text() == "x"

@@ -106,7 +106,8 @@ def write_atomically(path: Path | str, write: Callable[[str], Any], *, exclusive
         exclusive: fail with ``OutExists`` if ``path`` exists (checked at the rename).
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{short_name(path.name)}.", dir=path.parent)
+    remove_stale_temp(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -193,6 +194,26 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _temp_prefix(path: Path) -> str:
+    """``.<name>.<host>-<pid>.``: a temporary file of ``write_atomically`` names its owner."""
+    return f".{short_name(path.name)}.{_HOST}-{os.getpid()}."
+
+
+def remove_stale_temp(path: Path) -> list[Path]:
+    """Remove temporary files of ``path`` left by dead processes of this host (``write_atomically``'s,
+    named ``.<name>.<host>-<pid>.*``); a live process's are kept."""
+    pattern = re.compile(rf"^\.{re.escape(short_name(path.name))}\.{re.escape(_HOST)}-(\d+)\.[A-Za-z0-9_]+$")
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for entry in path.parent.iterdir():
+        match = pattern.match(entry.name)
+        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))) and entry.is_file():
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def remove_stale_scratch(out: Path) -> list[Path]:
