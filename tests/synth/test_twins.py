@@ -125,6 +125,7 @@ def _bad(d: dict, path: str, value: object) -> dict:
         ("factors.diameter_mm", {"uniform": [6, 8]}, "factors.diameter_mm"),
         ("splits.test_iid.factors", {"elongation": 0.2}, "splits.test_iid.factors.elongation"),
         ("splits.train.confounds", "both", "splits.train.confounds"),
+        ("splits.val_balanced.confounds", "real", "splits.val_balanced.confounds: val_balanced is always broken"),
         ("label.benign", ["round"], "label"),
         ("image.size", 48, "field of view"),
     ],

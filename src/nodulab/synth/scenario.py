@@ -442,6 +442,8 @@ def _check_balanced(key: str, split: Split, confounds: list[str]) -> None:
         raise ValueError(f"{key}.malignant_rate: {BALANCED_SPLIT} has balanced labels")
     if split.factors:
         raise ValueError(f"{key}.factors: {BALANCED_SPLIT} keeps the training distribution (no overrides)")
+    if split.confounds not in (None, "broken"):
+        raise ValueError(f"{key}.confounds: {BALANCED_SPLIT} is always broken (its confound groups balanced)")
 
 
 def factor_columns(s: Scenario) -> list[str]:
