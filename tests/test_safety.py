@@ -487,3 +487,14 @@ def test_temporary_files_name_their_owner_and_a_later_write_removes_dead_ones(tm
     assert seen[0].startswith(f".history.csv.{_HOST}-{os.getpid()}.")  # its own temp names its owner
     assert not stale.exists() and live.exists() and other.exists()
     assert (tmp_path / "history.csv").read_text() == "x"
+
+
+def test_a_full_disk_is_one_line_that_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ds" / "images.npy"))
+
+    monkeypatch.setattr(data, "generate", full)
+    result = invoke("generate", "clean", *SMALL, "--out", str(tmp_path / "ds"))
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert "no space left on the device" in result.output and "images.npy" in result.output
+    assert "Errno" not in result.output

@@ -9,6 +9,7 @@ check fails.
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 from collections.abc import Sequence
@@ -62,6 +63,16 @@ def _is_input_error(error: BaseException) -> bool:
     return isinstance(error, (OSError, InputError))
 
 
+def _message(error: BaseException) -> str:
+    """An input error's one line; an OS error named by what failed and where (a full disk says so)."""
+    if not isinstance(error, OSError) or error.strerror is None:
+        return str(error)
+    where = f" ({error.filename})" if error.filename else ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device{where}: free some space and run the command again (finished work is kept)"
+    return f"{error.strerror.lower()}{where}"
+
+
 def _fail(message: str) -> int:
     """Print ``error: message`` as exactly one line on stderr; return the input-error code."""
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
@@ -91,7 +102,7 @@ class OneLineErrors(TyperGroup):
         except (ValueError, OSError) as e:
             if not _is_input_error(e):
                 raise
-            code = _fail(str(e))
+            code = _fail(_message(e))
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
