@@ -37,7 +37,7 @@ from nodulab.synth.scenarios import load_scenario, load_scenario_dict, resolve, 
 from nodulab.training import loop as train
 from nodulab.training.models import build_model, save_model, state_sha256
 from nodulab.training.readouts import fit_dfr, fit_readouts
-from nodulab.training.runs import CLASSIFIERS
+from nodulab.training.runs import CLASSIFIERS, TIED_FILES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE, PIXEL_MM = 32, 1.4
@@ -480,6 +480,8 @@ def _make_run(root: Path, run_dir: Path) -> None:
         if net is model:
             readouts.dfr = fit_dfr(*_features(net, root, "val_balanced"))
         readouts.save(run_dir / name)
+    record["files_sha256"] = {name: data.sha256_file(run_dir / name) for name in TIED_FILES}  # this run's
+    (run_dir / "config.json").write_text(json.dumps(record))
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ from nodulab.training.evaluation import (
 )
 from nodulab.training.models import build_model, save_model, state_sha256
 from nodulab.training.readouts import fit_readouts, load_readouts
+from nodulab.training.runs import TIED_FILES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,6 +131,8 @@ def _make_run(root: Path, run_dir: Path, *, head: bool = True, threads: int = 1)
     save_model(model, run_dir / "model.safetensors", {"loss": "test"})
     for net, name in ((model, "readouts.safetensors"), (init, "readouts_init.safetensors")):
         fit_readouts(*_features(net, root, "train"), *_features(net, root, "val"), knn_k=3).save(run_dir / name)
+    record["files_sha256"] = {name: data.sha256_file(run_dir / name) for name in TIED_FILES}  # this run's
+    (run_dir / "config.json").write_text(json.dumps(record))
     return model
 
 
@@ -210,7 +213,7 @@ def test_evaluate_run_names_a_missing_file_and_writes_nothing(dataset: Path, tmp
     [
         ("config.json", json.dumps({"run_format": 0}), "run format 0"),
         ("config.json", "{not json", "not a run config"),
-        ("readouts.safetensors", "garbage", "not a safetensors file"),
+        ("readouts.safetensors", "garbage", "does not belong to this run"),
         ("model.safetensors", "garbage", "not a safetensors file"),
     ],
 )

@@ -437,3 +437,23 @@ def test_training_and_best_val_never_touch_dynamics_or_a_test_split(
     assert called == []
     assert sorted(read) == ["train", "val", "val_balanced"]  # val_balanced for dfr only; no test split
     assert (run / "checkpoints" / "epoch_2.safetensors").is_file()
+
+
+def test_readouts_are_tied_to_their_run(tiny: Path, tmp_path: Path) -> None:
+    """config.json records the readouts files' sha256 (run format 3): one copied from another run is
+    refused with one line; a format-2 run (no hashes) still loads."""
+    import shutil
+
+    from nodulab.training.runs import READOUTS_FILE, RunError, load_run
+
+    a, b = _run(tiny, tmp_path / "a", seed=0), _run(tiny, tmp_path / "b", seed=1)
+    assert load_run(a).classifiers
+    config = json.loads((a / "config.json").read_text())
+    assert set(config["files_sha256"]) == {"readouts.safetensors", "readouts_init.safetensors"}
+    shutil.copy(b / READOUTS_FILE, a / READOUTS_FILE)
+    with pytest.raises(RunError, match="readouts.safetensors does not belong to this run") as error:
+        load_run(a)
+    assert "\n" not in str(error.value)
+    older = {k: v for k, v in config.items() if k != "files_sha256"} | {"run_format": 2}
+    (b / "config.json").write_text(json.dumps(older))  # b's own readouts, as a format-2 run wrote them
+    assert load_run(b).classifiers

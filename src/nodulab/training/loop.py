@@ -58,9 +58,11 @@ from nodulab.training.runs import (
     CONFIG_FILE,
     HISTORY_FILE,
     MODEL_FILE,
+    READABLE_FORMATS,
     READOUTS_FILE,
     READOUTS_INIT_FILE,
     RUN_FORMAT,
+    TIED_FILES,
     read_run_format,
     run_threads,
 )
@@ -129,7 +131,7 @@ def check_run_dir(out: Path, force: bool) -> None:
     config = Path(out) / "config.json"
     if config.is_file():
         found = read_run_format(config)
-        if found != RUN_FORMAT:
+        if found not in READABLE_FORMATS:
             raise TrainError(f"--out {out}: run format {found!r}, this nodulab writes {RUN_FORMAT}")
     if Path(out).exists() and not force:
         raise TrainError(f"--out {out} already exists (use --force to replace it)")
@@ -613,7 +615,8 @@ def _train(
         frame = pd.DataFrame(history)
         frame.to_csv(tmp / HISTORY_FILE, index=False, float_format="%.6g")
         history_figure(frame, config.loss).savefig(tmp / "history.png", dpi=100, metadata={"Software": None})
-        (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        tied = {"files_sha256": {name: sha256_file(tmp / name) for name in TIED_FILES}}  # the readouts are this run's
+        (tmp / CONFIG_FILE).write_text(json.dumps({**record, **tied}, indent=2, sort_keys=True) + "\n")
         _save_checkpoints(model, kept, tmp / CHECKPOINTS_DIR, record)
     if progress:
         progress("readouts", 3, 3)

@@ -39,10 +39,11 @@ from nodulab.data.dataset import sha256_file
 from nodulab.training.models import NoduleNet, build_model, load_model, state_sha256
 from nodulab.training.readouts import Readouts, extract, load_readouts
 
-RUN_FORMAT = 2
-"""Version of a run folder's layout (written by ``train``); readers refuse another.
+RUN_FORMAT = 3
+"""Version of a run folder's layout (written by ``train``); readers take ``READABLE_FORMATS``.
 2: ``readouts_init.safetensors``, ``dfr`` in the readouts, ``threads`` and ``init_sha256`` in
-``config.json``."""
+``config.json``. 3: ``files_sha256`` in ``config.json`` ties the readouts files to their run."""
+READABLE_FORMATS = (2, 3)
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 READOUTS_FILE = "readouts.safetensors"
@@ -79,8 +80,8 @@ def read_run_config(path: Path) -> dict[str, Any]:
     found = read_run_format(path)
     if found is None:
         raise RunError(f"{path}: not a run config (unreadable JSON)")
-    if found != RUN_FORMAT:
-        raise RunError(f"{path}: run format {found!r}, this nodulab reads {RUN_FORMAT}")
+    if found not in READABLE_FORMATS:
+        raise RunError(f"{path}: run format {found!r}, this nodulab reads {', '.join(map(str, READABLE_FORMATS))}")
     record = json.loads(Path(path).read_text(encoding="utf-8"))
     try:
         dataset, config = record["dataset"], record["config"]
@@ -167,6 +168,23 @@ class LoadedRun:
         return {c: scores[c] for c in self.classifiers}
 
 
+TIED_FILES = (READOUTS_FILE, READOUTS_INIT_FILE)
+"""Files whose sha256 ``config.json`` records (``files_sha256``, run format 3): a readouts file
+copied from another run is refused."""
+
+
+def check_files(run_dir: Path, record: dict[str, Any]) -> None:
+    """Refuse a run whose tied files differ from the sha256 its ``config.json`` records (format 3)."""
+    recorded = record.get("files_sha256")
+    if recorded is None and record.get("run_format") == 2:
+        return  # older runs recorded no file hashes
+    if not isinstance(recorded, dict):
+        raise RunError(f"{run_dir / CONFIG_FILE}: files_sha256 is missing or not a table")
+    for name in TIED_FILES:
+        if recorded.get(name) != sha256_file(run_dir / name):
+            raise RunError(f"{run_dir / name} does not belong to this run (its sha256 differs from {CONFIG_FILE}'s)")
+
+
 def load_run(run_dir: Path | str, device: torch.device | str = "cpu") -> LoadedRun:
     """Open a run folder: check its format and files, rebuild the untrained encoder from the seed.
 
@@ -179,6 +197,7 @@ def load_run(run_dir: Path | str, device: torch.device | str = "cpu") -> LoadedR
         raise RunError(f"run folder {run_dir} does not exist")
     paths = [_require(run_dir / name) for name in (CONFIG_FILE, MODEL_FILE, READOUTS_FILE, READOUTS_INIT_FILE)]
     record = read_run_config(paths[0])
+    check_files(run_dir, record)
     try:
         model, checkpoint = load_model(paths[1], device=device)
         readouts, readouts_init = load_readouts(paths[2]), load_readouts(paths[3])
