@@ -201,19 +201,30 @@ def _temp_prefix(path: Path) -> str:
     return f".{short_name(path.name)}.{_HOST}-{os.getpid()}."
 
 
+def _remove_dead(folder: Path, pattern: re.Pattern[str]) -> list[Path]:
+    """Remove the entries of ``folder`` whose name matches ``pattern`` (its ``pid`` group naming a
+    process of this host) when that process no longer exists; a live process's are kept."""
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        match = pattern.match(entry.name)
+        pid = int(match.group("pid")) if match else os.getpid()
+        if pid == os.getpid() or _alive(pid):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
 def remove_stale_temp(path: Path) -> list[Path]:
     """Remove temporary files of ``path`` left by dead processes of this host (``write_atomically``'s,
-    named ``.<name>.<host>-<pid>.*``); a live process's are kept."""
-    pattern = re.compile(rf"^\.{re.escape(short_name(path.name))}\.{re.escape(_HOST)}-(\d+)\.[A-Za-z0-9_]+$")
-    removed = []
-    if not path.parent.is_dir():
-        return removed
-    for entry in path.parent.iterdir():
-        match = pattern.match(entry.name)
-        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))) and entry.is_file():
-            entry.unlink(missing_ok=True)
-            removed.append(entry)
-    return removed
+    named ``.<name>.<host>-<pid>.*``)."""
+    name, host = re.escape(short_name(path.name)), re.escape(_HOST)
+    return _remove_dead(path.parent, re.compile(rf"^\.{name}\.{host}-(?P<pid>\d+)\.[A-Za-z0-9_]+$"))
 
 
 def remove_stale_scratch(out: Path) -> list[Path]:
@@ -225,19 +236,8 @@ def remove_stale_scratch(out: Path) -> list[Path]:
     Returns:
         The folders removed.
     """
-    pattern = re.compile(rf"^\.(tmp|old)-{re.escape(short_name(out.name))}-{re.escape(_HOST)}-(\d+)-[A-Za-z0-9_]+$")
-    removed = []
-    if not out.parent.is_dir():
-        return removed
-    for entry in out.parent.iterdir():
-        match = pattern.match(entry.name)
-        if match and int(match.group(2)) != os.getpid() and not _alive(int(match.group(2))):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            removed.append(entry)
-    return removed
+    name, host = re.escape(short_name(out.name)), re.escape(_HOST)
+    return _remove_dead(out.parent, re.compile(rf"^\.(tmp|old)-{name}-{host}-(?P<pid>\d+)-[A-Za-z0-9_]+$"))
 
 
 @contextmanager
