@@ -1,7 +1,8 @@
-"""Shared helpers: factor rows built directly (no scenario), file snapshots, the one-line-error check."""
+"""Shared helpers: factor rows built directly (no scenario), file snapshots, the one-line-error and file-mode checks."""
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -104,3 +105,12 @@ def assert_one_line_error(result: Any, *fragments: str, code: int = 2) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def assert_modes(folder: Path, umask: int) -> None:
+    """Every file and folder under ``folder`` has the mode the umask gives a plain create."""
+    paths = list(folder.rglob("*"))
+    assert any(p.name == "model.safetensors" for p in paths)
+    for path in paths:
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path

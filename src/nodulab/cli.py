@@ -53,6 +53,21 @@ class Terminated(BaseException):
     """Raised by the SIGTERM handler: unwinds like Ctrl-C, so temporary folders are removed."""
 
 
+class Stopped(Exception):
+    """A command stopped by SIGINT or SIGTERM that says what it kept: one line, exit 130 or 143."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _stopped(error: BaseException, kept: str) -> Stopped:
+    """``Stopped`` for an interrupt (``KeyboardInterrupt`` or ``Terminated``), saying what was ``kept``."""
+    if isinstance(error, Terminated):
+        return Stopped(f"terminated (SIGTERM); {kept}", EXIT_TERMINATED)
+    return Stopped(f"interrupted; {kept}", EXIT_INTERRUPTED)
+
+
 def _terminate(signum: int, frame: Any) -> None:
     raise Terminated()
 
@@ -92,6 +107,7 @@ class OneLineErrors(TyperGroup):
     ) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
         previous = _handle_sigterm()
+        said = False
         try:
             code = super().main(argv or ["--help"], prog_name, complete_var, standalone_mode=False, **extra)
         except ClickException as e:
@@ -99,6 +115,9 @@ class OneLineErrors(TyperGroup):
         except Terminated:
             _fail("terminated (SIGTERM); nothing was left half-written")
             code = EXIT_TERMINATED
+        except Stopped as e:
+            _fail(str(e))
+            code, said = e.code, True
         except (ValueError, OSError) as e:
             if not _is_input_error(e):
                 raise
@@ -106,7 +125,7 @@ class OneLineErrors(TyperGroup):
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-        if code == EXIT_INTERRUPTED:  # typer turns KeyboardInterrupt into exit 130, silently
+        if code == EXIT_INTERRUPTED and not said:  # typer turns KeyboardInterrupt into exit 130, silently
             _fail("interrupted; nothing was left half-written")
         code = code if isinstance(code, int) else 0
         if standalone_mode:
@@ -625,7 +644,6 @@ def study_command(
     Resumable: run the same command again after a crash or kill and it continues where it stopped
     (a recorded run is never redone). Results: OUT/results.sqlite, OUT/*.csv, OUT/report.html.
     """
-    from nodulab.studies import driver as studying
     from nodulab.studies.config import load_study
     from nodulab.synth.renderer import keep_freed_tensors_mapped
     from nodulab.training import loop as training
@@ -633,16 +651,48 @@ def study_command(
     chosen = load_study(study)
     resolved_device = training.resolve_device(device.value)
     keep_freed_tensors_mapped()
+    recorded = [0, 0]  # runs recorded, runs in the grid
+    try:
+        summary = _study(chosen, out, executor.value, jobs, resolved_device, cache, retry_failed, recorded)
+    except (KeyboardInterrupt, Terminated) as error:
+        kept = (
+            f"{recorded[0]} of {recorded[1]} runs are recorded in {Path(out) / 'results.sqlite'}"
+            if recorded[1]
+            else "no run had started"
+        )
+        raise _stopped(error, f"{kept}; running runs were stopped; run the same command again to resume") from None
+    console.print(
+        f"{summary.planned} runs: {summary.skipped} already recorded, {summary.done} done, "
+        f"{summary.failed} failed · {summary.wall_seconds:.0f} s"
+    )
+    console.print(f"wrote {Path(out) / 'results.sqlite'}, the CSVs and {Path(out) / 'report.html'}")
+
+
+def _study(
+    chosen: Any,
+    out: Path,
+    executor: str,
+    jobs: int,
+    device: str,
+    cache: Path | None,
+    retry_failed: bool,
+    recorded: list[int],
+) -> Any:
+    """``nodulab study`` with its progress bars; ``recorded`` follows (runs recorded, runs in the grid)."""
+    from nodulab.studies import driver as studying
+
     with _progress() as bar:
         datasets = bar.add_task("datasets", total=None)
         grid = bar.add_task("grid", total=None, visible=False)
         stages = _StageBars(bar)
 
-        def on_plan(total: int, recorded: int) -> None:
+        def on_plan(total: int, already: int) -> None:
+            recorded[:] = [already, total]
             bar.update(datasets, visible=False)
-            bar.update(grid, completed=recorded, total=total, visible=True)
+            bar.update(grid, completed=already, total=total, visible=True)
 
         def on_result(result: Any, done: int, total: int) -> None:
+            recorded[:] = [done, total]
             bar.update(grid, completed=done, total=total)
             for task in stages.tasks.values():
                 bar.remove_task(task)
@@ -652,12 +702,12 @@ def study_command(
         def on_dataset(name: str, rows: int) -> None:
             bar.update(datasets, advance=rows, description=f"rendering {name}")
 
-        summary = studying.run_study(
+        return studying.run_study(
             chosen,
             out,
-            executor=executor.value,
+            executor=executor,
             jobs=jobs,
-            device=resolved_device,
+            device=device,
             cache=cache,
             retry_failed=retry_failed,
             on_dataset=on_dataset,
@@ -665,11 +715,6 @@ def study_command(
             on_result=on_result,
             progress=stages,
         )
-    console.print(
-        f"{summary.planned} runs: {summary.skipped} already recorded, {summary.done} done, "
-        f"{summary.failed} failed · {summary.wall_seconds:.0f} s"
-    )
-    console.print(f"wrote {Path(out) / 'results.sqlite'}, the CSVs and {Path(out) / 'report.html'}")
 
 
 @app.command()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from tests.conftest import assert_one_line_error
+from tests.conftest import assert_modes, assert_one_line_error
 from typer.testing import CliRunner
 
 from nodulab.cli import EXECUTORS, app
@@ -249,9 +249,15 @@ def test_ray_jobs_and_local_give_the_same_numbers_in_worker_processes(tmp_path: 
     path = _tiny(tmp_path, '[explain]\nsplits = ["test_conflict"]\nn = 16\n')
     path.write_text(path.read_text().replace("seeds = 2", "seeds = 1"))
     study = load_study(path)
-    local = studying.run_study(study, tmp_path / "local", report=False)
-    remote = studying.run_study(study, tmp_path / "ray", report=False, executor="ray")
-    jobs = studying.run_study(study, tmp_path / "jobs", report=False, jobs=2)  # spawned local workers
+    old = os.umask(0o022)  # weights follow the umask on every executor (the driver unpacks Ray's)
+    try:
+        local = studying.run_study(study, tmp_path / "local", report=False)
+        remote = studying.run_study(study, tmp_path / "ray", report=False, executor="ray")
+        jobs = studying.run_study(study, tmp_path / "jobs", report=False, jobs=2)  # spawned local workers
+    finally:
+        os.umask(old)
+    for folder in ("local", "ray", "jobs"):
+        assert_modes(tmp_path / folder / "runs", 0o022)
     assert local.done == remote.done == jobs.done == 2
     assert {r.pid for r in local.results} == {os.getpid()}
     assert os.getpid() not in {r.pid for r in remote.results} and all(r.pid > 0 for r in remote.results)

@@ -194,7 +194,7 @@ def bytes_needed(scenario: Scenario) -> int:
     return sum(int(split.n) * (pixels * itemsize + FACTOR_BYTES_PER_ROW) for split in scenario.splits.values())
 
 
-def check_free_space(out: Path, needed: int) -> None:
+def check_free_space(out: Path, needed: int, what: str = "the dataset") -> None:
     """Refuse to start when the filesystem of ``out`` has less than ``needed`` bytes free.
 
     Raises:
@@ -204,7 +204,7 @@ def check_free_space(out: Path, needed: int) -> None:
     free = shutil.disk_usage(existing).free
     if needed > free:
         raise DatasetError(
-            f"--out {out}: the dataset needs {math.ceil(needed / 2**20):,} MiB, only {free // 2**20:,} MiB free there"
+            f"--out {out}: {what} needs {math.ceil(needed / 2**20):,} MiB, only {free // 2**20:,} MiB free there"
         )
 
 

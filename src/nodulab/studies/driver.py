@@ -32,7 +32,9 @@ import fcntl
 import hashlib
 import json
 import shutil
+import signal
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,7 +43,7 @@ from typing import Any
 
 from nodulab.common.progress import Progress
 from nodulab.common.writing import check_out, is_inside
-from nodulab.data.dataset import MANIFEST, load_manifest, sha256_file
+from nodulab.data.dataset import MANIFEST, bytes_needed, check_free_space, is_complete, load_manifest, sha256_file
 from nodulab.data.gallery import gallery_png
 from nodulab.results.store import STORE_FILE, Store, check_owner, export_csvs
 from nodulab.studies.config import Cell, Study
@@ -51,6 +53,7 @@ from nodulab.studies.runner import (
     RunResult,
     RunSpec,
     StudyRunError,
+    cache_key,
     ensure_dataset,
     unpack_folder,
 )
@@ -154,6 +157,8 @@ def _rows_rendered(name: str, on_dataset: Callable[[str, int], None]) -> Progres
     return report
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""What stops a study: queued runs are dropped, running ones stopped, finished ones recorded."""
 LOCK_FILE = ".study.lock"
 """``OUT/.study.lock``: held (``flock``) by the study running in ``OUT`` for its whole life; the kernel
 releases it when that process dies, so a resume after ``kill -9`` is never refused."""
@@ -197,6 +202,54 @@ def study_lock(out: Path) -> Iterator[None]:
         raise
     finally:
         handle.close()
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block is done, then act on the first one that came (in the
+    main thread only; elsewhere signals are left alone)."""
+    came: list[int] = []
+    try:
+        previous = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in STOP_SIGNALS}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        if came:
+            signal.raise_signal(came[0])
+
+
+RUN_EXTRA_BYTES = 4 * 2**20
+"""Generous size of a run's tables and figures, in its folder and in the store, for the free-space check."""
+
+
+def bytes_to_come(study: Study, out: Path, cache: Path) -> int:
+    """Bytes the study still has to write: datasets missing from ``cache`` and the runs beyond the
+    run folders ``out`` holds (per run its weights, checkpoints, readouts, tables, figures; generous)."""
+    import torch
+
+    from nodulab.training.models import build_model
+
+    needed = 0
+    for n_train in dict.fromkeys(cell.n_train for cell in study.cells()):
+        for name in study.scenarios:
+            scenario = study.scenario(name, Cell(n_train, 0))
+            if not is_complete(cache / cache_key(scenario, study.model.data.seed), dataset=True):
+                needed += bytes_needed(scenario)
+    dims = {int(study.scenario(name, cell).image.dim) for cell in study.cells() for name in study.scenarios}
+    with torch.device("meta"):
+        weights = max(
+            sum(t.numel() * 4 for t in build_model(study.model.train.encoder, d).state_dict().values()) for d in dims
+        )
+    specs = plan(study, defaultdict(str))
+    runs_dir = out / RUNS_DIR
+    held = sum(1 for _ in runs_dir.iterdir()) if runs_dir.is_dir() else 0
+    per_run = sorted((len(s.config["checkpoints"]) + 2) * weights + RUN_EXTRA_BYTES for s in specs)
+    return needed + sum(per_run[: max(0, len(per_run) - held)])
 
 
 def _study_meta(study: Study) -> dict[str, Any]:
@@ -246,6 +299,7 @@ def run_study(
     if is_inside(out / RUNS_DIR, cache):
         raise StudyRunError(f"--cache {cache} lies inside {out / RUNS_DIR}, whose run folders a study replaces")
     check_out(cache, study.sources, flag="--cache")
+    check_free_space(out, bytes_to_come(study, out, cache), "the study")
     summary = StudySummary()
     with study_lock(out):
         gen_start = time.perf_counter()
@@ -269,10 +323,11 @@ def run_study(
             runs_dir.mkdir(exist_ok=True)
 
             def record(result: RunResult) -> None:
-                if result.folder is not None:
-                    unpack_folder(result.folder, runs_dir / result.spec.run_id)
-                    result.folder = None
-                store.add_run(_run_row(result), result.tables, result.figures)
+                with signals_deferred():  # a finished run is stored whole before an interrupt acts
+                    if result.folder is not None:
+                        unpack_folder(result.folder, runs_dir / result.spec.run_id)
+                        result.folder = None
+                    store.add_run(_run_row(result), result.tables, result.figures)
                 result.tables, result.figures = {}, {}  # in the store now; a long grid keeps only the summary
                 summary.done += result.status == "done"
                 summary.failed += result.status == "failed"

@@ -71,8 +71,8 @@ def run_ray(todo: list[RunSpec], batch: Batch, record: Done) -> None:
     """Run ``todo`` as Ray tasks; ``record`` each result on the driver as it arrives.
 
     Connects to ``RAY_ADDRESS`` when set (``ray.init`` reads it), else starts a local instance, and
-    shuts down only an instance it started. A task that dies (worker lost, out of memory) is
-    recorded as a failed run with Ray's one-line reason.
+    shuts down only an instance it started; an interrupt cancels every task not yet recorded. A task
+    that dies (worker lost, out of memory) is recorded as a failed run with Ray's one-line reason.
     """
     if not todo:
         return
@@ -92,15 +92,20 @@ def run_ray(todo: list[RunSpec], batch: Batch, record: Done) -> None:
 
         refs = {task.remote(asdict(spec), datasets(spec), study.model.data.seed, device): spec for spec in todo}
         pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            for ref in ready:
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayError as error:
-                    reason = " ".join(f"{type(error).__name__}: {error}".split())[:500]
-                    result = RunResult(refs[ref], "failed", reason)
-                record(result)
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                for ref in ready:
+                    try:
+                        result = ray.get(ref)
+                    except ray.exceptions.RayError as error:
+                        reason = " ".join(f"{type(error).__name__}: {error}".split())[:500]
+                        result = RunResult(refs[ref], "failed", reason)
+                    record(result)
+        except BaseException:  # an interrupt: queued and running tasks are cancelled, nothing more recorded
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
     finally:
         if started:
             ray.shutdown()
