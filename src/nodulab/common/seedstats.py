@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
+from scipy import optimize, stats
 
 LEVEL = 0.95
 """Confidence level of every seed-level interval."""
@@ -157,3 +157,183 @@ def holm_levels(pvalues: Iterable[float], alpha: float = 0.05) -> np.ndarray:
         steps[kept[0] :] = steps[kept[0]]
     levels[order] = steps
     return levels
+
+
+# ----------------------------------------------------------------------------- seeds and the test set
+POWER = 0.80
+"""Power at which the smallest detectable difference is stated."""
+MAX_SEEDS = 1_000
+"""Most seeds ``SharedSampleDifference.seeds_needed`` looks for."""
+
+
+def balanced_accuracy_by_seed(correct: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per seed (rows of ``correct``, shape ``(seeds, samples)``, 1 = right), the mean over classes of
+    the share right in each class of ``labels``."""
+    classes = np.unique(labels)
+    return np.mean([correct[:, labels == c].mean(axis=1) for c in classes], axis=0)
+
+
+@dataclass(frozen=True)
+class SharedSampleDifference:
+    """A difference of balanced accuracy between two sets of runs scored on the same test samples,
+    with an interval that carries both sources of noise.
+
+    Every seed is scored on one fixed test set, so the test set's sampling noise does not average
+    out over seeds: the standard error is ``sqrt(se_seeds² + se_test²)``, where ``se_seeds`` is the
+    between-seed part (the paired differences' SD / sqrt(n), or Welch's for unpaired runs) and
+    ``se_test`` the test set's (delta method over samples: per class, the variance over its samples
+    of the per-sample difference averaged over seeds, the same samples for both sides, less the
+    seed-by-sample interaction the seeds' part already holds). The interval adds each part's
+    t half-width in quadrature (``half_width``); the plain seed-level t-interval (``seeds_low``,
+    ``seeds_high``) is kept beside it. ``df`` is the seeds' part's degrees of freedom (``n - 1``,
+    Welch's when unpaired), ``df_test`` the test set's.
+    """
+
+    n: int
+    mean: float
+    se_seeds: float
+    se_test: float
+    df: float
+    samples: int
+    seeds_low: float
+    seeds_high: float
+    sd_seeds: float = math.nan
+    df_test: float = math.nan
+
+    @property
+    def se(self) -> float:
+        """The total standard error (both parts)."""
+        return math.hypot(self.se_seeds, self.se_test) if math.isfinite(self.se_seeds) else math.nan
+
+    def half_width(self, level: float = LEVEL) -> float:
+        """Half-width at ``level``: each part's t half-width (the seeds' with ``n - 1`` degrees of
+        freedom, Welch's when unpaired; the test set's with its samples'), added in quadrature. It is
+        the seed-level t-interval when the test set adds nothing and the test set's when the seeds
+        agree, and never narrower than either."""
+        if not (math.isfinite(self.se_seeds) and math.isfinite(level)):
+            return math.nan
+        return math.hypot(
+            _t_half_width(self.se_seeds, self.df, level), _t_half_width(self.se_test, self.df_test, level)
+        )
+
+    @property
+    def p(self) -> float:
+        """Two-sided p of ``mean == 0``: one minus the level whose interval just reaches 0 (1 when there
+        is no noise and no difference, 0 when there is a difference and no noise)."""
+        if not math.isfinite(self.se):
+            return math.nan
+        if self.se == 0:
+            return 1.0 if self.mean == 0 else 0.0
+        if self.mean == 0:
+            return 1.0
+        if self.half_width(1 - 1e-15) <= abs(self.mean):
+            return 0.0
+        return 1 - float(optimize.brentq(lambda level: self.half_width(level) - abs(self.mean), 0.0, 1 - 1e-15))
+
+    @property
+    def smallest(self) -> float:
+        """The smallest effect of interest: one test sample (``1 / samples``); never called significant."""
+        return 1.0 / self.samples if self.samples else math.nan
+
+    def interval(self, level: float = LEVEL) -> tuple[float, float]:
+        half = self.half_width(level)
+        return self.mean - half, self.mean + half
+
+    def claimed(self, level: float = LEVEL) -> bool:
+        """The ``level`` interval excludes 0 and the difference exceeds one test sample."""
+        low, high = self.interval(level)
+        return (low > 0 or high < 0) and abs(self.mean) > self.smallest
+
+    def detectable(self, level: float = LEVEL, power: float = POWER) -> float:
+        """The smallest difference this design detects with ``power`` at two-sided ``level``."""
+        return _detectable(self.se_seeds, self.df, self.se_test, self.df_test, level, power)
+
+    def seeds_needed(self, effect: float, level: float = LEVEL, power: float = POWER) -> int | None:
+        """About how many seeds would detect ``effect`` with ``power`` (the measured between-seed SD and
+        the same test set); None when the test set's noise alone prevents it or nothing is measured."""
+        if not (math.isfinite(self.sd_seeds) and math.isfinite(effect)) or effect == 0:
+            return None
+        for n in range(2, MAX_SEEDS + 1):
+            if _detectable(self.sd_seeds / math.sqrt(n), n - 1, self.se_test, self.df_test, level, power) <= abs(
+                effect
+            ):
+                return n
+        return None
+
+
+def _detectable(se_seeds: float, df_seeds: float, se_test: float, df_test: float, level: float, power: float) -> float:
+    """(t at ``level`` + t at ``power``) times each part's standard error, added in quadrature."""
+    if not (math.isfinite(se_seeds) and df_seeds > 0):
+        return math.nan
+    seeds = float(stats.t.ppf(0.5 + level / 2, df_seeds) + stats.t.ppf(power, df_seeds)) * se_seeds
+    test = float(stats.t.ppf(0.5 + level / 2, df_test) + stats.t.ppf(power, df_test)) * se_test
+    return math.hypot(seeds, test)
+
+
+def _satterthwaite(se_a: float, df_a: float, se_b: float, df_b: float) -> float:
+    """Welch–Satterthwaite degrees of freedom of ``sqrt(se_a² + se_b²)``."""
+    total = se_a**2 + se_b**2
+    if total == 0:
+        return max(df_a, df_b)
+    parts = (se_a**4 / df_a if df_a > 0 else 0.0) + (se_b**4 / df_b if df_b > 0 else 0.0)
+    return total**2 / parts if parts > 0 else max(df_a, df_b)
+
+
+def _interaction(x: np.ndarray) -> float:
+    """The seed-by-sample interaction mean square of a ``(seeds, samples)`` array (two-way, no replicates)."""
+    seeds, samples = x.shape
+    if seeds < 2 or samples < 2:
+        return 0.0
+    residual = x - x.mean(axis=0, keepdims=True) - x.mean(axis=1, keepdims=True) + x.mean()
+    return float((residual**2).sum() / ((seeds - 1) * (samples - 1)))
+
+
+def shared_sample_difference(
+    correct_a: np.ndarray, correct_b: np.ndarray, labels: np.ndarray, *, paired: bool = True, level: float = LEVEL
+) -> SharedSampleDifference:
+    """Balanced accuracy of ``a`` minus ``b``, over seeds and the shared test samples.
+
+    Args:
+        correct_a, correct_b: ``(seeds, samples)`` arrays, 1 where a run got a sample right; the
+            same samples (columns) on both sides. ``paired``: row ``s`` of each side is seed ``s``
+            (the same number of rows); else the two sides are independent runs (Welch).
+        labels: the samples' classes.
+        level: the level of the plain seed-level interval kept beside.
+    """
+    a, b = np.asarray(correct_a, dtype=float), np.asarray(correct_b, dtype=float)
+    labels = np.asarray(labels)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or a.shape[1] != len(labels):
+        raise ValueError("shared_sample_difference: both sides need (seeds, samples) arrays over the same samples")
+    if paired and a.shape[0] != b.shape[0]:
+        raise ValueError("shared_sample_difference: paired sides need the same seeds")
+    ba_a, ba_b = balanced_accuracy_by_seed(a, labels), balanced_accuracy_by_seed(b, labels)
+    mean = float(ba_a.mean() - ba_b.mean())
+    classes = np.unique(labels)
+    sizes = np.array([(labels == c).sum() for c in classes])
+    sides = [a - b] if paired else [a, b]
+    variance = 0.0
+    for c, size in zip(classes, sizes):
+        if size < 2:
+            continue
+        per_sample = sum(sign * side[:, labels == c].mean(axis=0) for sign, side in zip((1, -1), sides))
+        # the samples' share only: each side's seed-by-sample interaction (already in the seeds' part) taken out
+        interaction = sum(_interaction(side[:, labels == c]) / len(side) for side in sides)
+        variance += max(0.0, per_sample.var(ddof=1) - interaction) / size
+    se_test = math.sqrt(variance) / len(classes)
+    df_test = float(max(1, int(sizes.sum()) - len(classes)))
+    if paired:
+        n = len(ba_a)
+        plain = paired_test(ba_a - ba_b, level)
+        sd = float((ba_a - ba_b).std(ddof=1)) if n > 1 else math.nan
+        se_seeds, df_seeds, low, high = plain.se, n - 1, plain.low, plain.high
+    else:
+        n = min(len(ba_a), len(ba_b))
+        _, low, high = welch_difference(ba_a, ba_b, level)
+        if len(ba_a) > 1 and len(ba_b) > 1:
+            va, vb = ba_a.var(ddof=1) / len(ba_a), ba_b.var(ddof=1) / len(ba_b)
+            se_seeds = math.sqrt(va + vb)
+            df_seeds = _satterthwaite(math.sqrt(va), len(ba_a) - 1, math.sqrt(vb), len(ba_b) - 1)
+            sd = se_seeds * math.sqrt(n)
+        else:
+            se_seeds, df_seeds, sd = math.nan, 0, math.nan
+    return SharedSampleDifference(n, mean, se_seeds, se_test, float(df_seeds), len(labels), low, high, sd, df_test)
