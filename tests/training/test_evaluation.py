@@ -273,7 +273,12 @@ def test_evaluate_run_refuses_another_geometry_and_guards_its_own_tables(dataset
             evaluate_run(run, dataset, out=out, force=True)
     assert {p.name for p in run.iterdir()} == RUN_FILES
     evaluate_run(run, dataset, out=run / "again")  # a folder inside the run folder is where evaluations go
-    assert {p.name for p in (run / "again").iterdir()} == {"metrics.csv", "groups.csv", "evaluation.json"}
+    assert {p.name for p in (run / "again").iterdir()} == {
+        "metrics.csv",
+        "groups.csv",
+        "predictions.csv",
+        "evaluation.json",
+    }
 
 
 # ----------------------------------------------------------------------------- bootstrap
@@ -484,3 +489,23 @@ def test_metrics_table_shows_the_worst_group() -> None:
     console = Console(width=200, record=True)
     console.print(table)
     assert "0.250" in console.export_text()
+
+
+def test_predictions_give_back_every_metric(dataset: Path, tmp_path: Path) -> None:
+    """``predictions.csv``: every test sample's label and call per classifier; balanced accuracy
+    recomputed from them equals ``metrics.csv``'s."""
+    run = tmp_path / "run"
+    _make_run(dataset, run)
+    metrics = evaluate_run(run, dataset)
+    predictions = pd.read_csv(run / "predictions.csv", keep_default_na=False)
+    assert set(predictions["split"]) == {s for s in metrics["split"] if s.startswith("test_")}
+    for (split, classifier), part in predictions.groupby(["split", "classifier"]):
+        assert list(part["row"]) == list(range(len(part)))
+        recall = [(part.loc[part["label"] == c, "predicted"] == c).mean() for c in (0, 1)]
+        stored = metrics[
+            (metrics["split"] == split)
+            & (metrics["classifier"] == classifier)
+            & (metrics["metric"] == "balanced_accuracy")
+        ]["value"].iloc[0]
+        assert np.mean(recall) == pytest.approx(stored, abs=1e-12)
+        assert ((part["p"] >= 0.5).astype(int) == part["predicted"]).all()  # fixed threshold

@@ -27,6 +27,8 @@ class ResultTable:
         text: the columns stored as ``TEXT``; the others are ``REAL``.
         wide: the run folder's file is wide (the first of ``columns``, then one column per name)
             and is stored long, as ``columns`` (id, name, value): ``history.csv``.
+        exported: the study writes it as ``OUT/<name>.csv`` too (the per-sample predictions stay
+            in the store and the run folders only: they are most of the study's rows).
     """
 
     file: str
@@ -34,6 +36,7 @@ class ResultTable:
     key: tuple[str, ...]
     text: tuple[str, ...]
     wide: bool = False
+    exported: bool = True
 
     def __post_init__(self) -> None:
         for part in ("key", "text"):
@@ -62,6 +65,13 @@ RESULT_TABLES: dict[str, ResultTable] = {
         ("dataset", "split", "classifier", "metric", "value", "ci_low", "ci_high"),
         key=("dataset", "split", "classifier", "metric"),
         text=("dataset", "split", "classifier", "metric"),
+    ),
+    "predictions": ResultTable(  # per test sample: what each classifier said (the study's intervals resample them)
+        "predictions.csv",
+        ("dataset", "split", "classifier", "row", "label", "p", "predicted"),
+        key=("dataset", "split", "classifier", "row"),
+        text=("dataset", "split", "classifier"),
+        exported=False,
     ),
     "groups": ResultTable(
         "groups.csv",

@@ -115,6 +115,8 @@ class RunSpec:
     """Its dataset's name in ``Batch.data_dirs`` (``Study.data_name``)."""
 
 
+SCORED_TABLES = ("metrics", "predictions")
+"""The tables ``evaluate_run`` writes per dataset scored (keyed by ``dataset``)."""
 CEILING_DIR = "ceiling"
 """Where a ceiling's run keeps its scores of the confounded scenarios' images: ``RUN/ceiling/<i>/``."""
 
@@ -160,16 +162,17 @@ def _read_table(path: Path, name: str) -> pd.DataFrame:
 
 
 def _read_back(run_dir: Path) -> tuple[dict[str, pd.DataFrame], dict[str, bytes], float | None]:
-    """The run folder's tables (``RESULT_TABLES``; wide ones in long form; the metrics of its
-    ``ceiling/`` scores added), figures, and selection score."""
+    """The run folder's tables (``RESULT_TABLES``; wide ones in long form; the metrics and predictions
+    of its ``ceiling/`` scores added), figures, and selection score."""
     tables = {
         name: _read_table(run_dir / table.file, name)
         for name, table in RESULT_TABLES.items()
         if (run_dir / table.file).is_file()
     }
-    extra = sorted((run_dir / CEILING_DIR).glob(f"*/{RESULT_TABLES['metrics'].file}"))
-    if extra and "metrics" in tables:
-        tables["metrics"] = pd.concat([tables["metrics"], *(_read_table(p, "metrics") for p in extra)])
+    for name in SCORED_TABLES:  # a ceiling's scores of the confounded scenarios' images
+        extra = sorted((run_dir / CEILING_DIR).glob(f"*/{RESULT_TABLES[name].file}"))
+        if extra and name in tables:
+            tables[name] = pd.concat([tables[name], *(_read_table(p, name) for p in extra)])
     score = _selection_score(run_dir, tables["history"])
     tables = {name: RESULT_TABLES[name].long(frame) for name, frame in tables.items()}
     figures = {name: (run_dir / rel).read_bytes() for name, rel in RUN_FIGURES.items() if (run_dir / rel).is_file()}

@@ -24,6 +24,9 @@ It writes, atomically (each file renamed into place):
 - ``groups.csv`` (``split, classifier, label, group, n, accuracy``): accuracy in every
   (label × ``agrees_<confound>``) cell of each split, then one worst-group row per split and
   classifier (``group_rows``).
+- ``predictions.csv`` (``dataset, split, classifier, row, label, p, predicted``): every test
+  sample's label, probability (float32) and call, per classifier; a study resamples them so that
+  its intervals carry the test set's noise (``common.seedstats.shared_sample_difference``).
 - ``evaluation.json``: the dataset scored (by manifest hash), the threshold rule and the chosen
   thresholds, the bootstrap settings and seeds, the thread count.
 
@@ -75,6 +78,7 @@ from nodulab.training.runs import RUN_FORMAT, RunError, load_run, run_threads
 
 METRICS_FILE = RESULT_TABLES["metrics"].file
 GROUPS_FILE = RESULT_TABLES["groups"].file
+PREDICTIONS_FILE = RESULT_TABLES["predictions"].file
 EVALUATION_FILE = "evaluation.json"
 THRESHOLD_RULES = ("fixed", "val")
 """``fixed``: 0.5 for every classifier; ``val``: per classifier, chosen on ``val`` (``choose_threshold``)."""
@@ -237,7 +241,7 @@ def evaluate_run(
         raise RunError(f"--threshold val: DATA_DIR {data_dir} has no {THRESHOLD_SPLIT} split to choose it on")
     thresholds = dict.fromkeys(run.classifiers, THRESHOLD)
     dataset = str(manifest.get("scenario", {}).get("name", ""))
-    rows, groups = [], []
+    rows, groups, predictions = [], [], []
     with run_threads(run.threads):
         for split in splits:  # val first: its thresholds are fixed before a test split is read
             images, _, factors = load_split(data_dir, split)
@@ -252,7 +256,10 @@ def evaluate_run(
                     rows.append((dataset, split, classifier, metric, float(value), low, high))
                 for row in group_rows(factors, p >= thresholds[classifier]):
                     groups.append((split, classifier, *row))
+                if split.startswith("test_"):
+                    predictions.append(_predictions(dataset, split, classifier, labels, p, thresholds[classifier]))
     frame = pd.DataFrame(rows, columns=list(RESULT_TABLES["metrics"].columns))
+    predicted = pd.concat(predictions, ignore_index=True) if predictions else _predictions("", "", "", [], [], 0.5)
     group_frame = pd.DataFrame(groups, columns=list(RESULT_TABLES["groups"].columns))
     evaluation = {
         "nodulab_version": __version__,
@@ -287,13 +294,34 @@ def evaluate_run(
     if out is None:
         _write_csv_atomic(frame, run_dir / METRICS_FILE)
         _write_csv_atomic(group_frame, run_dir / GROUPS_FILE)
+        _write_csv_atomic(predicted, run_dir / PREDICTIONS_FILE)
         write_atomically(run_dir / EVALUATION_FILE, lambda tmp: Path(tmp).write_text(dump_json(evaluation)))
     else:
         with staged(Path(out), force=force, owner=EVALUATION_FILE) as tmp:
             _write_csv_atomic(frame, tmp / METRICS_FILE)
             _write_csv_atomic(group_frame, tmp / GROUPS_FILE)
+            _write_csv_atomic(predicted, tmp / PREDICTIONS_FILE)
             (tmp / EVALUATION_FILE).write_text(dump_json(evaluation))
     return frame
+
+
+def _predictions(
+    dataset: str, split: str, classifier: str, labels: np.ndarray, p: np.ndarray, threshold: float
+) -> pd.DataFrame:
+    """One split's ``predictions.csv`` rows for a classifier: every sample's label, p (as float32) and call."""
+    p32 = np.asarray(p, dtype=np.float32)
+    return pd.DataFrame(
+        {
+            "dataset": dataset,
+            "split": split,
+            "classifier": classifier,
+            "row": np.arange(len(p32), dtype=np.int64),
+            "label": np.asarray(labels, dtype=np.int64),
+            "p": p32.astype(np.float64),
+            "predicted": (np.asarray(p) >= threshold).astype(np.int64),
+        },
+        columns=list(RESULT_TABLES["predictions"].columns),
+    )
 
 
 def choose_thresholds(labels: np.ndarray, scores: Mapping[str, np.ndarray]) -> dict[str, float]:

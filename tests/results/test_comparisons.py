@@ -1,0 +1,93 @@
+"""Comparisons from per-sample predictions: one set of seeds per comparison, Holm over the declared
+family only, like-for-like readouts, and the seed-level fallback for stores without predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from nodulab.results.comparisons import Hypotheses, comparisons, hypotheses_of
+
+ROWS = 200
+LOSSES = {"ce": ("head", 0.70), "supcon": ("probe", 0.80), "simclr": ("probe", 0.70)}
+
+
+def _tables(seeds: dict[str, list[int]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """metrics and predictions of selected runs: per loss its readout right on a share of the samples
+    (plus the probe and dfr of every loss), on size-confound's test_conflict and test_iid."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=ROWS)
+    labels = np.arange(ROWS) % 2
+    metrics, predictions = [], []
+    for loss, (own, accuracy) in LOSSES.items():
+        for seed in seeds[loss]:
+            for split in ("test_conflict", "test_iid"):
+                for classifier in dict.fromkeys((own, "probe", "dfr")):
+                    right = x + rng.normal(0, 0.05, ROWS) < accuracy + rng.normal(0, 0.01)
+                    predicted = np.where(right, labels, 1 - labels)
+                    keys = {"scenario": "size-confound", "loss": loss, "seed": seed, "draw": 0, "selected": 1}
+                    keys |= {"dataset": "size-confound", "split": split, "classifier": classifier}
+                    recall = [float((predicted[labels == c] == c).mean()) for c in (0, 1)]
+                    metrics.append({**keys, "metric": "balanced_accuracy", "value": float(np.mean(recall))})
+                    predictions.append(
+                        pd.DataFrame({**keys, "row": np.arange(ROWS), "label": labels, "predicted": predicted})
+                    )
+    return pd.DataFrame(metrics), pd.concat(predictions, ignore_index=True)
+
+
+READOUTS = {loss: own for loss, (own, _) in LOSSES.items()}
+DECLARED = Hypotheses(("size-confound/test_conflict",))
+
+
+def test_the_means_and_the_test_use_the_same_seeds() -> None:
+    """A loss whose seed 3 failed is compared with ce over seeds 0-2 only: its mean, ce's and the difference."""
+    metrics, predictions = _tables({"ce": [0, 1, 2, 3], "supcon": [0, 1, 2], "simclr": [0, 1, 2, 3]})
+    found = comparisons(metrics, predictions, READOUTS, DECLARED)
+    row = found[(found["readout_mode"] == "own") & (found["loss"] == "supcon") & (found["split"] == "test_conflict")]
+    row = row.iloc[0]
+    ce = metrics[(metrics["loss"] == "ce") & (metrics["classifier"] == "head") & (metrics["split"] == "test_conflict")]
+    assert row["n"] == 3
+    assert row["reference_mean"] == ce[ce["seed"] < 3]["value"].mean() != ce["value"].mean()
+    assert row["mean"] == row["loss_mean"] - row["reference_mean"]
+    assert row["test_noise"] and row["smallest"] == 1 / ROWS
+
+
+def test_holm_counts_only_the_declared_family_and_nothing_else_is_significant() -> None:
+    metrics, predictions = _tables({loss: [0, 1, 2, 3, 4] for loss in LOSSES})
+    found = comparisons(metrics, predictions, READOUTS, DECLARED)
+    primary = found[found["primary"]]
+    assert set(primary["readout_mode"]) == {"own"} and set(primary["split"]) == {"test_conflict"}
+    assert len(primary) == 2 and primary["p_holm"].notna().all()
+    assert found.loc[~found["primary"], "p_holm"].isna().all()
+    assert not found.loc[~found["primary"], "significant"].any()
+    supcon = primary[primary["loss"] == "supcon"].iloc[0]
+    assert supcon["significant"] and supcon["holm_low"] > 0
+    assert supcon["p_holm"] == pytest.approx(min(1.0, 2 * supcon["p"]))  # the smaller of 2 p-values: m = 2
+    assert supcon["detectable"] > 0 and supcon["seeds_needed"] <= 5
+    undeclared = comparisons(metrics, predictions, READOUTS, Hypotheses())
+    assert not undeclared["significant"].any() and not undeclared["primary"].any()
+
+
+def test_probe_and_dfr_compare_every_loss_like_for_like() -> None:
+    metrics, predictions = _tables({loss: [0, 1, 2] for loss in LOSSES})
+    found = comparisons(metrics, predictions, READOUTS, DECLARED)
+    for mode in ("probe", "dfr"):
+        part = found[found["readout_mode"] == mode]
+        assert set(part["readout"]) == {mode} and set(part["reference_readout"]) == {mode}
+        assert set(part["loss"]) == {"supcon", "simclr"}
+    own = found[found["readout_mode"] == "own"]
+    assert set(own["reference_readout"]) == {"head"} and set(own["readout"]) == {"probe"}
+
+
+def test_without_predictions_the_seed_level_interval_is_used_and_said() -> None:
+    metrics, _ = _tables({loss: [0, 1, 2] for loss in LOSSES})
+    found = comparisons(metrics, None, READOUTS, DECLARED)
+    assert len(found) and not found["test_noise"].any()
+    assert np.allclose(found["low"], found["seeds_low"]) and np.allclose(found["high"], found["seeds_high"])
+
+
+def test_hypotheses_are_read_from_the_study_record() -> None:
+    record = {"hypotheses": {"comparisons": ["a/test_x"], "reference": "ce", "readout": "probe"}}
+    assert hypotheses_of(record) == Hypotheses(("a/test_x",), "ce", "probe")
+    assert not hypotheses_of({}).declared
