@@ -110,7 +110,9 @@ def test_a_declared_table_is_in_the_store_and_its_csv(toy: ResultTable, tmp_path
             store.add_run(_run("r3"), {"toy": _toy_frame().drop(columns="note")})
         assert store.finished() == {"r1"}  # a refused run leaves nothing
         written = export_csvs(store, tmp_path)
-    assert [p.name for p in written] == ["runs.csv", *(f"{name}.csv" for name in RESULT_TABLES)]
+    exported = [f"{name}.csv" for name, table in RESULT_TABLES.items() if table.exported]
+    assert [p.name for p in written] == ["runs.csv", *exported]
+    assert "predictions.csv" not in exported  # the per-sample rows stay in the store
     lines = (tmp_path / "toy.csv").read_text().splitlines()
     assert lines == [
         ",".join((*RUN_KEYS, *toy.columns)),

@@ -638,17 +638,28 @@ def study_command(
         ),
     ] = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Run the failed runs again.")] = False,
+    seeds: Annotated[
+        int | None,
+        typer.Option(
+            "--seeds",
+            help=(
+                "Training seeds 0..N-1 (N >= 1), replacing the study file's `seeds`. On an --out holding "
+                "this study it runs only the new seeds' runs; nothing recorded is rerun."
+            ),
+        ),
+    ] = None,
 ) -> None:
     """Run a study: datasets, every (scenario, loss, seed, draw), evaluate, explain, store, report.
 
     Resumable: run the same command again after a crash or kill and it continues where it stopped
-    (a recorded run is never redone). Results: OUT/results.sqlite, OUT/*.csv, OUT/report.html.
+    (a recorded run is never redone); with more --seeds it runs only the new seeds. Results:
+    OUT/results.sqlite, OUT/*.csv, OUT/report.html.
     """
     from nodulab.studies.config import load_study
     from nodulab.synth.renderer import keep_freed_tensors_mapped
     from nodulab.training import loop as training
 
-    chosen = load_study(study)
+    chosen = load_study(study, seeds=seeds)
     resolved_device = training.resolve_device(device.value)
     keep_freed_tensors_mapped()
     recorded = [0, 0]  # runs recorded, runs in the grid

@@ -78,6 +78,16 @@ def test_quick_preset_shape() -> None:
         ({"data": {"n": {"train": [10, 0]}}}, "train must be 1..1,000,000, got 0"),
         ({"ceilings": {"clean": "clean"}}, "has no confound, so it needs no ceiling"),
         ({"ceilings": {"nowhere": "clean"}}, "ceilings.nowhere: not a scenario"),
+        ({"hypotheses": {"comparisons": ["size-confound"]}}, "is not 'scenario/split'"),
+        ({"hypotheses": {"comparisons": ["nowhere/test_iid"]}}, "'nowhere/test_iid': not a scenario"),
+        ({"hypotheses": {"comparisons": ["clean/val"]}}, "clean has no test split 'val'"),
+        (
+            {"hypotheses": {"comparisons": ["clean/test_iid"], "reference": "simclr"}},
+            "'simclr' is not trained on clean",
+        ),
+        ({"hypotheses": {"comparisons": ["clean/test_iid"], "readout": "knn"}}, "readout: one of own, probe, dfr"),
+        ({"hypotheses": {"comparisons": ["clean/test_iid"] * 2}}, "listed twice"),
+        ({"hypotheses": {"family": []}}, "family"),
     ],
 )
 def test_bad_study_is_one_line(change: dict, fragment: str) -> None:
@@ -137,6 +147,43 @@ def test_split_sizes_and_hash() -> None:
     again = study_from_dict({**BASE, "data": {"size": 32, "pixel_mm": 1.4, "n": {"train": 300, "test": 50}}})
     other = study_from_dict({**BASE, "data": {"size": 32, "pixel_mm": 1.4, "n": {"train": 301, "test": 50}}})
     assert study.sha256 == again.sha256 != other.sha256
+
+
+def test_identity_leaves_out_the_seed_count_and_nothing_else() -> None:
+    """``identity`` (what names a store) is the same for any seed count, ``sha256`` is not; every
+    other setting changes both. A run's key does not hold the seed count: the runs of 2 seeds are
+    the first runs of 3, config for config."""
+    two, three = study_from_dict(BASE), study_from_dict({**BASE, "seeds": 3})
+    assert two.identity == three.identity and two.sha256 != three.sha256 != two.identity
+    assert three.record()["planned_runs"] > two.record()["planned_runs"]  # counted, but not in the identity
+    others = [
+        {**BASE, "name": "u"},
+        {**BASE, "description": "another"},
+        {**BASE, "losses": ["supcon", "ce"]},
+        {**BASE, "scenarios": ["clean"]},
+        {**BASE, "train": {"epochs": 2}},
+        {**BASE, "data": {"seed": 1}},
+        {**BASE, "tuning": {"budget": 2}},
+        {**BASE, "explain": {"splits": ["test_conflict"]}},
+    ]
+    identities = {two.identity} | {study_from_dict(d).identity for d in others}
+    assert len(identities) == len(others) + 1
+    manifests = dict.fromkeys(two.scenarios, "0" * 64)
+    first, more = plan(two, manifests), plan(three, manifests)
+    assert [(s.run_id, s.config) for s in first] == [(s.run_id, s.config) for s in more if s.seed < 2]
+    assert {s.seed for s in more} - {s.seed for s in first} == {2}
+
+
+def test_seeds_override_is_validated_like_the_file(tmp_path: Path) -> None:
+    (tmp_path / "s.toml").write_text('scenarios = ["clean"]\nlosses = ["ce"]\nseeds = 2\n')
+    study, more = load_study(tmp_path / "s.toml"), load_study(tmp_path / "s.toml", seeds=5)
+    assert (study.model.seeds, more.model.seeds) == (2, 5) and study.identity == more.identity
+    assert load_study("quick", seeds=1).model.seeds == 1 and load_study("quick", seeds=1).identity == (
+        load_study("quick").identity
+    )
+    for bad, fragment in ((0, "greater than or equal to 1"), (101, "less than or equal to 100"), (True, "integer")):
+        with pytest.raises(StudyError, match=f"^--seeds: .*{fragment}"):
+            load_study(tmp_path / "s.toml", seeds=bad)
 
 
 def test_fair_tuning_grid() -> None:
@@ -207,3 +254,17 @@ def test_budget_lists_make_cells_with_their_own_seeds_and_checkpoints() -> None:
         )
     assert all(seeds == {0, 1} for seeds in per_cell.values()) and len(per_cell) == 4
     assert len({s.run_id for s in specs}) == len(specs)
+
+
+def test_hypotheses_are_recorded_and_a_study_without_them_keeps_its_hash() -> None:
+    plain = study_from_dict(BASE)
+    assert "hypotheses" not in plain.record() and "hypotheses" not in plain.record()["study"]
+    declared = study_from_dict({**BASE, "hypotheses": {"comparisons": ["size-confound/test_conflict"]}})
+    assert declared.record()["hypotheses"] == {
+        "comparisons": ["size-confound/test_conflict"],
+        "reference": "ce",
+        "readout": "own",
+    }
+    assert declared.sha256 != plain.sha256 and declared.identity != plain.identity
+    for name in preset_names():  # every preset declares its primary comparisons
+        assert load_study(name).model.hypotheses.comparisons, name

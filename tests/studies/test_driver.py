@@ -160,6 +160,100 @@ def test_out_holding_another_study_is_refused(tmp_path: Path) -> None:
     assert result.exit_code == 0 and "4 already recorded" in result.output, result.output
 
 
+def test_more_seeds_run_only_the_new_seeds_and_give_the_numbers_of_one_study(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2 seeds, then 3 (by ``run_study`` and by ``--seeds 3``): only seed 2's runs run, and the store
+    equals the study run with 3 seeds at once. A study that differs in anything else is refused."""
+    import shutil
+
+    path = _tiny(tmp_path)
+    two, three = load_study(path), load_study(path, seeds=3)
+    studying.run_study(three, tmp_path / "reference", report=False)
+    expected = _results(tmp_path / "reference")
+    assert sorted(set(expected["runs"]["seed"])) == [0, 1, 2] and len(expected["runs"]) == 6
+
+    out = tmp_path / "out"
+    assert studying.run_study(two, out, report=False).done == 4
+    shutil.copytree(out, tmp_path / "cli")
+    real, ran = executors.execute, []
+
+    def counting(spec, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        ran.append(spec.seed)
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(executors, "execute", counting)
+    summary = studying.run_study(three, out, report=False)
+    assert (summary.planned, summary.skipped, summary.done, summary.failed) == (6, 4, 2, 0)
+    assert ran == [2, 2]
+    result = runner.invoke(app, ["study", str(path), "--out", str(tmp_path / "cli"), "--device", "cpu", "--seeds", "3"])
+    assert result.exit_code == 0 and "4 already recorded, 2 done" in result.output, result.output
+    assert ran == [2, 2, 2, 2]
+    for folder in (out, tmp_path / "cli"):
+        found = _results(folder)
+        for name, frame in expected.items():
+            pd.testing.assert_frame_equal(found[name], frame, check_exact=True, obj=name)
+        with Store(folder / STORE_FILE) as store:
+            meta = store.meta()
+            config = store.study_config()
+        assert (meta["identity"], meta["sha256"]) == (two.identity, three.sha256)  # the study now run
+        assert config["study"]["seeds"] == 3 and config["planned_runs"] == 6
+    assert (tmp_path / "cli" / "report.html").is_file()
+
+    # anything else differs: refused on that --out, with or without --seeds, and nothing is written
+    before = (out / STORE_FILE).read_bytes()
+    other = tmp_path / "other.toml"
+    other.write_text(TINY.replace("epochs = 1", "epochs = 2"))
+    for extra in ([], ["--seeds", "3"]):
+        result = runner.invoke(app, ["study", str(other), "--out", str(out), "--device", "cpu", *extra])
+        assert_one_line_error(result, "holds study 'tiny'")
+    assert (out / STORE_FILE).read_bytes() == before and ran == [2, 2, 2, 2]
+    # fewer seeds: nothing runs, nothing recorded is lost; the meta records the study now run
+    fewer = studying.run_study(load_study(path, seeds=1), out, report=False)
+    assert (fewer.planned, fewer.skipped, fewer.done) == (2, 2, 0) and ran == [2, 2, 2, 2]
+    assert len(_results(out)["runs"]) == 6
+    with Store(out / STORE_FILE) as store:
+        assert store.study_config()["study"]["seeds"] == 1
+
+
+def test_seeds_on_the_command_line_is_checked_like_the_file(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    for bad, fragment in (("0", "greater than or equal to 1"), ("101", "less than or equal to 100"), ("x", "")):
+        result = runner.invoke(app, ["study", str(_tiny(tmp_path)), "--out", str(out), "--seeds", bad])
+        assert_one_line_error(result, "--seeds", fragment)
+        assert not out.exists()
+
+
+def test_a_store_from_before_identities_resumes_then_takes_more_seeds(tmp_path: Path) -> None:
+    """A store whose meta has no ``identity`` (written before it existed) is owned by its exact
+    ``sha256``; its first resume records the identity, and then another seed count is the same study."""
+    import sqlite3
+
+    from nodulab.results.store import StoreError, check_owner
+
+    path = _tiny(tmp_path)
+    two, three = (studying._study_meta(load_study(path, seeds=n)) for n in (2, 3))
+    (tmp_path / "other.toml").write_text(TINY + "[tuning]\nbudget = 2\n")
+    other = studying._study_meta(load_study(tmp_path / "other.toml"))
+    store = tmp_path / STORE_FILE
+    with Store(store, two):
+        pass
+    db = sqlite3.connect(store)
+    with db:
+        db.execute("DELETE FROM meta WHERE key = 'identity'")
+    db.close()
+    for study in (three, other):
+        with pytest.raises(StoreError, match="holds study 'tiny'"):
+            check_owner(store, study)
+    with Store(store, two) as opened:
+        assert opened.meta()["identity"] == two["identity"]
+    check_owner(store, three)
+    with Store(store, three) as opened:
+        assert opened.meta()["sha256"] == three["sha256"] and opened.study_config() == three["config"]
+    with pytest.raises(StoreError, match="holds study 'tiny'"):
+        Store(store, other)
+
+
 def test_selection_uses_the_val_score_never_a_test_split(tmp_path: Path) -> None:
     """The selected draw is the best val kNN score even when a test split would pick another."""
     config = {"name": "s", "sha256": "x", "config": {}}
@@ -297,6 +391,12 @@ def test_quick_preset_at_smaller_n_reports_ce_gap_to_the_ceiling(tmp_path: Path)
         rf"matched ceiling {number}.*?\(clean(&#x27;|')s ce on the same images\): a gap of {number} {interval}"
     )
     assert re.search(gap, page), re.findall(r"On size-confound/test_conflict[^<]*", page)
+    # the declared comparison, read with the test set's noise from the stored predictions
+    assert "Declared hypotheses: each loss&#x27;s own readout against ce on size-confound/test_conflict" in page
+    assert "95% CI with the test set&#x27;s noise" in page and "(seeds only)" not in page
+    from tests.results.test_report import assert_findings_numbers_in_tables
+
+    assert_findings_numbers_in_tables(page)
 
 
 def test_a_run_archive_cannot_write_outside_its_folder(tmp_path: Path) -> None:

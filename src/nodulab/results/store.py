@@ -3,7 +3,7 @@
 
 Tables:
 
-    meta      key, value                      format, study name, the study's sha256 and config
+    meta      key, value                      format, study name, the study's identity, sha256 and config
     datasets  scenario, key, manifest_sha256, manifest, gallery (PNG)   (one per scenario and n.train)
     runs      run_id, budget, scenario, loss, seed, draw, selected, config (JSON), status (done | failed),
               reason, warnings, score (the selection score), train_s, evaluate_s, dynamics_s, explain_s, finished
@@ -94,11 +94,20 @@ def _schema() -> list[str]:
     return statements
 
 
+def identity(study: Mapping[str, Any]) -> str:
+    """What names a study's store: its ``identity`` (``studies.config.Study.identity``: the study
+    without its seed count), else its ``sha256``."""
+    return str(study.get("identity", study["sha256"]))
+
+
 def check_owner(path: Path, study: Mapping[str, Any]) -> None:
     """Refuse an existing file that is not this study's store (read-only; nothing is written).
 
-    A file with no table at all is a store whose study was killed before its first commit: it is
-    this study's to take.
+    The store's meta ``identity`` must be the study's (``identity``): a study with another seed
+    count is the same study. A store written before meta held an identity has only its study's
+    ``sha256`` (seed count included), which must then be the study's ``sha256``; its first resume
+    records the identity. A file with no table at all is a store whose study was killed before its
+    first commit: it is this study's to take.
     """
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -113,10 +122,16 @@ def check_owner(path: Path, study: Mapping[str, Any]) -> None:
         return
     if meta.get("format") != STORE_FORMAT:
         raise StoreError(f"{path}: store format {meta.get('format')!r}, this nodulab reads {STORE_FORMAT}")
-    if meta.get("sha256") != str(study["sha256"]):
+    _check_study(path, meta, study)
+
+
+def _check_study(path: Path, meta: Mapping[str, str], study: Mapping[str, Any]) -> None:
+    """Refuse a store whose meta names another study than ``study`` (``check_owner``)."""
+    key, mine = ("identity", identity(study)) if "identity" in meta else ("sha256", str(study["sha256"]))
+    if meta.get(key) != mine:
         raise StoreError(
-            f"{path}: holds study {meta.get('name')!r} ({str(meta.get('sha256'))[:12]}), not this study "
-            f"{study['name']!r} ({str(study['sha256'])[:12]}); use another --out"
+            f"{path}: holds study {meta.get('name')!r} ({str(meta.get(key))[:12]}), not this study "
+            f"{study['name']!r} ({mine[:12]}); use another --out"
         )
 
 
@@ -125,9 +140,11 @@ class Store:
 
     Args:
         path: the SQLite file.
-        study: ``{"name", "sha256", "config"}`` of the study that owns the store. A new store
-            records it; an existing one must hold the same sha256 (else ``StoreError``). ``None``
-            opens an existing store read-only (``nodulab report``).
+        study: ``{"name", "sha256", "config"}`` and optionally ``"identity"`` (default: the
+            sha256) of the study that owns the store. An existing store must hold the same identity
+            (``check_owner``, else ``StoreError``); the meta then records this study (a resume with
+            another seed count updates ``sha256`` and ``config``, so the report reads the seeds
+            now run). ``None`` opens an existing store read-only (``nodulab report``).
     """
 
     def __init__(self, path: Path | str, study: Mapping[str, Any] | None = None) -> None:
@@ -151,11 +168,16 @@ class Store:
                 for statement in _schema():
                     self._db.execute(statement)
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (STORE_FORMAT,))
-                for key in ("name", "sha256"):
-                    self._db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, str(study[key])))
-                self._db.execute(
-                    "INSERT OR IGNORE INTO meta VALUES ('config', ?)", (json.dumps(study["config"], sort_keys=True),)
-                )
+                held = self.meta()  # again, inside the write transaction (a new store holds no study yet)
+                if "identity" in held or "sha256" in held:
+                    _check_study(self.path, held, study)
+                owner = {
+                    "name": str(study["name"]),
+                    "identity": identity(study),
+                    "sha256": str(study["sha256"]),
+                    "config": json.dumps(study["config"], sort_keys=True),
+                }  # check_owner passed: the same study, maybe with another seed count, which is now the one run
+                self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", owner.items())
         except sqlite3.DatabaseError as error:
             self._db.close()
             raise StoreError(f"{self.path}: not a results store ({error})") from None
@@ -311,7 +333,7 @@ def export_csvs(store: Store, out: Path) -> list[Path]:
     """Write ``out/<table>.csv`` (and ``runs.csv``) from the store, each file atomically."""
     written = []
     runs = store.runs().drop(columns=["config"])
-    frames = {"runs": runs, **{name: store.table(name) for name in RESULT_TABLES}}
+    frames = {"runs": runs, **{name: store.table(name) for name, table in RESULT_TABLES.items() if table.exported}}
     for name, frame in frames.items():
         path = Path(out) / f"{name}.csv"
         write_atomically(path, lambda tmp, f=frame: write_table(f, tmp))

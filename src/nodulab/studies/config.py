@@ -38,6 +38,11 @@ A study is a preset (``presets/studies/*.toml``, listed by ``nodulab studies``) 
     [ceilings]                               # each confounded scenario's matched ceiling
     size-confound = "clean"
 
+    [hypotheses]                             # the primary comparisons, declared before running
+    comparisons = ["size-confound/test_conflict"]   # scenario/test split
+    reference = "ce"                         # each loss against this one
+    readout = "own"                          # own (head, else probe) | probe | dfr
+
 **Budget cells.** Every (``n.train``, ``epochs``) pair is a cell of the grid with its own seeds,
 datasets and ceiling (``Study.cells``); a study with scalars has one cell.
 
@@ -54,6 +59,13 @@ Validation is pydantic's, like scenarios': one line naming the key, ``StudyError
 checked against the loss registry (``nodulab.training.hparams``) when a study is validated;
 ``losses = "all"`` is resolved then to the registry's list, which is what the study records and
 hashes (a study that lists the same losses in the same order has the same hash).
+
+**Hashes.** ``Study.sha256`` hashes the whole record (``Study.record``): settings, resolved
+scenarios, the grid's size. ``Study.identity`` hashes the same record without the seed count
+(``seeds`` and ``planned_runs``): it names the study's results store, so a study resumed with more
+(or fewer) seeds (``nodulab study --seeds N``, or ``seeds`` edited) keeps its store and reruns
+nothing recorded (a run's key holds its seed, never the seed count), while a change in any other
+setting is a new study.
 """
 
 from __future__ import annotations
@@ -64,9 +76,9 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from nodulab.common.choices import DEFAULT_EPOCHS, ENCODERS, MAX_EPOCHS, MAX_N, VIEWS
 from nodulab.common.errors import InputError
@@ -83,6 +95,8 @@ from nodulab.synth.scenarios import (
 from nodulab.training import hparams
 
 MAX_SEEDS = 100
+Seeds = Annotated[int, Field(ge=1, le=MAX_SEEDS)]
+"""A study's seed count (``seeds``; ``--seeds`` is validated by the same rule)."""
 MAX_BUDGET = 100
 MAX_CELLS = 16
 """Most budget cells (``n.train`` values x ``epochs`` values) a study may have."""
@@ -183,6 +197,30 @@ class ExplainSettings(BaseModel):
     dynamics_n: int = Field(DYNAMICS_N, ge=1, le=MAX_N)
 
 
+READOUT_MODES = ("own", "probe", "dfr")
+"""How a declared comparison reads each loss (``results.comparisons.READOUTS``)."""
+
+
+class HypothesesSettings(BaseModel):
+    """``[hypotheses]``: the primary comparisons, declared before the study runs."""
+
+    model_config = _MODEL
+    comparisons: list[str] = []
+    reference: str = "ce"
+    readout: str = "own"
+
+    @model_validator(mode="after")
+    def _check(self) -> HypothesesSettings:
+        if self.readout not in READOUT_MODES:
+            raise ValueError(f"readout: one of {', '.join(READOUT_MODES)}, got {self.readout!r}")
+        if len(set(self.comparisons)) != len(self.comparisons):
+            raise ValueError("comparisons: an entry is listed twice")
+        for entry in self.comparisons:
+            if entry.count("/") != 1 or not all(entry.split("/")):
+                raise ValueError(f"comparisons: {entry!r} is not 'scenario/split'")
+        return self
+
+
 ALL_LOSSES = "all"
 """``losses = "all"``: every loss of the registry, in its order."""
 
@@ -204,13 +242,14 @@ class StudyModel(BaseModel):
     description: str = ""
     scenarios: list[str] = Field(min_length=1)
     losses: list[str] = Field(min_length=1)
-    seeds: int = Field(ge=1, le=MAX_SEEDS)
+    seeds: Seeds
     scenario_losses: dict[str, list[str]] = {}
     data: DataSettings = DataSettings()
     train: TrainSettings = TrainSettings()
     tuning: TuningSettings = TuningSettings()
     explain: ExplainSettings = ExplainSettings()
     ceilings: dict[str, str] = {}
+    hypotheses: HypothesesSettings = HypothesesSettings()
 
     @field_validator("losses", mode="before")
     @classmethod
@@ -249,11 +288,14 @@ class Cell:
 
 @dataclass(frozen=True)
 class Study:
-    """A validated study: its settings, every scenario resolved, and the hash that names it."""
+    """A validated study: its settings, every scenario resolved, and its hashes (module doc, "Hashes")."""
 
     model: StudyModel
     scenarios: dict[str, Scenario]
     sha256: str
+    """The hash of the whole ``record()``, seed count included."""
+    identity: str
+    """The hash of ``record()`` without the seed count (``identity_of``): what names the study's store."""
     sources: tuple[Path, ...] = ()
     """The files it was read from (the study file, scenario files): a study never writes over them."""
     ceilings: dict[str, str] = field(default_factory=dict)
@@ -295,15 +337,30 @@ class Study:
         return sum(len(self.losses(s)) for s in self.scenarios) * m.seeds * m.tuning.budget * len(self.cells())
 
     def record(self) -> dict[str, Any]:
-        """JSON form: the settings, every resolved scenario (what the hash covers), the grid's size."""
+        """JSON form: the settings, every resolved scenario, the grid's size (what ``sha256`` covers;
+        ``identity`` covers it without the seed count)."""
+        declared = bool(self.model.hypotheses.comparisons)  # a study declaring none keeps its hash
         return {
-            "study": self.model.model_dump(mode="json"),
+            "study": self.model.model_dump(mode="json", exclude=None if declared else {"hypotheses"}),
+            **({"hypotheses": self.model.hypotheses.model_dump(mode="json")} if declared else {}),
             "budget": self.model.tuning.budget,
             "planned_runs": self.planned_runs(),
             "cells": [c.label for c in self.cells()],
             "ceilings": dict(self.ceilings),
             "scenarios": {name: scenario_to_dict(s) for name, s in self.scenarios.items()},
         }
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def identity_of(record: dict[str, Any]) -> str:
+    """The hash of a study's ``record()`` without its seed count: ``study.seeds`` and
+    ``planned_runs`` (which counts seeds) left out, everything else kept."""
+    kept = {k: v for k, v in record.items() if k != "planned_runs"}
+    kept["study"] = {k: v for k, v in record["study"].items() if k != "seeds"}
+    return _digest(kept)
 
 
 def _split_sizes(scenario: Scenario, n: int | dict[str, int | list[int]] | None) -> dict[str, int]:
@@ -365,11 +422,30 @@ def study_from_dict(d: dict[str, Any], base: Path | None = None, source: Path | 
             except ScenarioError as error:
                 raise StudyError(f"n.train = {n_train}: {name}: {error}") from None
     ceilings = resolve_ceilings(scenarios, model.ceilings)
-    partial = Study(model, scenarios, "", ceilings=ceilings)
-    digest = hashlib.sha256(json.dumps(partial.record(), sort_keys=True).encode()).hexdigest()
+    _check_hypotheses(model, scenarios)
+    record = Study(model, scenarios, "", "", ceilings=ceilings).record()
     files = [p for p in (_scenario_path(e, base) for e in model.scenarios) if isinstance(p, Path) or Path(p).is_file()]
     sources = tuple(Path(p) for p in ([source] if source else []) + files)
-    return Study(model, scenarios, digest, sources, ceilings, sized)
+    return Study(model, scenarios, _digest(record), identity_of(record), sources, ceilings, sized)
+
+
+def _check_hypotheses(model: StudyModel, scenarios: dict[str, Scenario]) -> None:
+    """Each declared comparison names a scenario of the study, one of its test splits, and a
+    scenario whose losses include the reference."""
+    h = model.hypotheses
+    for entry in h.comparisons:
+        scenario, split = entry.split("/")
+        if scenario not in scenarios:
+            raise StudyError(
+                f"hypotheses.comparisons: {entry!r}: not a scenario of this study ({', '.join(scenarios)})"
+            )
+        tests = [s for s in scenarios[scenario].splits if s.startswith("test_")]
+        if split not in tests:
+            raise StudyError(
+                f"hypotheses.comparisons: {entry!r}: {scenario} has no test split {split!r} ({', '.join(tests)})"
+            )
+        if h.reference not in model.scenario_losses.get(scenario, model.losses):
+            raise StudyError(f"hypotheses.reference: {h.reference!r} is not trained on {scenario}")
 
 
 # ----------------------------------------------------------------------------- matched ceilings
@@ -455,13 +531,29 @@ def _read(text: bytes | Path, where: str) -> dict[str, Any]:
         raise StudyError(str(error)) from None
 
 
-def load_study(name_or_path: str | Path) -> Study:
-    """A preset study by name, or a study TOML file by path (at most 1 MiB)."""
+def check_seeds(seeds: Any) -> int:
+    """A seed count given outside the study file (``--seeds``), by the rule of ``seeds`` (``Seeds``)."""
+    try:
+        return TypeAdapter(Seeds, config=ConfigDict(strict=True)).validate_python(seeds)
+    except ValidationError as error:
+        raise StudyError(f"--seeds: {one_line(error)}") from None
+
+
+def _with_seeds(d: dict[str, Any], seeds: int | None) -> dict[str, Any]:
+    return d if seeds is None else {**d, "seeds": seeds}
+
+
+def load_study(name_or_path: str | Path, seeds: int | None = None) -> Study:
+    """A preset study by name, or a study TOML file by path (at most 1 MiB); ``seeds``, when given,
+    replaces the file's ``seeds`` (validated by the same rule; the study's identity, hence its
+    store, does not change with it)."""
+    if seeds is not None:
+        seeds = check_seeds(seeds)
     text = str(name_or_path)
     if not isinstance(name_or_path, Path) and text in preset_names():
         d = _read((_presets() / f"{text}.toml").read_bytes(), f"study preset {text}")
         d.setdefault("name", text)
-        return study_from_dict(d)
+        return study_from_dict(_with_seeds(d, seeds))
     path = Path(name_or_path)
     if not path.is_file():
         if isinstance(name_or_path, Path) or path.suffix or "/" in text or path.exists():
@@ -469,7 +561,7 @@ def load_study(name_or_path: str | Path) -> Study:
         raise StudyError(f"{text}: unknown study preset (presets: {', '.join(preset_names())}; or a .toml path)")
     d = _read(path, str(path))
     d.setdefault("name", path.stem)
-    return study_from_dict(d, base=path.parent, source=path)
+    return study_from_dict(_with_seeds(d, seeds), base=path.parent, source=path)
 
 
 def list_presets() -> list[tuple[str, str]]:

@@ -19,6 +19,10 @@ draws, evaluate, explain, store.
 - **Executors**: ``local`` (in this process, or ``--jobs N`` worker processes) or ``ray``
   (``study_ray.py``). Only this process writes the store; each run goes in with one transaction,
   so a study killed at any moment resumes where it stopped and never redoes a recorded run.
+- **More seeds** (``Study.identity``): the store is named by the study without its seed count,
+  and a run's key holds its seed, never the seed count; so the same study resumed with more seeds
+  (``--seeds N``) runs only the new seeds' runs, and the store's meta then records the study as
+  now run (with fewer seeds, the runs of the dropped seeds stay recorded).
 - **Ownership** (``study_lock``): ``OUT/.study.lock`` is held (``flock``) for the study's life; a
   second live study on ``OUT`` is refused. Every check runs before the store is created.
 - **Selection** (``store.Store``): per (scenario, loss, seed) the draw with the best kNN balanced
@@ -69,7 +73,8 @@ def plan(study: Study, manifests: dict[str, str]) -> list[RunSpec]:
     everything first within a cell).
 
     ``manifests`` maps each dataset (``Study.data_name``) to its manifest sha256 (part of every run's key).
-    The device is not part of the key (bf16 on CUDA changes numbers, not what the run is).
+    The device is not part of the key (bf16 on CUDA changes numbers, not what the run is), nor is
+    the seed count (a run holds its own seed): a study given more seeds keeps every run it has.
     """
     m = study.model
     specs = []
@@ -253,7 +258,8 @@ def bytes_to_come(study: Study, out: Path, cache: Path) -> int:
 
 
 def _study_meta(study: Study) -> dict[str, Any]:
-    return {"name": study.name, "sha256": study.sha256, "config": study.record()}
+    """What the store records of the study (``Store``); ``identity`` names the store."""
+    return {"name": study.name, "identity": study.identity, "sha256": study.sha256, "config": study.record()}
 
 
 def run_study(
