@@ -144,9 +144,14 @@ def make_study(
     draws: int = 1,
     explain: bool = True,
     failed: Sequence[tuple[str, str, int]] = (),
-    flips: Callable[[str], tuple[float, float]] = lambda loss: (0.1, 0.8),
+    flips: Callable[[str, int], tuple[float, float]] = lambda loss, seed: (0.1, 0.8),
+    hypotheses: bool = True,
 ) -> Path:
     """Write ``root/results.sqlite`` for the grid ``scenarios x losses x seeds x draws``.
+
+    ``flips(loss, seed)``: the (cue, confound) flip rates of the loss's own readout in that seed.
+    ``hypotheses``: the study declares its confounded scenarios' ``test_conflict`` splits as its
+    primary comparisons (own readouts against ce).
 
     Draw ``d`` has selection score ``0.9 - 0.01 d`` (draw 0 is selected) and scores ``score(...) + 0.02 d``
     (a test-selected oracle would pick the last draw); a
@@ -162,6 +167,11 @@ def make_study(
             "losses": list(losses),
             "scenarios": list(scenarios),
             "ceilings": {s: "clean" for s in scenarios if s != "clean" and "clean" in scenarios},
+            **(
+                {"hypotheses": {"comparisons": [f"{s}/test_conflict" for s in scenarios if s != "clean"]}}
+                if hypotheses
+                else {}
+            ),
         },
     }
     with Store(root / STORE_FILE, study=study) as store:
@@ -191,7 +201,7 @@ def make_study(
                             metrics = pd.concat([metrics, *others], ignore_index=True)
                         tables = {"metrics": metrics, "groups": _groups(metrics), "history": _history()}
                         if explain:
-                            tables |= _explain(loss, scenario, flips(loss))
+                            tables |= _explain(loss, scenario, flips(loss, seed))
                         figures = {"cam": png("C1"), "embedding": png("C3")} if explain else {}
                         store.add_run({**run, "status": "done", "score": 0.9 - 0.01 * draw}, tables, figures)
     return root

@@ -12,6 +12,7 @@ from scipy import stats
 
 from fake_study import make_study, manifest
 from nodulab.common.seedstats import holm_levels, paired_test, welch_difference
+from nodulab.results.comparisons import comparisons, hypotheses_of
 from nodulab.results.findings import findings, holm, reliance_sentences, seed_summary
 from nodulab.results.seed_tables import (
     ceiling_gaps,
@@ -20,7 +21,6 @@ from nodulab.results.seed_tables import (
     implied_ceilings,
     matched_scores,
     own_scores,
-    paired_differences,
     readout_map,
     reliance_summary,
 )
@@ -50,7 +50,13 @@ def scored(lead: float, spread: float = 1.0):
 
 def sentences_of(root: Path) -> list[str]:
     with Store(root / STORE_FILE) as store:
-        return findings(store.table("metrics"), store.manifests(), store.table("reliance"), store.table("cue"))
+        return findings(
+            store.table("metrics"),
+            store.manifests(),
+            store.table("reliance"),
+            predictions=store.table("predictions"),
+            hypotheses=hypotheses_of(store.study_config()),
+        )
 
 
 def test_seed_summary_is_a_t_interval_over_seeds() -> None:
@@ -143,7 +149,7 @@ def clear_lead(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tmp_path_factory.mktemp("lead"),
         scored(0.2),
         losses=("ce", "supcon"),
-        flips=lambda loss: (0.1, 0.8) if loss == "ce" else (0.7, 0.2),
+        flips=lambda loss, seed: (0.1, 0.8) if loss == "ce" else (0.7, 0.2),
     )
 
 
@@ -164,56 +170,69 @@ def test_ce_gap_to_the_matched_ceiling_on_the_same_images_with_its_welch_interva
 
 def test_a_clear_lead_is_claimed_and_reliance_is_named(clear_lead: Path) -> None:
     text = " ".join(sentences_of(clear_lead))
-    assert "supcon (probe) keeps the most" in text and "significant after Holm correction" in text
-    assert "ce (head; excess flip rate cue 0.05 vs confound 0.75 over null 0.05" in text
-    assert "relies mostly on the confound" in text
-    assert "supcon (probe; excess flip rate cue 0.65 vs confound 0.15 over null 0.05" in text
-    assert "relies mostly on the label cue" in text
-    assert "cannot tell" not in text
+    assert "supcon (probe) keeps the most" in text
+    assert "significant after Holm correction over the declared family" in text
+    assert "ce (head; excess flip rate confound 0.75 vs cue 0.05 over null 0.05" in text
+    assert "relies on the confound" in text
+    assert "supcon (probe; excess flip rate confound 0.15 vs cue 0.65 over null 0.05" in text
+    assert "relies on the label cue" in text
+    assert "cannot tell" not in text and "Declared hypotheses" in text
 
 
-def test_a_lead_within_noise_is_not_claimed(tmp_path: Path) -> None:
+def test_a_lead_within_noise_is_not_resolved_and_says_what_could_be_detected(tmp_path: Path) -> None:
     text = " ".join(sentences_of(make_study(tmp_path, scored(0.005, spread=2.0), losses=("ce", "supcon"))))
-    assert "keeps the most" in text and ": within noise." in text
-    assert "significant after Holm correction" not in text and "none is significant" in text
-    assert "Within noise against ce (head)" in text and "size-confound/test_conflict: supcon (probe)" in text
+    assert "keeps the most" in text and "not resolved: detectable ≥" in text and "with 5 seeds" in text
+    assert "significant after Holm correction" not in text and "within noise" not in text
+
+
+def test_without_declared_hypotheses_nothing_is_significant(tmp_path: Path) -> None:
+    text = " ".join(sentences_of(make_study(tmp_path, scored(0.3), losses=("ce", "supcon"), hypotheses=False)))
+    assert "declares no hypotheses" in text and "exploratory" in text
+    assert "significant after" not in text
 
 
 def test_fewer_than_three_seeds_cannot_tell(tmp_path: Path) -> None:
     root = make_study(tmp_path, scored(0.3), seeds=(0, 1), losses=("ce", "supcon"), explain=False)
     found = sentences_of(root)
     text = " ".join(found)
-    assert "With 2 seeds the study cannot tell differences apart" in text
-    assert "significant" not in text
+    assert "with 2 seeds the study cannot tell" in text and "None has 3 paired seeds yet" in text
+    assert "significant after" not in text
     assert "not measured" in text  # no explain tables
     with Store(root / STORE_FILE) as store:
-        paired = paired_differences(own_scores(store.table("metrics")))
-    assert not paired["significant"].any() and paired["p_holm"].isna().all()
+        metrics, config = store.table("metrics"), store.study_config()
+    compared = comparisons(metrics, None, readout_map(metrics), hypotheses_of(config))
+    assert not compared["significant"].any() and compared["p_holm"].isna().all()
+
+
+def test_the_ranking_and_its_test_use_the_same_seeds(tmp_path: Path) -> None:
+    """supcon's seed 4 failed: its mean, ce's and the difference are all over seeds 0-3 (the ranking
+    could otherwise rest on 5 seeds of ce and 4 of supcon while the test used 4 pairs)."""
+    root = make_study(
+        tmp_path, scored(0.2), losses=("ce", "supcon"), failed=[("size-confound", "supcon", 4)], explain=False
+    )
+    score = scored(0.2)
+    ce = [score("size-confound", "ce", s, "test_conflict") for s in range(4)]
+    supcon = [score("size-confound", "supcon", s, "test_conflict") for s in range(4)]
+    text = " ".join(sentences_of(root))
+    assert (
+        f"supcon (probe) keeps the most: balanced accuracy {np.mean(supcon):.2f} against {np.mean(ce):.2f} "
+        "for ce (head) over the same 4 seeds, a difference of "
+        f"{np.mean(supcon) - np.mean(ce):+.2f}"
+    ) in text
+    with Store(root / STORE_FILE) as store:
+        metrics, config = store.table("metrics"), store.study_config()
+    assert readout_map(metrics) == {"ce": "head", "supcon": "probe"}
+    compared = comparisons(metrics, None, readout_map(metrics), hypotheses_of(config))
+    row = compared[(compared["readout_mode"] == "own") & (compared["split"] == "test_conflict")]
+    row = row[row["scenario"] == "size-confound"].iloc[0]
+    assert row["n"] == 4 and row["mean"] == pytest.approx(np.mean(supcon) - np.mean(ce)) and row["significant"]
+    assert (row["readout"], row["reference_readout"]) == ("probe", "head")
 
 
 def test_without_a_clean_scenario_ce_is_read_against_the_iid_split(tmp_path: Path) -> None:
     root = make_study(tmp_path, scored(0.2), scenarios=("size-confound",), losses=("ce", "supcon"), explain=False)
     text = " ".join(sentences_of(root))
     assert "no clean scenario" in text and "against" in text and "on test_iid: an OOD gap of" in text
-
-
-def test_paired_differences_pair_seeds_and_use_own_readouts(tmp_path: Path) -> None:
-    root = make_study(
-        tmp_path, scored(0.2), losses=("ce", "supcon"), failed=[("size-confound", "supcon", 4)], explain=False
-    )
-    with Store(root / STORE_FILE) as store:
-        metrics = store.table("metrics")
-    assert readout_map(metrics) == {"ce": "head", "supcon": "probe"}
-    paired = paired_differences(own_scores(metrics))
-    row = paired[(paired["scenario"] == "size-confound") & (paired["split"] == "test_conflict")].iloc[0]
-    score = scored(0.2)
-    d = [
-        score("size-confound", "supcon", s, "test_conflict") - score("size-confound", "ce", s, "test_conflict")
-        for s in range(4)
-    ]
-    assert row["n"] == 4 and row["mean"] == pytest.approx(np.mean(d)) and row["significant"]
-    assert (row["readout"], row["reference_readout"]) == ("probe", "head")
-    assert ((paired["p_holm"] < 0.05) == paired["significant"]).all()
 
 
 def test_conflict_splits_come_from_the_manifests() -> None:
@@ -276,9 +295,25 @@ def test_a_degenerate_readout_is_never_read_as_relying_on_anything(clear_lead: P
         reliance, metrics = store.table("reliance"), store.table("metrics")
     reliance.loc[reliance["loss"] == "ce", "degenerate"] = 1  # ce's head predicts one class
     summary = reliance_summary(reliance, readout_map(metrics), {"size-confound": ["test_conflict"]})
-    text = " ".join(reliance_sentences(summary, None))
-    assert "Degenerate" in text and "ce (head) on size-confound" in text
+    text = " ".join(reliance_sentences(summary))
+    assert "ce (head) is degenerate" in text
     assert "ce (head; excess" not in text and "supcon (probe; excess" in text
+
+
+@pytest.mark.parametrize("case", ["one seed", "two seeds", "interval includes 0"])
+def test_reliance_is_not_claimed_without_three_seeds_or_an_interval_clear_of_0(tmp_path: Path, case: str) -> None:
+    seeds = {"one seed": (0,), "two seeds": (0, 1)}.get(case, (0, 1, 2, 3, 4))
+
+    def flips(loss: str, seed: int) -> tuple[float, float]:  # confound − cue: +0.3 or −0.3 by seed, mean 0.06
+        return (0.2, 0.5) if seed % 2 == 0 else (0.5, 0.2)
+
+    root = make_study(tmp_path, scored(0.2), seeds=seeds, losses=("ce", "supcon"), flips=flips)
+    text = " ".join(sentences_of(root))
+    assert "relies on" not in text and "rely on" not in text
+    if case == "interval includes 0":
+        assert "are not resolved (the interval includes 0)" in text
+    else:
+        assert f"with fewer than 3 seeds the study cannot tell for ce (head, {len(seeds)} seed" in text
 
 
 def test_convergence_reads_the_last_fifth_of_the_training_curve() -> None:

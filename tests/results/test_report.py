@@ -94,7 +94,7 @@ def test_report_degrades_into_sentences(tmp_path: Path) -> None:
     text = write_report(root).read_text(encoding="utf-8")
     assert "<img" not in text or text.count("<img") == len(images_of(text))
     assert "No explain tables for this scenario" in text and "no clean scenario" in text
-    assert "With 1 seed the study cannot tell differences apart" in text and "cannot tell (1 seed)" in text
+    assert "with 1 seed the study cannot tell" in text and "cannot tell (1 seed)" in text
     assert "dataset gallery of size-confound: not in the store." in text
     assert "No Grad-CAM stored for this scenario." in text and "test-selected oracle" not in text
     assert "loss became NaN at epoch 3" in text and "(1 seed)" in text
@@ -245,3 +245,26 @@ def test_a_store_with_malformed_json_is_one_line(tmp_path: Path, sql: str, fragm
     db.close()
     assert_one_line_error(CliRunner().invoke(app, ["report", str(root)]), fragment)
     assert not (root / "report.html").exists()
+
+
+NUMBER = re.compile(r"(?<![\w.])[-+−]?(\d+\.\d+)")
+
+
+def _numbers(fragment: str) -> set[str]:
+    """Decimal numbers of an HTML fragment, unsigned (``+0.20``, ``−0.20`` and ``0.20`` are one)."""
+    return set(NUMBER.findall(re.sub(r"<[^>]+>", " ", fragment)))
+
+
+def assert_findings_numbers_in_tables(text: str) -> None:
+    """Every decimal number of every finding is in a table of the page (counts and levels are exempt)."""
+    findings = re.search(r"<ul class='findings'>(.*?)</ul>", text, re.S)
+    assert findings is not None
+    tables = _numbers("".join(re.findall(r"<table>.*?</table>", text, re.S)))
+    for sentence in re.findall(r"<li>(.*?)</li>", findings.group(1), re.S):
+        missing = _numbers(sentence) - tables
+        assert not missing, f"{sorted(missing)} not in any table: {sentence}"
+    assert _numbers(findings.group(1))  # the check reads something
+
+
+def test_every_number_in_the_findings_is_in_a_table_of_the_page(full_report: Path) -> None:
+    assert_findings_numbers_in_tables(full_report.read_text(encoding="utf-8"))

@@ -1,28 +1,31 @@
 """The sentences a study report opens with, built from its seed-level numbers only (design.md
-"Evaluation and explanation", "Expected behaviour").
+"Evaluation and explanation", "Findings").
 
-First the budget regime (whether the matched ceiling is learnt and had plateaued), then four
-kinds, in order: (a) ce's gap to the matched ceiling on each confounded scenario's conflict
-splits (the ceiling's runs scored on the same images), with a Welch interval over seeds; (b)
-which cue each loss relies on there (counterfactual flip rates of the label-cue vs the confound
-switches, and the cue-reliance index); (c) which loss keeps the most balanced accuracy there,
-and whether its lead over ce is claimed; (d) which differences to ce are within noise. Every
-sentence names the readout it reads (a loss's own behaviour: ``head`` where it has one, else
-``probe``; see ``seed_tables``).
+First the budget regime (whether the matched ceiling is learnt and had plateaued) and convergence,
+then: (a) ce's gap to the matched ceiling on each confounded scenario's conflict splits, with a
+Welch interval over seeds; (b) which cue each loss relies on there: the seed-level interval of the
+confound's minus the label cue's excess flip rate (over the null switches) must exclude 0, with at
+least ``MIN_SEEDS`` seeds, else "not resolved"; a degenerate readout is named as such; (c) the
+declared hypotheses (``comparisons.Hypotheses``) and what became of them; (d) per conflict split,
+which loss keeps the most by the declared readout, over the same seeds as its test.
 
-A difference is claimed only when its Holm-corrected interval excludes 0, which needs at least
-``MIN_SEEDS`` paired seeds; with fewer the sentences say the study cannot tell.
-``seed_summary`` and ``holm`` (from ``seedstats``) are the statistics underneath.
+Only a declared (primary) comparison may be called significant: Holm's correction runs over that
+family, and the interval carries both the seeds' and the fixed test set's noise
+(``results.comparisons``). A comparison that is not resolved says what the study could have
+detected and about how many seeds would resolve it. Every number in a sentence is in a table of
+the same page.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import pandas as pd
 
 from nodulab.common.seedstats import holm, seed_summary
+from nodulab.results.comparisons import Hypotheses, comparisons
 from nodulab.results.seed_tables import (
     ALPHA,
     CONVERGED_SHARE,
@@ -33,13 +36,11 @@ from nodulab.results.seed_tables import (
     ceiling_gaps,
     conflict_cells,
     convergence,
-    cue_summary,
     iid_split,
     implied_ceilings,
     matched_scores,
     ood_gaps,
     own_scores,
-    paired_differences,
     readout_map,
     reliance_summary,
 )
@@ -217,162 +218,163 @@ def _val_sentences(scores: pd.DataFrame, cells: list[Cell]) -> list[str]:
     return sentences
 
 
-def _reliance_words(row: Mapping[str, float]) -> str:
-    """``ce (head; excess flip rate cue 0.12 vs confound 0.85 over null 0.04; cue index label-only 0.05 vs
-    confound-only 0.80)``."""
-    parts = [str(row["readout"])]
-    if _pair(row, "cue", "confound"):
-        null = row.get("null", math.nan)
-        if math.isfinite(null):
-            parts.append(
-                f"excess flip rate cue {_num(row['cue'])} vs confound {_num(row['confound'])} over null {_num(null)}"
-            )
-        else:
-            parts.append(f"flip rate cue {_num(row['cue'])} vs confound {_num(row['confound'])}")
-    if _pair(row, "label_only", "confound_only"):
-        parts.append(f"cue index label-only {_num(row['label_only'])} vs confound-only {_num(row['confound_only'])}")
-    return f"{row['loss']} ({'; '.join(parts)})"
-
-
-def _pair(row: Mapping[str, float], a: str, b: str) -> bool:
+def _pair(row: Mapping[str, Any], a: str, b: str) -> bool:
     return math.isfinite(row.get(a, math.nan)) and math.isfinite(row.get(b, math.nan))
 
 
-def _on_confound(row: Mapping[str, float]) -> bool:
-    """Whether the confound moves a loss's predictions more than the label cue does (flip rates first)."""
-    if _pair(row, "cue", "confound"):
-        return row["confound"] > row["cue"]
-    return row["confound_only"] > row["label_only"]
-
-
-def reliance_sentences(relied: pd.DataFrame | None, indexed: pd.DataFrame | None) -> list[str]:
-    """(b) per scenario, which losses rely mostly on the confound and which on the label cue."""
-    if relied is None and indexed is None:
-        return ["The store has no explain tables, so which cue each loss relies on was not measured."]
-    keys = ["scenario", "loss", "readout"]
-    frames = []
-    degenerate = []
-    if relied is not None and not relied.empty:
-        stuck = relied["degenerate"].fillna(0) > 0.5
-        degenerate = [f"{r.loss} ({r.readout}) on {r.scenario}" for r in relied[stuck].itertuples()]
-        relied = relied[~stuck]
-        frames.append(relied[[*keys, "cue", "confound", "null"]])
-    if indexed is not None and not indexed.empty:
-        frames.append(indexed.groupby(keys)[["label_only", "confound_only"]].mean().reset_index())
-    note = (
-        [
-            f"Degenerate (one class predicted on >= 95% of the rows in most seeds), so not read as relying on "
-            f"anything: {', '.join(degenerate)}."
-        ]
-        if degenerate
-        else []
+def _reliance_words(row: Mapping[str, Any]) -> str:
+    """``ce (head; excess flip rate confound 0.85 vs cue 0.12 over null 0.04; confound − cue +0.73,
+    95% CI 0.60 to 0.86 over 3 seeds)``."""
+    null = row.get("null", math.nan)
+    over = f" over null {_num(null)}" if math.isfinite(null) else ""
+    kind = "excess flip rate" if math.isfinite(null) else "flip rate"
+    return (
+        f"{row['loss']} ({row['readout']}; {kind} confound {_num(row['confound'])} vs cue {_num(row['cue'])}{over}; "
+        f"confound − cue {row['difference']:+.2f}, "
+        f"{_gap_interval(row['difference_low'], row['difference_high'])} over {_seeds(row['seeds'])})"
     )
-    if not frames:
-        return [*note, "The explain tables have no label-cue or confound switch on a conflict split."]
-    table = frames[0] if len(frames) == 1 else frames[0].merge(frames[1], on=keys, how="outer")
-    if indexed is not None and degenerate:
-        table = table[
-            [f"{r['loss']} ({r['readout']}) on {r['scenario']}" not in degenerate for _, r in table.iterrows()]
-        ]
-    sentences = note
-    for scenario, part in table.groupby("scenario", sort=True):
-        rows = [
-            r for r in part.to_dict("records") if _pair(r, "cue", "confound") or _pair(r, "label_only", "confound_only")
-        ]
-        confound = [_reliance_words(r) for r in rows if _on_confound(r)]
-        cue = [_reliance_words(r) for r in rows if not _on_confound(r)]
-        said = [
-            f"{', '.join(group)} {'rely' if len(group) > 1 else 'relies'} mostly on the {what}"
-            for group, what in ((confound, "confound"), (cue, "label cue"))
-            if group
-        ]
+
+
+def reliance_sentences(relied: pd.DataFrame | None) -> list[str]:
+    """(b) per scenario, which losses rely on the confound or on the label cue: claimed only with at
+    least ``MIN_SEEDS`` seeds and a seed-level interval of (confound − cue) excess flip rates that
+    excludes 0; otherwise "not resolved". A degenerate readout is named as such."""
+    if relied is None:
+        return ["The store has no explain tables, so which cue each loss relies on was not measured."]
+    if relied.empty:
+        return ["The explain tables have no label-cue or confound switch on a conflict split."]
+    sentences = []
+    for scenario, part in relied.groupby("scenario", sort=True):
+        rows = part.to_dict("records")
+        said = []
+        for verdict, one, many in (
+            ("confound", "relies on the confound", "rely on the confound"),
+            ("cue", "relies on the label cue", "rely on the label cue"),
+            ("not resolved", "is not resolved (the interval includes 0)", "are not resolved (the interval includes 0)"),
+        ):
+            group = [_reliance_words(r) for r in rows if r["verdict"] == verdict and _pair(r, "cue", "confound")]
+            if group:
+                said.append(f"{', '.join(group)} {one if len(group) == 1 else many}")
+        stuck = [f"{r['loss']} ({r['readout']})" for r in rows if r["verdict"] == "degenerate"]
+        if stuck:
+            said.append(
+                f"{', '.join(stuck)} {'is' if len(stuck) == 1 else 'are'} degenerate (one class on >= 95% of the "
+                "rows), so not read as relying on anything"
+            )
+        few = [f"{r['loss']} ({r['readout']}, {_seeds(r['seeds'])})" for r in rows if r["verdict"] == "cannot tell"]
+        if few:
+            said.append(f"with fewer than {MIN_SEEDS} seeds the study cannot tell for {', '.join(few)}")
         if said:
-            sentences.append(f"On {scenario}'s conflict splits (mean over seeds), {'; '.join(said)}.")
+            sentences.append(f"On {scenario}'s conflict splits, {'; '.join(said)}.")
     return sentences
 
 
-def _verdict(row: pd.Series) -> str:
+def _verdict(row: Mapping[str, Any]) -> str:
+    """What a comparison supports, in words (see ``comparisons``)."""
     if row["n"] < MIN_SEEDS:
-        return f"with {_seeds(row['n'])} the study cannot tell differences apart"
-    return "significant after Holm correction" if row["significant"] else "within noise"
+        return f"with {_seeds(row['n'])} the study cannot tell"
+    if not row["primary"]:
+        excludes = row["low"] > 0 or row["high"] < 0
+        return (
+            "exploratory (not a declared hypothesis; its uncorrected interval "
+            f"{'excludes' if excludes else 'includes'} 0), never claimed"
+        )
+    if row["significant"]:
+        return "significant after Holm correction over the declared family"
+    if row["test_noise"] and abs(row["mean"]) <= row["smallest"]:
+        return "at most one test sample, never claimed"
+    needed = row["seeds_needed"]
+    more = (
+        f"about {int(needed)} seeds would resolve the observed difference"
+        if isinstance(needed, (int, float)) and math.isfinite(needed) and needed > row["n"]
+        else "more seeds alone would not resolve it (the test set's noise is too large for it)"
+    )
+    return f"not resolved: detectable ≥ {_num(row['detectable'])} with {_seeds(row['n'])}; {more}"
 
 
-def _difference_words(row: pd.Series) -> str:
-    """``+0.11 over 5 seeds (Holm-corrected 95% CI 0.05 to 0.17, adjusted p = 0.003)``."""
-    text = f"{row['mean']:+.2f} over {_seeds(row['n'])}"
-    if math.isfinite(row["p_holm"]):
-        interval = _gap_interval(row["holm_low"], row["holm_high"], "Holm-corrected 95% CI")
-        text += f" ({interval}, adjusted {_p(row['p_holm'])})"
-    return text
+def _difference_words(row: Mapping[str, Any]) -> str:
+    """``+0.11 (95% CI with the test set's noise 0.05 to 0.17; Holm-corrected 0.03 to 0.19, adjusted p = 0.003)``."""
+    noise = "95% CI with the test set's noise" if row["test_noise"] else "95% CI over seeds (no per-sample predictions)"
+    text = f"{row['mean']:+.2f} ({_gap_interval(row['low'], row['high'], noise)}"
+    if row["primary"] and math.isfinite(row["p_holm"]):
+        corrected = _gap_interval(row["holm_low"], row["holm_high"], "95% CI")
+        text += f"; Holm-corrected {corrected}, adjusted {_p(row['p_holm'])}"
+    elif math.isfinite(row["p"]):
+        text += f"; {_p(row['p'])}"
+    return text + ")"
 
 
-def best_sentences(scores: pd.DataFrame, paired: pd.DataFrame, cells: list[Cell]) -> list[str]:
-    """(c) per conflict split, the loss that keeps the most, and its difference to ce."""
+def best_sentences(compared: pd.DataFrame, cells: list[Cell], readout: str) -> list[str]:
+    """(c) per conflict split, the loss that keeps the most by the ``readout`` comparison, over the
+    same seeds as its test against the reference."""
     sentences = []
     for scenario, split in cells:
-        cell = scores[(scores["scenario"] == scenario) & (scores["split"] == split)]
-        means = cell.groupby(["loss", "readout"])["value"].mean().sort_values(ascending=False, kind="stable")
-        if len(means) < 2:
+        rows = compared[
+            (compared["scenario"] == scenario) & (compared["split"] == split) & (compared["readout_mode"] == readout)
+        ]
+        if rows.empty:
             continue
-        (best, readout), top = means.index[0], means.iloc[0]
-        lead = f"On {scenario}/{split}, {best} ({readout}) keeps the most: balanced accuracy {_num(top)}"
-        if REFERENCE not in set(cell["loss"]):
-            sentences.append(f"{lead}; without {REFERENCE} there is no reference to test it against.")
-            continue
-        other = best if best != REFERENCE else means.index[1][0]
-        found = paired[(paired["scenario"] == scenario) & (paired["split"] == split) & (paired["loss"] == other)]
-        r = found.iloc[0]
-        if best != REFERENCE:
-            ce_mean = means[REFERENCE].iloc[0]
+        top = rows.loc[rows["mean"].idxmax()].to_dict()
+        how = f"On {scenario}/{split} ({_READOUT_WORDS[readout]})"
+        reference = f"{top['reference']} ({top['reference_readout']})"
+        if top["mean"] > 0:
             sentences.append(
-                f"{lead} against {_num(ce_mean)} for {REFERENCE} ({r['reference_readout']}), "
-                f"a paired difference of {_difference_words(r)}: {_verdict(r)}."
+                f"{how}, {top['loss']} ({top['readout']}) keeps the most: balanced accuracy {_num(top['loss_mean'])} "
+                f"against {_num(top['reference_mean'])} for {reference} over the same {_seeds(top['n'])}, a "
+                f"difference of {_difference_words(top)}: {_verdict(top)}."
             )
         else:
             sentences.append(
-                f"{lead}; the next, {other} ({r['readout']}), differs from it by {_difference_words(r)}: {_verdict(r)}."
+                f"{how}, {reference} keeps the most; the next, {top['loss']} ({top['readout']}), has "
+                f"{_num(top['loss_mean'])} against {_num(top['reference_mean'])} over the same {_seeds(top['n'])}, "
+                f"a difference of {_difference_words(top)}: {_verdict(top)}."
             )
     return sentences
 
 
-def _listing(rows: pd.DataFrame) -> str:
-    """``size-confound/test_iid: supcon (probe), simclr (probe); clean/test_iid: ...``."""
-    groups = [
-        f"{scenario}/{split}: " + ", ".join(f"{r.loss} ({r.readout})" for r in part.itertuples())
-        for (scenario, split), part in rows.groupby(["scenario", "split"], sort=True)
-    ]
-    return "; ".join(groups)
+_READOUT_WORDS = {
+    "own": "each loss's own readout",
+    "probe": "every loss by its linear probe",
+    "dfr": "every loss by DFR",
+}
 
 
-def noise_sentences(paired: pd.DataFrame) -> list[str]:
-    """(d) the claimed differences to ce, those within noise, and those the seeds cannot tell."""
-    if paired.empty:
-        return []
-    tested, untested = paired[paired["n"] >= MIN_SEEDS], paired[paired["n"] < MIN_SEEDS]
-    reference = f"{REFERENCE} ({paired['reference_readout'].iloc[0]})"
-    rule = (
-        f"a difference is claimed only with at least {MIN_SEEDS} paired seeds and a Holm-corrected 95% "
-        "interval that excludes 0"
+def hypotheses_sentences(hypotheses: Hypotheses, compared: pd.DataFrame) -> list[str]:
+    """Which comparisons are primary (declared), how many were tested, and what became of them."""
+    if not hypotheses.declared:
+        return [
+            "The study declares no hypotheses ([hypotheses] in the study file), so every comparison is "
+            "exploratory: uncorrected 95% intervals, none called significant."
+        ]
+    family = compared[compared["primary"] & (compared["n"] >= MIN_SEEDS)]
+    where = ", ".join(hypotheses.comparisons)
+    lead = (
+        f"Declared hypotheses: {_READOUT_WORDS.get(hypotheses.readout, hypotheses.readout)} against "
+        f"{hypotheses.reference} on {where}; Holm's correction runs over "
+        f"{'this comparison' if len(family) == 1 else f'these {len(family)} comparisons'} only, and every other "
+        "comparison is exploratory."
     )
-    if tested.empty:
-        return [f"With {_seeds(paired['n'].max())} the study cannot tell differences apart: {rule}."]
-    significant, noise = tested[tested["significant"]], tested[~tested["significant"]]
-    m = len(tested)
-    family = f"Holm-corrected over all {m} differences to {reference}"
-    if significant.empty:
-        sentences = [f"{family}, none is significant."]
-    else:
-        claims = "; ".join(
-            f"{r.loss} ({r.readout}) on {r.scenario}/{r.split} ({r.mean:+.2f})" for r in significant.itertuples()
-        )
-        count = "1 is" if len(significant) == 1 else f"{len(significant)} are"
-        sentences = [f"{family}, {count} significant: {claims}."]
-    if not noise.empty:
-        sentences.append(f"Within noise against {reference} (the corrected interval includes 0): {_listing(noise)}.")
-    if not untested.empty:
+    if family.empty:
+        return [f"{lead} None has {MIN_SEEDS} paired seeds yet, so none is tested."]
+    claimed = family[family["significant"]]
+    open_ = family[~family["significant"]]
+    sentences = [lead]
+    if len(claimed):
         sentences.append(
-            f"With fewer than {MIN_SEEDS} paired seeds the study cannot tell these apart from "
-            f"{reference}: {_listing(untested)}."
+            "Significant: "
+            + "; ".join(
+                f"{r.loss} ({r.readout}) on {r.scenario}/{r.split} ({r.mean:+.2f})" for r in claimed.itertuples()
+            )
+            + "."
+        )
+    if len(open_):
+        sentences.append(
+            "Not resolved: "
+            + "; ".join(
+                f"{r['loss']} ({r['readout']}) on {r['scenario']}/{r['split']} ({r['mean']:+.2f}; {_verdict(r)})"
+                for r in open_.to_dict("records")
+            )
+            + "."
         )
     return sentences
 
@@ -381,8 +383,9 @@ def findings(
     metrics: pd.DataFrame,
     manifests: Manifests,
     reliance: pd.DataFrame | None = None,
-    cue: pd.DataFrame | None = None,
     *,
+    predictions: pd.DataFrame | None = None,
+    hypotheses: Hypotheses | None = None,
     ceilings: Mapping[str, str] | None = None,
     dynamics: pd.DataFrame | None = None,
     history: pd.DataFrame | None = None,
@@ -393,7 +396,11 @@ def findings(
     Args:
         metrics: the store's ``metrics`` table (``Store.table("metrics")``).
         manifests: scenario -> its dataset manifest (``dataset.json``), for confounds and splits.
-        reliance, cue: the store's explain tables (``None`` or empty when not measured).
+        reliance: the store's ``reliance`` table (``None`` or empty when not measured).
+        predictions: the store's ``predictions`` table (per-sample; without it the intervals are the
+            seeds' only, and say so).
+        hypotheses: the study's declared hypotheses (``comparisons.hypotheses_of``; none: every
+            comparison is exploratory).
         ceilings: each confounded scenario's matched ceiling (the study's ``ceilings``; default
             ``implied_ceilings``).
         dynamics: the store's ``dynamics`` table, for the regime sentence (``regime_sentences``).
@@ -402,26 +409,25 @@ def findings(
 
     Returns:
         The budget regime and convergence; (a) ce's gap to the matched ceiling on each confounded
-        scenario's conflict splits; (b) which cue each loss relies on there; (c) which loss keeps
-        the most there and whether its lead over ce is claimed; (d) what is within noise, or that
-        the seeds cannot tell.
+        scenario's conflict splits; (b) which cue each loss relies on there; (c) the declared
+        hypotheses and their verdicts; (d) which loss keeps the most on each conflict split.
     """
     readouts = readout_map(metrics)
     scores = own_scores(metrics, readouts)
     ceilings = implied_ceilings(manifests) if ceilings is None else ceilings
     if scores.empty:
         return ["The store holds no finished run with scores yet: nothing to report."]
-    paired = paired_differences(scores, alpha=alpha)
+    hypotheses = hypotheses or Hypotheses()
+    compared = comparisons(metrics, predictions, readouts, hypotheses, alpha=alpha)
     cells = conflict_cells(scores, manifests)
     on = {scenario: [split for s, split in cells if s == scenario] for scenario, _ in cells}
     relied = reliance_summary(reliance, readouts, on) if reliance is not None and len(reliance) else None
-    indexed = cue_summary(cue, readouts, on) if cue is not None and len(cue) else None
     matched = matched_scores(metrics, ceilings, readouts)
     return [
         *regime_sentences(matched, dynamics, readouts, cells),
         *convergence_sentences(history),
         *ceiling_sentences(scores, ceilings, matched, cells),
-        *reliance_sentences(relied, indexed),
-        *best_sentences(scores, paired, cells),
-        *noise_sentences(paired),
+        *reliance_sentences(relied),
+        *hypotheses_sentences(hypotheses, compared),
+        *best_sentences(compared, cells, hypotheses.readout),
     ]

@@ -18,27 +18,25 @@ import math
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from nodulab.common.seedstats import seed_summary
 from nodulab.common.writing import check_out, write_atomically
 from nodulab.results.findings import findings
 from nodulab.results.sections import (
+    comparisons_section,
     dynamics_section,
     explain_section,
     figure_html,
     figures_section,
     missing,
     page,
-    paired_section,
     scores_section,
     section,
 )
 from nodulab.results.seed_tables import (
+    MIN_SEEDS,
     ceiling_gaps,
     conflict_cells,
     ood_gaps,
-    paired_differences,
     reliance_summary,
 )
 from nodulab.results.store import STORE_FILE, Store
@@ -100,7 +98,8 @@ def findings_section(study: StudyResults, suffix: str = "", title: str = "") -> 
         tables["metrics"],
         study.manifests,
         tables["reliance"],
-        tables["cue"],
+        predictions=tables.get("predictions"),
+        hypotheses=study.hypotheses,
         ceilings=study.ceiling,
         dynamics=tables.get("dynamics"),
         history=tables.get("history"),
@@ -138,7 +137,7 @@ def cell_sections(study: StudyResults, suffix: str = "", title: str = "") -> lis
         else "The study has no clean scenario (no confound), so no split is read against a ceiling."
     )
     scores = "".join(scores_section(study, scenario, gaps, ood) for scenario in study.scenarios)
-    paired = paired_section(study, paired_differences(study.scores))
+    paired = comparisons_section(study)
     if suffix:
         paired = paired.replace("<section id='differences'>", f"<section id='differences{suffix}'>", 1)
         paired = paired.replace("<h2>", f"<h2>{title[3:]} · " if title else "<h2>", 1)
@@ -183,12 +182,7 @@ def budget_section(study: StudyResults) -> str:
             for loss, mean in means.items():
                 summary = seed_summary(found.loc[found["loss"] == loss, "value"])
                 r = relied[relied["loss"] == loss]
-                if len(r) and r["degenerate"].fillna(0).iloc[0] > 0.5:
-                    verdict = "degenerate"
-                elif len(r) and pd.notna(r["cue"].iloc[0]) and pd.notna(r["confound"].iloc[0]):
-                    verdict = "confound" if r["confound"].iloc[0] > r["cue"].iloc[0] else "cue"
-                else:
-                    verdict = "n/a"
+                verdict = str(r["verdict"].iloc[0]) if len(r) else "n/a"
                 verdicts.setdefault((scenario, split, loss), {})[cell] = verdict
                 interval = f" [{summary.low:.2f}, {summary.high:.2f}]" if math.isfinite(summary.low) else ""
                 rows.append(
@@ -208,23 +202,23 @@ def budget_section(study: StudyResults) -> str:
             )
         )
     for (scenario, split, loss), by_cell in verdicts.items():
-        if len(set(by_cell.values()) - {"n/a"}) > 1:
+        if len(set(by_cell.values()) & {"confound", "cue"}) > 1:
             changes.append(
-                f"{scenario}/{split}: {loss}'s larger excess flip rate moves between cells ("
+                f"{scenario}/{split}: what {loss} relies on changes between cells ("
                 + "; ".join(f"{c}: {v}" for c, v in by_cell.items())
                 + ")"
             )
     table = (
         "<table><tr><th class='name'>budget cell</th><th class='name'>conflict split</th>"
         "<th class='name'>loss (readout)</th><th>balanced accuracy, mean [95% CI]</th><th>seeds</th>"
-        "<th class='name'>larger excess flip rate</th></tr>" + "".join(rows) + "</table>"
+        "<th class='name'>relies on</th></tr>" + "".join(rows) + "</table>"
     )
     items = "".join(f"<li>{html.escape(c)}</li>" for c in changes)
     note = (
         "<p class='note'>Each budget cell (training rows × epochs) has its own datasets, seeds and ceiling; "
-        "losses are compared within a cell. Larger excess flip rate: whether the cue or the confound switch "
-        "flips more of the loss's own predictions beyond the null switches (mean over seeds, no interval); "
-        "degenerate: one class on >= 95% of the rows in most seeds.</p>"
+        "losses are compared within a cell. Relies on: confound or cue when the seed-level interval of the "
+        "confound's minus the cue's excess flip rate (beyond the null switches) excludes 0 with at least "
+        f"{MIN_SEEDS} seeds; not resolved otherwise; degenerate: one class on >= 95% of the rows.</p>"
     )
     return section(
         "budget", "Budget cells", note + (table if rows else missing("No scores yet.")) + f"<ul>{items}</ul>"

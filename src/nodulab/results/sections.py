@@ -23,6 +23,7 @@ from nodulab.results.seed_tables import (
     own_rows,
     own_scores,
     read_splits,
+    reliance_summary,
     summarise,
 )
 
@@ -222,39 +223,119 @@ def _controls_table(study: StudyResults, scenario: str, splits: list[str]) -> st
     return table(["loss · readout", *map(html.escape, splits)], rows) + note + "</p>"
 
 
-def _verdict(row: pd.Series) -> str:
+READOUT_TITLES = {
+    "own": "Each loss's own readout against ce's",
+    "probe": "Like for like: every loss by its linear probe (ce's probe too)",
+    "dfr": "Like for like: every loss by DFR (feature quality)",
+}
+
+
+def _comparison_verdict(row: pd.Series) -> str:
     if row["n"] < MIN_SEEDS:
         return f"cannot tell ({row['n']} seed{'s' * (row['n'] != 1)})"
-    return "<span class='significant'>significant</span>" if row["significant"] else "within noise"
+    if not row["primary"]:
+        return "exploratory"
+    if row["significant"]:
+        return "<span class='significant'>significant</span>"
+    return "not resolved"
 
 
-def paired_section(study: StudyResults, paired: pd.DataFrame) -> str:
-    """Per (scenario, test split) and loss: the paired difference to ce, Holm-corrected over the table."""
-    title = "Differences to ce (paired by seed)"
-    if paired.empty:
+def _seeds_needed(row: pd.Series) -> str:
+    needed = row["seeds_needed"]
+    if row["n"] < MIN_SEEDS or not row["primary"]:
+        return "—"
+    return str(int(needed)) if pd.notna(needed) and math.isfinite(needed) else "more seeds alone cannot"
+
+
+def comparisons_section(study: StudyResults) -> str:
+    """Per readout mode, (scenario, test split) and loss: the difference to ce over the seeds both
+    have, with the test set's noise; Holm over the declared family only (``results.comparisons``)."""
+    title = "Differences to ce"
+    compared = study.compared
+    if compared.empty:
         return section("differences", title, missing("No loss shares a test split and seeds with ce."))
+    hypotheses = study.hypotheses
+    declared = (
+        f"Declared hypotheses: {html.escape(', '.join(hypotheses.comparisons))}, read with the "
+        f"{html.escape(hypotheses.readout)} readout against {html.escape(hypotheses.reference)}; Holm's "
+        "correction runs over those rows (<i>primary</i>) only."
+        if hypotheses.declared
+        else "The study declares no hypotheses: every row is exploratory and none is called significant."
+    )
+    parts = [
+        f"<p class='note'>{declared} Each row uses the seeds both sides have (paired by number): the two "
+        "means and the difference come from the same seeds. 95% CI: the seeds' and the fixed test set's noise "
+        "(per-sample predictions, the same samples for both sides); seeds only: the plain seed-level "
+        "t-interval, which misses the test set's noise. Detectable: the smallest difference found with 80% "
+        "power at the row's level (Holm's strictest for primary rows). A difference of one test sample or less "
+        "is never claimed.</p>"
+    ]
+    header = [
+        "scenario/split",
+        "difference",
+        "family",
+        "seeds",
+        "loss",
+        "ce",
+        "mean",
+        "95% CI",
+        "seeds only",
+        "p",
+        "Holm 95% CI",
+        "adjusted p",
+        "detectable",
+        "seeds to resolve",
+        "",
+    ]
+    for mode, part in compared.groupby("readout_mode", sort=False):
+        rows = [
+            [
+                f"{html.escape(r['scenario'])}/{html.escape(r['split'])}",
+                f"{html.escape(r['loss'])} ({r['readout']}) − {html.escape(r['reference'])} ({r['reference_readout']})",
+                "primary" if r["primary"] else "exploratory",
+                str(r["n"]),
+                _num(r["loss_mean"]),
+                _num(r["reference_mean"]),
+                _signed(r["mean"]),
+                _interval(r["low"], r["high"]) + ("" if r["test_noise"] else " <small>(seeds only)</small>"),
+                _interval(r["seeds_low"], r["seeds_high"]) or "—",
+                _p(r["p"]),
+                _interval(r["holm_low"], r["holm_high"]) or "—",
+                _p(r["p_holm"]),
+                _num(r["detectable"]),
+                _seeds_needed(r),
+                _comparison_verdict(r),
+            ]
+            for _, r in part.iterrows()
+        ]
+        parts.append(f"<h3>{READOUT_TITLES.get(mode, html.escape(mode))}</h3>" + table(header, rows))
+    return section("differences", title, "".join(parts))
+
+
+def reliance_table(relied: pd.DataFrame) -> str:
+    """Per loss: excess flip rates of the cue and confound switches, their difference with its
+    seed-level interval, and what that supports (``seed_tables.reliance_verdict``)."""
     rows = [
         [
-            f"{html.escape(r['scenario'])}/{html.escape(r['split'])}",
-            f"{html.escape(r['loss'])} ({r['readout']}) − ce ({r['reference_readout']})",
-            str(r["n"]),
-            _signed(r["mean"]),
-            _interval(r["low"], r["high"]) or "—",
-            _interval(r["holm_low"], r["holm_high"]) or "—",
-            _p(r["p_holm"]),
-            _verdict(r),
+            html.escape(f"{r['loss']} ({r['readout']})"),
+            str(int(r["seeds"])),
+            _num(r["cue"]),
+            _num(r["confound"]),
+            _num(r["null"]),
+            _signed(r["difference"]),
+            _interval(r["difference_low"], r["difference_high"]) or "—",
+            html.escape(str(r["verdict"])),
         ]
-        for _, r in paired.iterrows()
+        for _, r in relied.iterrows()
     ]
+    header = ["loss", "seeds", "cue", "confound", "null", "confound − cue", "95% CI (seeds)", "supports"]
     note = (
-        f"<p class='note'>Per seed the loss's own balanced accuracy minus ce's (selected draws, seeds paired by "
-        f"number); paired t-test. Holm's correction runs over every comparison in this table with at least "
-        f"{MIN_SEEDS} paired seeds; the corrected interval is the t-interval at Holm's level for that comparison, "
-        "so it excludes 0 exactly when the adjusted p is below 0.05. Only then is a difference "
-        "claimed.</p>"
+        "<p class='note'>Excess flip rate: a switch's flip rate minus the null switches' (a fresh "
+        f"nuisance render, a rotation, a mirrored offset) on the same rows, mean over switches then seeds. "
+        f"A loss relies on the confound (or the cue) only when the interval of confound − cue, over at least "
+        f"{MIN_SEEDS} seeds, excludes 0; degenerate: one class on >= 95% of the rows.</p>"
     )
-    header = ["scenario/split", "difference", "seeds", "mean", "95% CI", "Holm-corrected 95% CI", "adjusted p", ""]
-    return section("differences", title, table(header, rows) + note)
+    return table(header, rows) + note
 
 
 def _switch(row: pd.Series) -> str:
@@ -338,8 +419,12 @@ def explain_section(study: StudyResults, scenario: str) -> str:
     kind = "conflict splits" if confounds_of(study.manifests.get(scenario)) else "test splits"
     where = f"{kind} ({', '.join(splits)})" if splits else "no split"
     parts = [f"<p class='note'>Own readouts, selected draws, {html.escape(where)}; mean over seeds.</p>"]
+    relied = (
+        reliance_summary(tables["reliance"], study.readouts, {scenario: splits}) if len(tables["reliance"]) else None
+    )
     parts.append(
         _reliance_heatmap(study, scenario, tables["reliance"], splits)
+        + (reliance_table(relied) if relied is not None and len(relied) else "")
         if len(tables["reliance"])
         else missing("No reliance table for this scenario.")
     )

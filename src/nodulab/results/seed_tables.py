@@ -14,10 +14,8 @@ that (scenario, loss, seed) (kNN balanced accuracy on ``val``, the same score fo
   are scored on the confounded scenario's own test splits (``metrics.dataset``), so the gap is read
   on the same images (``matched_scores``, ``ceiling_gaps``). A loss's ceiling is that score of the
   same loss, else of ``ce``; the gap has a Welch interval over seeds (different runs, not paired).
-- **Differences to ce.** Per (scenario, test split) and loss, the per-seed difference to ``ce``
-  (seeds paired by number), a paired t-test, and Holm's correction over every comparison with
-  at least ``MIN_SEEDS`` pairs. A difference is claimed only when its Holm-level interval
-  excludes 0 (equivalently, the adjusted p is below ``ALPHA``); fewer seeds cannot tell.
+- **Differences to ce** are ``results.comparisons``: declared hypotheses, like-for-like readouts,
+  intervals with the test set's noise, Holm over the declared family only.
 
 Numpy, scipy and pandas only, so the report never loads torch.
 """
@@ -30,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from nodulab.common.seedstats import holm, holm_levels, paired_test, seed_summary, welch_difference
+from nodulab.common.seedstats import seed_summary, welch_difference
 from nodulab.synth.scenario import source_mode
 
 ALPHA = 0.05
@@ -251,39 +249,6 @@ def ood_gaps(scores: pd.DataFrame) -> pd.DataFrame:
     return summarise(tests.assign(gap=tests["iid"] - tests["value"]), ["scenario", "loss", "split"], "gap")
 
 
-def paired_differences(scores: pd.DataFrame, *, reference: str = REFERENCE, alpha: float = ALPHA) -> pd.DataFrame:
-    """Per (scenario, test split) and loss ≠ ``reference``: the paired difference to the reference.
-
-    Seeds are paired by number (a seed missing on either side is left out). Holm's correction runs
-    over every comparison with at least ``MIN_SEEDS`` pairs; the others get NaN adjusted p and
-    corrected interval and are never significant.
-
-    Columns: scenario, split, loss, readout, reference_readout, n, mean, low, high (the uncorrected
-    95% interval), p, p_holm, holm_low, holm_high (the interval at Holm's level), significant.
-    """
-    test = scores[scores["split"].str.startswith("test_")]
-    rows = []
-    for (scenario, split), cell in test.groupby(["scenario", "split"], sort=True):
-        base = cell[cell["loss"] == reference]
-        if base.empty:
-            continue
-        for loss, part in cell[cell["loss"] != reference].groupby("loss", sort=True):
-            differences = (part.set_index("seed")["value"] - base.set_index("seed")["value"]).dropna()
-            result = paired_test(differences)
-            rows.append((scenario, split, loss, part["readout"].iloc[0], base["readout"].iloc[0], result))
-    frame = pd.DataFrame(
-        [(*row[:5], r.n, r.mean, r.low, r.high, r.p) for *row, r in rows],
-        columns=["scenario", "split", "loss", "readout", "reference_readout", "n", "mean", "low", "high", "p"],
-    )
-    tested = np.where(frame["n"] >= MIN_SEEDS, frame["p"], np.nan)
-    frame["p_holm"] = holm(tested)
-    bounds = [r.interval(1 - level) for (*_, r), level in zip(rows, holm_levels(tested, alpha))]
-    frame["holm_low"] = [b[0] for b in bounds] if bounds else []
-    frame["holm_high"] = [b[1] for b in bounds] if bounds else []
-    frame["significant"] = (frame["holm_low"] > 0) | (frame["holm_high"] < 0)
-    return frame
-
-
 def read_splits(table: pd.DataFrame, manifests: Manifests) -> dict[str, list[str]]:
     """Per scenario of ``table``, the splits its reliance is read on: ``conflict_splits``, else every test split."""
     found = {}
@@ -311,10 +276,25 @@ def reliance_summary(
     Per seed the mean over the switches of each kind of ``excess_flip_rate`` (the flip rate where
     the table has no null switches), then the mean over seeds; ``null`` is the mean null flip rate
     and ``degenerate`` the share of seeds whose readout predicts one class on >= 95% of the rows
-    (never read as relying on anything). Columns: scenario, loss, readout, seeds, cue, confound,
-    null, degenerate.
+    (never read as relying on anything). ``difference`` is confound − cue (mean over seeds) with its
+    seed-level t-interval (``difference_low``, ``difference_high``) and ``verdict``
+    (``reliance_verdict``). Columns: scenario, loss, readout, seeds, cue, confound, null,
+    degenerate, difference, difference_low, difference_high, verdict.
     """
-    columns = ["scenario", "loss", "readout", "seeds", "cue", "confound", "null", "degenerate"]
+    columns = [
+        "scenario",
+        "loss",
+        "readout",
+        "seeds",
+        "cue",
+        "confound",
+        "null",
+        "degenerate",
+        "difference",
+        "difference_low",
+        "difference_high",
+        "verdict",
+    ]
     rows = _rows_on(reliance, readouts, splits)
     if rows.empty:
         return pd.DataFrame(columns=columns)
@@ -334,8 +314,30 @@ def reliance_summary(
     )
     seeds = rows.groupby(keys)
     per_seed = per_seed.join(seeds["null"].mean(), how="outer").join(seeds["degenerate"].max(), how="outer")
+    per_seed["difference"] = per_seed["confound"] - per_seed["cue"]
     grouped = per_seed.groupby(level=["scenario", "loss", "readout"])
-    return grouped.mean().assign(seeds=grouped.size()).reset_index()[columns]
+    summary = grouped.mean().assign(seeds=grouped.size()).reset_index()
+    intervals = [seed_summary(part["difference"]) for _, part in grouped]
+    summary["difference_low"] = [i.low for i in intervals]
+    summary["difference_high"] = [i.high for i in intervals]
+    summary["verdict"] = [reliance_verdict(r) for r in summary.to_dict("records")]
+    return summary[columns]
+
+
+def reliance_verdict(row: Mapping[str, Any]) -> str:
+    """What a reliance row supports: ``degenerate``, ``cannot tell`` (fewer than ``MIN_SEEDS`` seeds or
+    no excess rates), ``confound`` or ``cue`` (the seed-level interval of confound − cue excludes 0),
+    else ``not resolved``."""
+    if row.get("degenerate", 0) > 0.5:
+        return "degenerate"
+    low, high = row.get("difference_low", np.nan), row.get("difference_high", np.nan)
+    if row.get("seeds", 0) < MIN_SEEDS or not (np.isfinite(low) and np.isfinite(high)):
+        return "cannot tell"
+    if low > 0:
+        return "confound"
+    if high < 0:
+        return "cue"
+    return "not resolved"
 
 
 def cue_summary(cue: pd.DataFrame, readouts: Mapping[str, str], splits: Mapping[str, Sequence[str]]) -> pd.DataFrame:

@@ -8,6 +8,7 @@ from typing import Any
 import pandas as pd
 
 from nodulab.common.tables import RESULT_TABLES
+from nodulab.results.comparisons import Hypotheses, comparisons, hypotheses_of
 from nodulab.results.seed_tables import implied_ceilings, matched_scores, own_scores, readout_map
 from nodulab.results.store import Store
 
@@ -27,6 +28,8 @@ class StudyResults:
     ceiling: dict[str, str]  # each confounded scenario's matched ceiling (the study's ``ceilings``)
     matched: pd.DataFrame  # the ceilings' scores on the confounded scenarios' images (``matched_scores``)
     budget: int
+    hypotheses: Hypotheses  # the study's declared primary comparisons (``[hypotheses]``)
+    compared: pd.DataFrame  # every comparison with the reference (``comparisons.comparisons``)
     cell: str = ""  # the budget cell these results are restricted to ("": every run)
 
     @property
@@ -79,6 +82,7 @@ def _build(
 ) -> StudyResults:
     metrics = tables["metrics"]
     readouts = readout_map(metrics)
+    hypotheses = hypotheses_of(config)
     named = config.get("ceilings")
     ceilings = {str(k): str(v) for k, v in named.items()} if isinstance(named, dict) else implied_ceilings(manifests)
     return StudyResults(
@@ -93,6 +97,8 @@ def _build(
         ceilings,
         matched_scores(metrics, ceilings, readouts),
         _budget(config, runs),
+        hypotheses,
+        comparisons(metrics, tables.get("predictions"), readouts, hypotheses),
         cell,
     )
 
