@@ -371,7 +371,8 @@ def hypotheses_sentences(hypotheses: Hypotheses, compared: pd.DataFrame) -> list
         sentences.append(
             "Not resolved: "
             + "; ".join(
-                f"{r['loss']} ({r['readout']}) on {r['scenario']}/{r['split']} ({r['mean']:+.2f}; {_verdict(r)})"
+                f"{r['loss']} ({r['readout']}) on {r['scenario']}/{r['split']} "
+                f"({r['mean']:+.2f}; {_verdict(r).removeprefix('not resolved: ')})"
                 for r in open_.to_dict("records")
             )
             + "."
