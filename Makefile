@@ -43,6 +43,7 @@ bench: $(DEV_STAMP)
 	$(PY) benchmarks/bench_cli_startup.py
 	$(PY) benchmarks/bench_explain.py
 	$(PY) benchmarks/bench_dynamics.py
+	$(PY) benchmarks/bench_comparisons.py
 	$(PY) benchmarks/bench_study.py
 	$(PY) benchmarks/bench_realism.py
 

@@ -253,12 +253,17 @@ class SharedSampleDifference:
         the same test set); None when the test set's noise alone prevents it or nothing is measured."""
         if not (math.isfinite(self.sd_seeds) and math.isfinite(effect)) or effect == 0:
             return None
-        for n in range(2, MAX_SEEDS + 1):
-            if _detectable(self.sd_seeds / math.sqrt(n), n - 1, self.se_test, self.df_test, level, power) <= abs(
-                effect
-            ):
-                return n
-        return None
+        def reaches(n: int) -> bool:
+            detectable = _detectable(self.sd_seeds / math.sqrt(n), n - 1, self.se_test, self.df_test, level, power)
+            return detectable <= abs(effect)
+
+        if not reaches(MAX_SEEDS):
+            return None
+        low, high = 1, MAX_SEEDS  # reaches(high); the detectable difference falls with n: bisect
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if reaches(middle) else (middle, high)
+        return max(2, high)
 
 
 def _detectable(se_seeds: float, df_seeds: float, se_test: float, df_test: float, level: float, power: float) -> float:

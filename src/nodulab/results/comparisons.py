@@ -164,7 +164,12 @@ def comparisons(
         metrics = metrics.assign(dataset=metrics["scenario"])
     by_cell: dict[tuple[str, str, str, str], pd.DataFrame] = {}
     if predictions is not None and len(predictions):
-        own = predictions[(predictions["selected"] == 1) & (predictions["dataset"] == predictions["scenario"])]
+        wanted = {*READOUTS[1:], *readouts.values()}
+        own = predictions[
+            (predictions["selected"] == 1)
+            & (predictions["dataset"] == predictions["scenario"])
+            & predictions["classifier"].isin(wanted)
+        ]
         own = own.assign(correct=(own["predicted"] == own["label"]).astype(float))
         by_cell = {key: part for key, part in own.groupby(["scenario", "split", "loss", "classifier"], sort=False)}
     tests = metrics[metrics["split"].str.startswith("test_") & (metrics["dataset"] == metrics["scenario"])]

@@ -387,6 +387,7 @@ def findings(
     *,
     predictions: pd.DataFrame | None = None,
     hypotheses: Hypotheses | None = None,
+    compared: pd.DataFrame | None = None,
     ceilings: Mapping[str, str] | None = None,
     dynamics: pd.DataFrame | None = None,
     history: pd.DataFrame | None = None,
@@ -402,6 +403,7 @@ def findings(
             seeds' only, and say so).
         hypotheses: the study's declared hypotheses (``comparisons.hypotheses_of``; none: every
             comparison is exploratory).
+        compared: ``comparisons`` of these tables, when the caller has them already.
         ceilings: each confounded scenario's matched ceiling (the study's ``ceilings``; default
             ``implied_ceilings``).
         dynamics: the store's ``dynamics`` table, for the regime sentence (``regime_sentences``).
@@ -419,7 +421,8 @@ def findings(
     if scores.empty:
         return ["The store holds no finished run with scores yet: nothing to report."]
     hypotheses = hypotheses or Hypotheses()
-    compared = comparisons(metrics, predictions, readouts, hypotheses, alpha=alpha)
+    if compared is None:
+        compared = comparisons(metrics, predictions, readouts, hypotheses, alpha=alpha)
     cells = conflict_cells(scores, manifests)
     on = {scenario: [split for s, split in cells if s == scenario] for scenario, _ in cells}
     relied = reliance_summary(reliance, readouts, on) if reliance is not None and len(reliance) else None

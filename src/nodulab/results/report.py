@@ -100,6 +100,7 @@ def findings_section(study: StudyResults, suffix: str = "", title: str = "") -> 
         tables["reliance"],
         predictions=tables.get("predictions"),
         hypotheses=study.hypotheses,
+        compared=study.compared,
         ceilings=study.ceiling,
         dynamics=tables.get("dynamics"),
         history=tables.get("history"),
