@@ -50,7 +50,7 @@ def test_the_means_and_the_test_use_the_same_seeds() -> None:
     assert row["n"] == 3
     assert row["reference_mean"] == ce[ce["seed"] < 3]["value"].mean() != ce["value"].mean()
     assert row["mean"] == row["loss_mean"] - row["reference_mean"]
-    assert row["test_noise"] and row["smallest"] == 1 / ROWS
+    assert row["test_noise"] and row["smallest"] == pytest.approx(1 / ROWS)  # one sample in a class of ROWS / 2
 
 
 def test_holm_counts_only_the_declared_family_and_nothing_else_is_significant() -> None:
@@ -91,3 +91,24 @@ def test_hypotheses_are_read_from_the_study_record() -> None:
     record = {"hypotheses": {"comparisons": ["a/test_x"], "reference": "ce", "readout": "probe"}}
     assert hypotheses_of(record) == Hypotheses(("a/test_x",), "ce", "probe")
     assert not hypotheses_of({}).declared
+
+
+def test_three_seeds_one_test_sample_apart_are_not_significant() -> None:
+    """supcon gets exactly one more test sample right than ce in each of 3 seeds (the same sample):
+    the seed-level differences are identical (zero variance), yet nothing is claimed."""
+    metrics, predictions = _tables({"ce": [0, 1, 2], "supcon": [0, 1, 2], "simclr": [0, 1, 2]})
+    ce = predictions[(predictions["loss"] == "ce") & (predictions["classifier"] == "head")]
+    for seed in (0, 1, 2):
+        for split in ("test_conflict", "test_iid"):
+            mine = ce[(ce["seed"] == seed) & (ce["split"] == split)].copy()
+            wrong = mine.index[mine["predicted"] != mine["label"]][0]
+            mine.loc[wrong, "predicted"] = mine.loc[wrong, "label"]
+            keep = (predictions["loss"] == "supcon") & (predictions["seed"] == seed) & (predictions["split"] == split)
+            keep &= predictions["classifier"] == "probe"
+            predictions.loc[keep, "predicted"] = mine["predicted"].to_numpy()
+    found = comparisons(metrics, predictions, READOUTS, DECLARED)
+    row = found[(found["readout_mode"] == "own") & (found["loss"] == "supcon") & (found["split"] == "test_conflict")]
+    row = row.iloc[0]
+    assert row["primary"] and row["n"] == 3 and row["mean"] == pytest.approx(1 / ROWS)  # one sample of 100 in a class
+    assert row["seeds_low"] == pytest.approx(row["seeds_high"])  # the plain interval is a point away from 0
+    assert not row["significant"]

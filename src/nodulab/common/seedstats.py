@@ -199,6 +199,8 @@ class SharedSampleDifference:
     seeds_high: float
     sd_seeds: float = math.nan
     df_test: float = math.nan
+    one_sample: float = math.nan
+    """The most one test sample moves balanced accuracy: ``1 / (classes × smallest class)``."""
 
     @property
     def se(self) -> float:
@@ -232,8 +234,11 @@ class SharedSampleDifference:
 
     @property
     def smallest(self) -> float:
-        """The smallest effect of interest: one test sample (``1 / samples``); never called significant."""
-        return 1.0 / self.samples if self.samples else math.nan
+        """The smallest effect of interest: one test sample (``one_sample``, else ``1 / samples``); a
+        difference no larger (up to rounding) is never called significant."""
+        if math.isfinite(self.one_sample):
+            return self.one_sample * (1 + 1e-9)
+        return 1.0 / self.samples * (1 + 1e-9) if self.samples else math.nan
 
     def interval(self, level: float = LEVEL) -> tuple[float, float]:
         half = self.half_width(level)
@@ -253,6 +258,7 @@ class SharedSampleDifference:
         the same test set); None when the test set's noise alone prevents it or nothing is measured."""
         if not (math.isfinite(self.sd_seeds) and math.isfinite(effect)) or effect == 0:
             return None
+
         def reaches(n: int) -> bool:
             detectable = _detectable(self.sd_seeds / math.sqrt(n), n - 1, self.se_test, self.df_test, level, power)
             return detectable <= abs(effect)
@@ -341,4 +347,7 @@ def shared_sample_difference(
             sd = se_seeds * math.sqrt(n)
         else:
             se_seeds, df_seeds, sd = math.nan, 0, math.nan
-    return SharedSampleDifference(n, mean, se_seeds, se_test, float(df_seeds), len(labels), low, high, sd, df_test)
+    one_sample = 1.0 / (len(classes) * int(sizes.min()))
+    return SharedSampleDifference(
+        n, mean, se_seeds, se_test, float(df_seeds), len(labels), low, high, sd, df_test, one_sample
+    )
