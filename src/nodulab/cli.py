@@ -33,7 +33,13 @@ from nodulab.common.choices import (
     DEVICES,
     ENCODERS,
     EXPORT_FORMATS,
+    MAX_BATCH_SIZE,
+    MAX_EPOCHS,
+    MAX_JOBS,
     MAX_N,
+    MAX_PER_CELL,
+    MAX_SEED,
+    MAX_THREADS,
     SELECTIONS,
     VIEWS,
 )
@@ -261,7 +267,10 @@ def generate(
 @app.command()
 def validate(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="Dataset folder.")],
-    n_rerender: Annotated[int, typer.Option("--n-rerender", min=0, help="Rows re-rendered per split.")] = 16,
+    n_rerender: Annotated[
+        int,
+        typer.Option("--n-rerender", min=0, max=MAX_N, help=f"Rows re-rendered per split (0..{MAX_N:,}; 0 skips it)."),
+    ] = 16,
 ) -> None:
     """Re-check a dataset: hashes, re-render, label balance, confound agreement, diameters."""
     from nodulab.data import validate as validating
@@ -280,7 +289,12 @@ def validate(
 def gallery(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="Dataset folder.")],
     out: Annotated[Path, typer.Option("--out", help="PNG file to write (name ends in .png).")],
-    per_cell: Annotated[int, typer.Option("--per-cell", min=1, help="Samples per (label, agrees) cell.")] = 4,
+    per_cell: Annotated[
+        int,
+        typer.Option(
+            "--per-cell", min=1, max=MAX_PER_CELL, help=f"Samples per (label, agrees) cell (1..{MAX_PER_CELL})."
+        ),
+    ] = 4,
     seed: Annotated[int, typer.Option(min=0, help="Picks which samples are shown.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
@@ -329,7 +343,10 @@ def realism(
     split: Annotated[
         list[str] | None, typer.Option("--split", help="Split to read, repeatable (default: every split).")
     ] = None,
-    n: Annotated[int | None, typer.Option("--n", min=1, help="Read at most the first N rows of each split.")] = None,
+    n: Annotated[
+        int | None,
+        typer.Option("--n", min=1, max=MAX_N, help=f"Read at most the first N rows of each split (1..{MAX_N:,})."),
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option("--out", help=("Folder to create: realism.csv, summary.json, measures.csv, realism.png.")),
@@ -411,18 +428,29 @@ def train_command(
     loss: Annotated[str, typer.Option("--loss", help=loss_help())],
     out: Annotated[Path, typer.Option("--out", help="Run folder to create.")],
     encoder: Annotated[Encoder, typer.Option(help="Encoder architecture.")] = Encoder.small_cnn,
-    epochs: Annotated[int, typer.Option(help="Epochs (>= 1); warm-up then cosine decay.")] = DEFAULT_EPOCHS,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per batch (2 views each).")] = 128,
+    epochs: Annotated[
+        int, typer.Option(help=f"Epochs (1..{MAX_EPOCHS:,}); warm-up then cosine decay.")
+    ] = DEFAULT_EPOCHS,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size",
+            help=f"Samples per batch (2..{MAX_BATCH_SIZE:,}; 2 views each).",
+        ),
+    ] = 128,
     lr: Annotated[float, typer.Option(help="AdamW peak learning rate.")] = DEFAULT_LR,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW decoupled weight decay.")] = (
         DEFAULT_WEIGHT_DECAY
     ),
     loss_param: Annotated[list[str] | None, typer.Option("--loss-param", help=loss_param_help())] = None,
-    seed: Annotated[int, typer.Option(help="Seeds weights, batch order and views.")] = 0,
+    seed: Annotated[int, typer.Option(help=f"Seeds weights, batch order and views (0..{MAX_SEED:,}).")] = 0,
     views: Annotated[Views, typer.Option(help=VIEWS_HELP)] = Views.both,
     device: Annotated[Device, typer.Option(help="auto picks cuda when available.")] = Device.auto,
     select: Annotated[Selection, typer.Option("--select", help=SELECT_HELP)] = Selection.last,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's); recorded.")] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help=f"torch CPU threads (1..{MAX_THREADS}; default: torch's, at most that); recorded."),
+    ] = None,
     checkpoints: Annotated[str | None, typer.Option("--checkpoints", metavar="EPOCHS", help=CHECKPOINTS_HELP)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing run folder.")] = False,
 ) -> None:
@@ -465,7 +493,12 @@ def evaluate(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Run folder of `nodulab train`.")],
     data_dir: Annotated[Path, typer.Argument(metavar="DATA_DIR", help="Dataset folder.")],
     device: Annotated[Device, typer.Option(help="auto picks cuda when available.")] = Device.auto,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 256,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size", min=1, max=MAX_BATCH_SIZE, help=f"Images per forward pass (1..{MAX_BATCH_SIZE:,})."
+        ),
+    ] = 256,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -499,9 +532,14 @@ def evaluate(
 
     import pandas as pd
 
+    from nodulab.explanation import dynamics
     from nodulab.training import evaluation as metrics
     from nodulab.training import loop as training
 
+    # every input is checked before anything is written: the checkpoints dynamics.csv will read too
+    follow = dynamics.check_dynamics(
+        run_dir, data_dir, out=out, device=training.resolve_device(device.value), force=force
+    )
     frame = metrics.evaluate_run(
         run_dir,
         data_dir,
@@ -527,9 +565,8 @@ def evaluate(
         soft_wrap=True,
     )
     console.print(f"wrote {folder / metrics.METRICS_FILE} (with sample-level 95% intervals), {metrics.GROUPS_FILE}")
-    if not evaluation["dataset"]["trained_on"]:
-        return  # dynamics refits the kNN on the run's own train split
-    from nodulab.explanation import dynamics
+    if not (follow and evaluation["dataset"]["trained_on"]):
+        return  # dynamics refits the kNN on the run's own train split; a run without checkpoints has none
     from nodulab.synth.renderer import keep_freed_tensors_mapped
 
     keep_freed_tensors_mapped()  # the switched rows are rendered in bulk
@@ -560,9 +597,17 @@ def explain(
             "--splits", help=("Split to explain, repeatable or comma-separated (default: every test_* split).")
         ),
     ] = None,
-    n: Annotated[int | None, typer.Option("--n", min=1, help="Explain the first N rows of each split.")] = None,
+    n: Annotated[
+        int | None,
+        typer.Option("--n", min=1, max=MAX_N, help=f"Explain the first N rows of each split (1..{MAX_N:,})."),
+    ] = None,
     device: Annotated[Device, typer.Option(help="auto picks cuda when available.")] = Device.auto,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 256,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size", min=1, max=MAX_BATCH_SIZE, help=f"Images per forward pass (1..{MAX_BATCH_SIZE:,})."
+        ),
+    ] = 256,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing RUN_DIR/explain.")] = False,
 ) -> None:
     """Counterfactual reliance, sweeps and the cue-reliance index; write RUN_DIR/explain/.
@@ -628,7 +673,13 @@ def study_command(
         ),
     ] = Executor.local,
     jobs: Annotated[
-        int, typer.Option("--jobs", min=1, help=("Local runs at once (each keeps the study's thread count)."))
+        int,
+        typer.Option(
+            "--jobs",
+            min=1,
+            max=MAX_JOBS,
+            help=f"Local runs at once (1..{MAX_JOBS}; each keeps the study's thread count).",
+        ),
     ] = 1,
     device: Annotated[Device, typer.Option(help="auto picks cuda when available.")] = Device.auto,
     cache: Annotated[
@@ -731,9 +782,46 @@ def _study(
 @app.command()
 def report(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="Study folder holding results.sqlite.")],
-    out: Annotated[Path | None, typer.Option("--out", help="HTML file to write (default DIR/report.html).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help=(
+                "HTML file to write, named *.html (default DIR/report.html, always rewritten). An existing "
+                "--out is replaced only when it is a nodulab report, or with --force."
+            ),
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out that is not a nodulab report.")] = (
+        False
+    ),
 ) -> None:
     """Write one self-contained HTML page of a study's results, read only from DIR/results.sqlite."""
+    from nodulab.common.writing import DatasetError, check_out
     from nodulab.results.report import write_report
+    from nodulab.results.store import STORE_FILE
 
+    if out is not None:
+        store = directory / STORE_FILE
+        check_out(out, [store, *(store.with_name(store.name + s) for s in ("-wal", "-shm"))])  # write_report's rule
+        if out.suffix.lower() not in (".html", ".htm"):
+            raise DatasetError(f"--out {out}: a report is an HTML file; name it *.html")
+        if (out.exists() or out.is_symlink()) and not force and not _is_report(out):
+            raise DatasetError(f"--out {out} already exists and is not a nodulab report (use --force to replace it)")
     console.print(f"wrote {write_report(directory, out)}")
+
+
+REPORT_START = b"<!DOCTYPE html>"
+REPORT_TITLE = b"<title>nodulab study "
+
+
+def _is_report(path: Path) -> bool:
+    """Whether ``path`` is a regular file (not a link) that ``nodulab report`` wrote: its page and title."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return head.startswith(REPORT_START) and REPORT_TITLE in head

@@ -25,3 +25,13 @@ DEFAULT_WEIGHT_DECAY = 0.0
 """AdamW defaults (``hparams.OPTIMISER_PARAMS`` holds them with their tuning ranges)."""
 MAX_N = 1_000_000
 """Largest sample count of one split (scenario ``n`` and ``--n``); ``scenarios.MAX_N`` is this."""
+MAX_BATCH_SIZE = 65_536
+"""Most samples of one batch (``--batch-size`` of ``train``, ``evaluate``, ``explain``; ``[train] batch_size``)."""
+MAX_THREADS = 256
+"""Most torch CPU threads of one run (``train --threads``, ``[train] threads``)."""
+MAX_JOBS = 256
+"""Most local worker processes of a study (``study --jobs``)."""
+MAX_PER_CELL = 64
+"""Most samples a gallery shows per (label, agrees) cell (``gallery --per-cell``)."""
+MAX_SEED = 2**32 - 1
+"""Largest training seed (``train --seed``): torch, numpy and scikit-learn all take it."""

@@ -122,6 +122,39 @@ def write_atomically(path: Path | str, write: Callable[[str], Any], *, exclusive
         raise
 
 
+def write_safetensors(path: Path | str, save: Callable[..., Any], tensors: Any, metadata: dict[str, str]) -> None:
+    """``save(tensors, tmp, metadata=metadata)`` (a safetensors ``save_file``) through ``write_atomically``.
+
+    safetensors reports a failed write (a full disk, a quota, a read-only folder) as its own
+    ``SafetensorError``, not an ``OSError``; it becomes an ``OSError`` naming ``path``, with the
+    errno the library reports (else EIO), so the command words it as one line. The temporary file
+    is removed either way.
+    """
+
+    def write(tmp: str) -> None:
+        from safetensors import SafetensorError
+
+        try:
+            save(tensors, tmp, metadata=metadata)
+        except SafetensorError as error:
+            raise _os_error(error, path) from None
+
+    write_atomically(path, write)
+
+
+def _os_error(error: BaseException, path: Path | str) -> OSError:
+    """An ``OSError`` for a write that failed inside a library, with the errno its message names."""
+    text = " ".join(str(error).split())
+    found = re.search(r"code: (\d+)", text) or re.search(r"os error (\d+)", text)
+    if found:
+        number = int(found.group(1))
+    elif "no space left" in text.lower() or "storagefull" in text.lower():
+        number = errno.ENOSPC
+    else:
+        number = errno.EIO
+    return OSError(number, os.strerror(number), str(path))
+
+
 def fsync_file(path: Path) -> None:
     """Flush a written file to the device (before it is renamed into place)."""
     fd = os.open(path, os.O_RDONLY)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from nodulab.common.choices import MAX_PER_CELL
 from nodulab.common.plaintext import plain_text
 from nodulab.data.dataset import (
     DatasetError,
@@ -137,6 +138,8 @@ def gallery_figure(root: Path, *, per_cell: int = 4, seed: int = 0) -> Figure:
         per_cell: samples shown per cell (fewer when a cell is smaller).
         seed: picks which samples are shown.
     """
+    if not 1 <= per_cell <= MAX_PER_CELL:
+        raise DatasetError(f"--per-cell must be 1..{MAX_PER_CELL}, got {per_cell}")
     manifest = load_manifest(root)
     splits = sorted(manifest["splits"], key=lambda s: ({"train": 0, "val": 1}.get(s, 2), s))
     loaded = {s: load_split(root, s) for s in splits}

@@ -214,11 +214,12 @@ def _goals(table: pd.DataFrame, aucs: dict[str, Any], quantiles: list[dict[str, 
 
 def check_splits(root: Path, splits: Sequence[str] | None, n: int | None) -> list[str]:
     """The splits to read (default every split); raise ``DatasetError`` naming a bad one or a bad ``n``."""
+    from nodulab.common.choices import MAX_N
     from nodulab.data.dataset import DatasetError, load_manifest
 
     manifest = load_manifest(root)
-    if n is not None and n < 1:
-        raise DatasetError(f"--n {n}: must be at least 1")
+    if n is not None and not 1 <= n <= MAX_N:
+        raise DatasetError(f"--n {n}: must be at least 1 and at most {MAX_N:,}")
     chosen = list(dict.fromkeys(splits)) if splits else list(manifest["splits"])
     unknown = [s for s in chosen if s not in manifest["splits"]]
     if unknown:

@@ -50,8 +50,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from nodulab.common.progress import Progress, counter
 from nodulab.common.scoring import (
@@ -72,7 +70,7 @@ from nodulab.explanation.switches import Switch, build_switches, fits
 from nodulab.synth.renderer import render
 from nodulab.synth.scenario import Scenario, ScenarioError
 from nodulab.synth.scenarios import load_scenario_dict
-from nodulab.training.models import NoduleNet, read_checkpoint_config
+from nodulab.training.models import ModelError, NoduleNet, read_checkpoint_config, read_weights
 from nodulab.training.readouts import extract, knn_neighbours, l2_normalise, odd_k
 from nodulab.training.runs import CHECKPOINTS_DIR, CLASSIFIERS, LoadedRun, RunError, load_run, run_threads
 
@@ -189,8 +187,10 @@ def load_checkpoint(run: LoadedRun, path: Path, epoch: int) -> NoduleNet:
         raise RunError(f"{path}: a checkpoint of another run (architecture or untrained weights differ)")
     model = copy.deepcopy(run.model)
     try:
-        model.load_state_dict(load_file(str(path)), strict=True)
-    except (RuntimeError, SafetensorError, OSError) as error:
+        model.load_state_dict(read_weights(path), strict=True)
+    except ModelError as error:
+        raise RunError(str(error)) from None
+    except RuntimeError as error:
         raise RunError(f"{path}: weights do not fit the run's network ({' '.join(str(error).split())[:200]})") from None
     return model.eval()
 
@@ -315,6 +315,56 @@ def _check_target(run_dir: Path, data_dir: Path, out: Path | None, force: bool) 
     return out / DYNAMICS_FILE
 
 
+def _epochs(run: LoadedRun, run_dir: Path) -> tuple[int, int]:
+    """The run's ``(epochs_run, selected_epoch)`` from its ``config.json``."""
+    try:
+        return int(run.record["epochs_run"]), int(run.record["selected_epoch"])
+    except (KeyError, TypeError, ValueError):
+        raise RunError(f"{run_dir / 'config.json'}: incomplete run config (epochs_run, selected_epoch)") from None
+
+
+def _scenario(manifest: dict[str, Any], data_dir: Path) -> Scenario:
+    try:
+        return load_scenario_dict(manifest["scenario"])
+    except ScenarioError as error:
+        raise RunError(f"DATA_DIR {data_dir}: dataset.json scenario: {error}") from None
+
+
+def check_dynamics(
+    run_dir: Path | str,
+    data_dir: Path | str,
+    *,
+    out: Path | str | None = None,
+    device: str = "cpu",
+    force: bool = False,
+) -> bool:
+    """Check everything ``dynamics_run`` will read, before ``evaluate`` writes anything.
+
+    The run folder, the dataset, ``out`` and every checkpoint (its name, record and weights,
+    ``load_checkpoint``) are checked as ``dynamics_run`` checks them; nothing is written.
+
+    Returns:
+        Whether ``dynamics_run`` has something to score: False when ``data_dir`` is not the run's
+        own dataset or the run kept no checkpoints (``evaluate`` then writes no ``dynamics.csv``).
+
+    Raises:
+        RunError, DatasetError: what ``dynamics_run`` would raise, named.
+    """
+    run_dir, data_dir = Path(run_dir), Path(data_dir)
+    run = load_run(run_dir, device=device)
+    manifest = load_manifest(data_dir)
+    if not run.check_dataset(manifest, data_dir):
+        return False
+    found = run_checkpoints(run_dir, _epochs(run, run_dir)[0])
+    if not found:
+        return False
+    _check_target(run_dir, data_dir, None if out is None else Path(out), force)
+    _scenario(manifest, data_dir)
+    for epoch, path in found.items():
+        load_checkpoint(run, path, epoch)
+    return True
+
+
 def dynamics_run(
     run_dir: Path | str,
     data_dir: Path | str,
@@ -358,10 +408,7 @@ def dynamics_run(
     if n < 1:
         raise RunError(f"dynamics: n must be at least 1 (got {n})")
     run = load_run(run_dir, device=device)
-    try:
-        epochs, final = int(run.record["epochs_run"]), int(run.record["selected_epoch"])
-    except (KeyError, TypeError, ValueError):
-        raise RunError(f"{run_dir / 'config.json'}: incomplete run config (epochs_run, selected_epoch)") from None
+    epochs, final = _epochs(run, run_dir)
     found = run_checkpoints(run_dir, epochs)
     if not found:
         raise NoCheckpoints(f"run folder {run_dir}: no checkpoints (train with --checkpoints to keep some)")
@@ -372,10 +419,7 @@ def dynamics_run(
             "the run's own train split)"
         )
     target = _check_target(run_dir, data_dir, None if out is None else Path(out), force)
-    try:
-        scenario = load_scenario_dict(manifest["scenario"])
-    except ScenarioError as error:
-        raise RunError(f"DATA_DIR {data_dir}: dataset.json scenario: {error}") from None
+    scenario = _scenario(manifest, data_dir)
     size, dim, seed = int(manifest["image"]["size"]), int(manifest["image"]["dim"]), int(manifest["seed"])
     conflicts = conflict_splits(scenario, list(manifest["splits"]))
     with run_threads(run.threads):

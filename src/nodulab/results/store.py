@@ -108,12 +108,22 @@ def check_owner(path: Path, study: Mapping[str, Any]) -> None:
     ``sha256`` (seed count included), which must then be the study's ``sha256``; its first resume
     records the identity. A file with no table at all is a store whose study was killed before its
     first commit: it is this study's to take.
+
+    The store is untrusted: every JSON it holds (``meta.config``, each ``runs.config`` and
+    ``datasets.manifest``) must be a JSON object, so a store that a resume could not read is
+    refused before anything is written into it.
     """
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             meta = dict(db.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {}
+            held = [("meta.config", meta["config"])] if "config" in meta else []
+            if "runs" in tables:
+                held += [(f"runs.config of {r}", c) for r, c in db.execute("SELECT run_id, config FROM runs")]
+            if "datasets" in tables:
+                rows = db.execute("SELECT scenario, manifest FROM datasets")
+                held += [(f"datasets.manifest of {scenario}", text) for scenario, text in rows]
         finally:
             db.close()
     except sqlite3.DatabaseError as error:
@@ -123,6 +133,19 @@ def check_owner(path: Path, study: Mapping[str, Any]) -> None:
     if meta.get("format") != STORE_FORMAT:
         raise StoreError(f"{path}: store format {meta.get('format')!r}, this nodulab reads {STORE_FORMAT}")
     _check_study(path, meta, study)
+    for where, text in held:
+        json_object(path, text, where)
+
+
+def json_object(path: Path, text: Any, where: str) -> dict[str, Any]:
+    """A JSON object the store at ``path`` holds; anything else is a one-line ``StoreError`` (the file is untrusted)."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        raise StoreError(f"{path}: {where} is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise StoreError(f"{path}: {where} is not a JSON object (got {type(value).__name__})")
+    return value
 
 
 def _check_study(path: Path, meta: Mapping[str, str], study: Mapping[str, Any]) -> None:
@@ -211,14 +234,8 @@ class Store:
         return self._object(self.meta().get("config"), "meta.config")
 
     def _object(self, text: Any, where: str) -> dict[str, Any]:
-        """A JSON object the store holds; anything else is a one-line ``StoreError`` (the file is untrusted)."""
-        try:
-            value = json.loads(text)
-        except (TypeError, ValueError):
-            raise StoreError(f"{self.path}: {where} is not valid JSON") from None
-        if not isinstance(value, dict):
-            raise StoreError(f"{self.path}: {where} is not a JSON object (got {type(value).__name__})")
-        return value
+        """A JSON object the store holds (``json_object``)."""
+        return json_object(self.path, text, where)
 
     def finished(self) -> set[str]:
         """run_ids recorded, done or failed: a resumed study never redoes them."""

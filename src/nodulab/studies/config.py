@@ -20,9 +20,9 @@ A study is a preset (``presets/studies/*.toml``, listed by ``nodulab studies``) 
     [train]
     encoder = "small-cnn"
     epochs = 8                               # or a list: one budget cell per value
-    batch_size = 128
+    batch_size = 128                         # 2..65,536
     views = "both"
-    threads = 2                              # per run, whatever --jobs or the executor
+    threads = 2                              # 1..256 per run, whatever --jobs or the executor
     checkpoints = [1, 2, 4]                  # epochs whose weights the dynamics stage scores
                                              # (default: 1, 2, 4, ... below epochs); the last
                                              # epoch is always added
@@ -80,7 +80,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
-from nodulab.common.choices import DEFAULT_EPOCHS, ENCODERS, MAX_EPOCHS, MAX_N, VIEWS
+from nodulab.common.choices import DEFAULT_EPOCHS, ENCODERS, MAX_BATCH_SIZE, MAX_EPOCHS, MAX_N, MAX_THREADS, VIEWS
 from nodulab.common.errors import InputError
 from nodulab.synth.factors import FACTORS
 from nodulab.synth.scenario import Scenario, ScenarioError, is_split_name, one_line, source_mode
@@ -153,9 +153,9 @@ class TrainSettings(BaseModel):
     model_config = _MODEL
     encoder: str = "small-cnn"
     epochs: int | list[int] = DEFAULT_EPOCHS
-    batch_size: int = Field(128, ge=2)
+    batch_size: int = Field(128, ge=2, le=MAX_BATCH_SIZE)
     views: str = "both"
-    threads: int = Field(1, ge=1, le=256)
+    threads: int = Field(1, ge=1, le=MAX_THREADS)
     checkpoints: list[int] | None = None
 
     @model_validator(mode="after")

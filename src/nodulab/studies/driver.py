@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nodulab.common.choices import MAX_JOBS
 from nodulab.common.progress import Progress
 from nodulab.common.writing import check_out, is_inside
 from nodulab.data.dataset import MANIFEST, bytes_needed, check_free_space, is_complete, load_manifest, sha256_file
@@ -298,8 +299,8 @@ def run_study(
     out = Path(out)
     if executor not in EXECUTORS:
         raise StudyRunError(f"--executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
-    if jobs < 1:
-        raise StudyRunError(f"--jobs must be >= 1, got {jobs}")
+    if not 1 <= jobs <= MAX_JOBS:
+        raise StudyRunError(f"--jobs must be 1..{MAX_JOBS}, got {jobs}")
     check_study_out(out, study)
     cache = Path(cache) if cache is not None else out / DATASETS_DIR
     if is_inside(out / RUNS_DIR, cache):

@@ -176,12 +176,39 @@ def list_presets() -> list[tuple[str, str]]:
     return out
 
 
+MAX_TOML_DEPTH = 32
+"""Deepest nesting of tables and arrays a scenario or study file may have (theirs is at most 4)."""
+
+
+def nesting_depth(value: Any) -> int:
+    """How deeply tables and arrays nest in a parsed document (a scalar: 0), counted without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, depth + 1)
+        if depth + 1 > MAX_TOML_DEPTH:
+            break  # deep enough to refuse: stop counting
+        stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
 def parse_toml(text: bytes, where: str) -> dict:
-    """Parse TOML bytes; ``ScenarioError`` naming ``where`` when they are not UTF-8 TOML."""
+    """Parse TOML bytes; ``ScenarioError`` naming ``where`` when they are not UTF-8 TOML or nest
+    deeper than ``MAX_TOML_DEPTH`` (tables and arrays nested without end exhaust the parser's stack)."""
+    deep = f"{where}: unreadable TOML: tables or arrays nested deeper than {MAX_TOML_DEPTH} levels"
     try:
-        return tomllib.loads(text.decode("utf-8"))
+        parsed = tomllib.loads(text.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ScenarioError(" ".join(f"{where}: unreadable TOML: {err}".split())) from None
+    except RecursionError:
+        raise ScenarioError(deep) from None
+    if nesting_depth(parsed) > MAX_TOML_DEPTH:
+        raise ScenarioError(deep)
+    return parsed
 
 
 def read_limited(path: Path, kind: str = "scenario") -> bytes:

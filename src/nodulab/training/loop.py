@@ -41,7 +41,16 @@ import pandas as pd
 import torch
 
 from nodulab import __version__
-from nodulab.common.choices import DEFAULT_EPOCHS, DEVICES, MAX_EPOCHS, SELECTIONS, VIEWS
+from nodulab.common.choices import (
+    DEFAULT_EPOCHS,
+    DEVICES,
+    MAX_BATCH_SIZE,
+    MAX_EPOCHS,
+    MAX_SEED,
+    MAX_THREADS,
+    SELECTIONS,
+    VIEWS,
+)
 from nodulab.common.errors import InputError
 from nodulab.common.plaintext import plain_text
 from nodulab.common.scoring import binary_metrics
@@ -144,14 +153,14 @@ def _check(config: TrainConfig) -> None:
         raise TrainError(f"--encoder must be one of {', '.join(ENCODERS)}, got {config.encoder!r}")
     if not 1 <= config.epochs <= MAX_EPOCHS:
         raise TrainError(f"--epochs must be 1..{MAX_EPOCHS:,}, got {config.epochs}")
-    if config.batch_size < 2:
-        raise TrainError(f"--batch-size must be >= 2, got {config.batch_size}")
+    if not 2 <= config.batch_size <= MAX_BATCH_SIZE:
+        raise TrainError(f"--batch-size must be 2..{MAX_BATCH_SIZE:,}, got {config.batch_size}")
     if not (config.lr > 0 and math.isfinite(config.lr)):
         raise TrainError(f"--lr must be a positive number, got {config.lr}")
     if not (config.weight_decay >= 0 and math.isfinite(config.weight_decay)):
         raise TrainError(f"--weight-decay must be a non-negative number, got {config.weight_decay}")
-    if config.threads < 1:
-        raise TrainError(f"--threads must be >= 1, got {config.threads}")
+    if not 1 <= config.threads <= MAX_THREADS:
+        raise TrainError(f"--threads must be 1..{MAX_THREADS}, got {config.threads}")
     try:
         losses.check_params(config.loss, config.loss_params)
     except ValueError as error:
@@ -160,8 +169,8 @@ def _check(config: TrainConfig) -> None:
         raise TrainError(f"--views must be one of {', '.join(VIEWS)}, got {config.views!r}")
     if config.selection not in SELECTIONS:
         raise TrainError(f"--select must be one of {', '.join(SELECTIONS)}, got {config.selection!r}")
-    if config.seed < 0:
-        raise TrainError(f"--seed must be >= 0, got {config.seed}")
+    if not 0 <= config.seed <= MAX_SEED:
+        raise TrainError(f"--seed must be 0..{MAX_SEED:,}, got {config.seed}")
 
 
 def _check_views(config: TrainConfig, manifest: dict, data_dir: Path) -> None:
@@ -511,7 +520,7 @@ def train(
         views,
         resolve_device(device),
         selection,
-        torch.get_num_threads() if threads is None else int(threads),
+        min(torch.get_num_threads(), MAX_THREADS) if threads is None else int(threads),
         loss_params=dict(loss_params or {}),
     )
     _check(config)

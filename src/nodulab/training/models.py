@@ -30,7 +30,7 @@ from torch import nn
 
 from nodulab.common.choices import ENCODERS
 from nodulab.common.errors import InputError
-from nodulab.data.dataset import write_atomically
+from nodulab.common.writing import write_safetensors
 
 STEMS = ("small", "imagenet")
 CHECKPOINT_FORMAT = "nodulab-model/1"
@@ -304,7 +304,7 @@ def save_model(model: NoduleNet, path: Path | str, config: Mapping[str, Any]) ->
     record = {"format": CHECKPOINT_FORMAT, "config": {**config, "architecture": model.architecture}}
     metadata = {_METADATA_KEY: json.dumps(record, sort_keys=True)}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    write_safetensors(path, save_file, tensors, metadata)
 
 
 def read_record(path: Path | str, fmt: str, what: str) -> dict[str, Any]:
@@ -320,9 +320,13 @@ def read_record(path: Path | str, fmt: str, what: str) -> dict[str, Any]:
         raise ValueError(f"{path}: not a safetensors file ({err})") from err
     if _METADATA_KEY not in metadata:
         raise ValueError(f"{path}: not a nodulab {what} (no {_METADATA_KEY!r} metadata)")
-    record = json.loads(metadata[_METADATA_KEY])
-    if record.get("format") != fmt:
-        raise ValueError(f"{path}: unsupported {what} format {record.get('format')!r}")
+    try:
+        record = json.loads(metadata[_METADATA_KEY])
+    except (ValueError, RecursionError):
+        raise ValueError(f"{path}: not a nodulab {what} (its {_METADATA_KEY!r} metadata is not JSON)") from None
+    found = record.get("format") if isinstance(record, dict) else None
+    if found != fmt:
+        raise ValueError(f"{path}: unsupported {what} format {found!r}")
     return record
 
 
@@ -400,5 +404,22 @@ def load_model(path: Path | str, device: torch.device | str = "cpu") -> tuple[No
     """
     config = read_checkpoint_config(path)
     model = build_model(**check_architecture(path, config.get("architecture") if isinstance(config, dict) else None))
-    model.load_state_dict(load_file(str(path)), strict=True)
+    model.load_state_dict(read_weights(path), strict=True)
     return model.to(device).eval(), config
+
+
+def read_weights(path: Path | str) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, every one finite (a trained network never holds NaN or inf:
+    training stops when it diverges).
+
+    Raises:
+        ModelError: not a safetensors file, or a tensor with a NaN or infinite value (named).
+    """
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ModelError(f"{path}: not a safetensors file ({' '.join(str(err).split())[:200]})") from None
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelError(f"{path}: tensor {key} holds NaN or infinite values (not trained weights)")
+    return tensors

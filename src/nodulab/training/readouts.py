@@ -34,10 +34,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from scipy.special import expit
 
-from nodulab.data.dataset import hu_to_input, write_atomically
+from nodulab.common.errors import InputError
+from nodulab.common.writing import write_safetensors
+from nodulab.data.dataset import hu_to_input
 from nodulab.training.models import NoduleNet, read_record
 
 READOUTS_FORMAT = "nodulab-readouts/1"
@@ -284,40 +287,96 @@ class Readouts:
                 "converged": bool(self.dfr.converged),
             }
         metadata = {_METADATA_KEY: json.dumps(record, sort_keys=True)}
-        write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        write_safetensors(path, save_file, tensors, metadata)
 
 
-def load_readouts(path: Path | str) -> Readouts:
-    """Read a file written by ``Readouts.save`` (no unpickling).
+class ReadoutsError(InputError):
+    """A readouts file whose record or arrays are not what ``Readouts.save`` writes (named)."""
+
+
+def load_readouts(path: Path | str, width: int | None = None) -> Readouts:
+    """Read a file written by ``Readouts.save`` (no unpickling), every key and array checked.
+
+    The file is untrusted: its record's numbers must be finite (``knn_k`` an integer in 1..N),
+    its arrays of ``Readouts.save``'s kinds and shapes (``(E,)`` probe vectors, an ``(N, E)``
+    bank with ``N >= 1``, ``(N,)`` labels of 0 and 1), every value finite, the scales positive.
+
+    Args:
+        path: the file.
+        width: the encoder's feature width ``E`` the readouts must take (unchecked if None).
 
     Raises:
-        ValueError: not a safetensors file, or not readouts of this format version.
+        ValueError: not a safetensors file, or not readouts of this format version;
+            ``ReadoutsError`` (a ``ValueError``): a key or array that does not fit, named.
     """
     record = read_record(path, READOUTS_FORMAT, "readouts file")
-    arrays = load_file(str(path))
-    dfr = None
-    if "dfr" in record:
-        dfr = LinearProbe(
-            arrays["dfr_coef"],
-            float(record["dfr"]["intercept"]),
-            arrays["dfr_mean"],
-            arrays["dfr_scale"],
-            float(record["dfr"]["c"]),
-            bool(record["dfr"]["converged"]),
+    try:
+        arrays = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ReadoutsError(f"{path}: not a safetensors file ({' '.join(str(err).split())[:200]})") from None
+    names = ["probe_coef", "probe_mean", "probe_scale", "knn_bank", "knn_labels"]
+    dfr_record = record.get("dfr")
+    if dfr_record is not None:
+        names += ["dfr_coef", "dfr_mean", "dfr_scale"]
+    bad = sorted(set(names) ^ set(arrays))
+    if bad:
+        raise ReadoutsError(f"{path}: array {bad[0]} is {'missing' if bad[0] in names else 'not a readouts array'}")
+    bank, labels = arrays["knn_bank"], arrays["knn_labels"]
+    if bank.ndim != 2 or bank.shape[0] < 1 or bank.shape[1] < 1 or not np.issubdtype(bank.dtype, np.floating):
+        raise ReadoutsError(f"{path}: knn_bank is {bank.dtype} {bank.shape}, not (N, E) floats with N >= 1")
+    n, e = bank.shape
+    if width is not None and e != width:
+        raise ReadoutsError(f"{path}: knn_bank has {e} features per row, the encoder gives {width}")
+    for name in names:
+        array = arrays[name]
+        shape = (n, e) if name == "knn_bank" else (n,) if name == "knn_labels" else (e,)
+        if array.shape != shape:
+            raise ReadoutsError(f"{path}: {name} has shape {array.shape}, the readouts need {shape}")
+        if name == "knn_labels":
+            if not np.issubdtype(array.dtype, np.integer) or not np.isin(array, (0, 1)).all():
+                raise ReadoutsError(f"{path}: knn_labels must be labels 0 and 1")
+        elif not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
+            raise ReadoutsError(f"{path}: {name} must hold finite numbers")
+        elif name.endswith("_scale") and not (array > 0).all():
+            raise ReadoutsError(f"{path}: {name} must be positive")
+    knn_k = record.get("knn_k")
+    if type(knn_k) is not int or not 1 <= knn_k <= n:
+        raise ReadoutsError(f"{path}: knn_k must be an integer in 1..{n} (the bank's rows), got {knn_k!r}")
+    try:
+        dfr = None
+        if dfr_record is not None:
+            dfr = LinearProbe(
+                arrays["dfr_coef"],
+                _finite(dfr_record["intercept"], "dfr.intercept"),
+                arrays["dfr_mean"],
+                arrays["dfr_scale"],
+                _finite(dfr_record["c"], "dfr.c"),
+                bool(dfr_record["converged"]),
+            )
+        return Readouts(
+            probe_coef=arrays["probe_coef"],
+            probe_intercept=_finite(record["probe_intercept"], "probe_intercept"),
+            probe_mean=arrays["probe_mean"],
+            probe_scale=arrays["probe_scale"],
+            probe_c=_finite(record["probe_c"], "probe_c"),
+            knn_bank=bank,
+            knn_labels=labels,
+            knn_k=knn_k,
+            probe_val_scores=[(_finite(c, "probe_val_scores"), float(s)) for c, s in record["probe_val_scores"]],
+            probe_not_converged=[float(c) for c in record.get("probe_not_converged", [])],
+            dfr=dfr,
         )
-    return Readouts(
-        probe_coef=arrays["probe_coef"],
-        probe_intercept=float(record["probe_intercept"]),
-        probe_mean=arrays["probe_mean"],
-        probe_scale=arrays["probe_scale"],
-        probe_c=float(record["probe_c"]),
-        knn_bank=arrays["knn_bank"],
-        knn_labels=arrays["knn_labels"],
-        knn_k=int(record["knn_k"]),
-        probe_val_scores=[(float(c), float(s)) for c, s in record["probe_val_scores"]],
-        probe_not_converged=[float(c) for c in record.get("probe_not_converged", [])],
-        dfr=dfr,
-    )
+    except (KeyError, TypeError, ValueError) as error:
+        if isinstance(error, ReadoutsError):
+            raise ReadoutsError(f"{path}: {error}") from None
+        raise ReadoutsError(f"{path}: readouts record: missing or bad {' '.join(str(error).split())[:200]}") from None
+
+
+def _finite(value: object, key: str) -> float:
+    """A record's number, refused (naming ``key``) unless it is a finite int or float."""
+    if type(value) not in (int, float) or not np.isfinite(value):
+        raise ReadoutsError(f"readouts record: {key} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def _balanced_accuracy(labels: np.ndarray, p_malignant: np.ndarray) -> float:

@@ -67,7 +67,7 @@ def read_run_format(path: Path) -> object:
     """The ``run_format`` recorded in a run's ``config.json``; ``None`` if it cannot be read."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8")).get("run_format")
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, RecursionError):
         return None
 
 
@@ -200,7 +200,8 @@ def load_run(run_dir: Path | str, device: torch.device | str = "cpu") -> LoadedR
     check_files(run_dir, record)
     try:
         model, checkpoint = load_model(paths[1], device=device)
-        readouts, readouts_init = load_readouts(paths[2]), load_readouts(paths[3])
+        width = int(model.architecture.get("embedding_dim", 128))  # the features the readouts take
+        readouts, readouts_init = load_readouts(paths[2], width), load_readouts(paths[3], width)
     except (ValueError, KeyError, TypeError) as error:  # not safetensors, not ours, another format
         raise RunError(str(error)) from None
     with run_threads(int(record["threads"])):
