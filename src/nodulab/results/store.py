@@ -100,6 +100,16 @@ def identity(study: Mapping[str, Any]) -> str:
     return str(study.get("identity", study["sha256"]))
 
 
+def _read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection that leaves no file beside the store: without a ``-wal`` file no
+    connection is writing (SQLite removes it when the last one closes), so the file is opened as
+    immutable (no ``-shm`` or ``-wal`` created); with one, a plain read-only connection."""
+    uri = Path(path).absolute().as_uri() + "?mode=ro"
+    if not Path(f"{path}-wal").exists():
+        uri += "&immutable=1"
+    return sqlite3.connect(uri, uri=True)
+
+
 def check_owner(path: Path, study: Mapping[str, Any]) -> None:
     """Refuse an existing file that is not this study's store (read-only; nothing is written).
 
@@ -114,7 +124,7 @@ def check_owner(path: Path, study: Mapping[str, Any]) -> None:
     refused before anything is written into it.
     """
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db = _read_only(path)
         try:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             meta = dict(db.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {}
@@ -175,7 +185,7 @@ class Store:
         if study is None:
             if not self.path.is_file():
                 raise StoreError(f"{self.path}: no results store here")
-            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            self._db = _read_only(self.path)
             self._check_format()
             return
         existed = self.path.exists()
