@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nodulab.results.comparisons import Hypotheses, comparisons, hypotheses_of
+from nodulab.common.seedstats import balanced_accuracy_by_seed
+from nodulab.results.comparisons import Hypotheses, comparisons, gaps_with_test_noise, hypotheses_of
 
 ROWS = 200
 LOSSES = {"ce": ("head", 0.70), "supcon": ("probe", 0.80), "simclr": ("probe", 0.70)}
@@ -112,3 +113,25 @@ def test_three_seeds_one_test_sample_apart_are_not_significant() -> None:
     assert row["primary"] and row["n"] == 3 and row["mean"] == pytest.approx(1 / ROWS)  # one sample of 100 in a class
     assert row["seeds_low"] == pytest.approx(row["seeds_high"])  # the plain interval is a point away from 0
     assert not row["significant"]
+
+
+def test_a_ceiling_gap_carries_the_test_sets_noise() -> None:
+    """The ceiling's runs (clean) scored on size-confound's images: unpaired runs, shared samples."""
+    _, predictions = _tables({"ce": [0, 1, 2], "supcon": [0, 1, 2], "simclr": [0, 1, 2]})
+    own = predictions[(predictions["loss"] == "ce") & (predictions["classifier"] == "head")]
+    own = own[own["split"] == "test_conflict"]
+    top = own.assign(scenario="clean", seed=own["seed"] + 10)  # other runs, the same images
+    top.loc[top["row"] < 30, "predicted"] = top.loc[top["row"] < 30, "label"]  # the ceiling gets more right
+    gaps = pd.DataFrame(
+        [{"scenario": "size-confound", "split": "test_conflict", "loss": "ce", "readout": "head"}]
+    ).assign(ceiling_loss="ce", ceiling="clean", gap=np.nan, gap_low=np.nan, gap_high=np.nan)
+    found = gaps_with_test_noise(gaps, pd.concat([own, top]), READOUTS).iloc[0]
+    labels = own[own["seed"] == 0]["label"].to_numpy()
+    matrix = lambda f: f.pivot(index="seed", columns="row", values="predicted").to_numpy() == labels  # noqa: E731
+    expected = (
+        balanced_accuracy_by_seed(matrix(top), labels).mean() - balanced_accuracy_by_seed(matrix(own), labels).mean()
+    )
+    assert found["gap_test_noise"] and found["gap"] == pytest.approx(expected) and expected > 0
+    assert found["gap_low"] < found["gap"] < found["gap_high"]
+    without = gaps_with_test_noise(gaps, None, READOUTS).iloc[0]
+    assert not without["gap_test_noise"] and np.isnan(without["gap_low"])  # left as ceiling_gaps gave it

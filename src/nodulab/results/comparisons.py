@@ -162,16 +162,7 @@ def comparisons(
         return pd.DataFrame(columns=COLUMNS)
     if "dataset" not in metrics:
         metrics = metrics.assign(dataset=metrics["scenario"])
-    by_cell: dict[tuple[str, str, str, str], pd.DataFrame] = {}
-    if predictions is not None and len(predictions):
-        wanted = {*READOUTS[1:], *readouts.values()}
-        own = predictions[
-            (predictions["selected"] == 1)
-            & (predictions["dataset"] == predictions["scenario"])
-            & predictions["classifier"].isin(wanted)
-        ]
-        own = own.assign(correct=(own["predicted"] == own["label"]).astype(float))
-        by_cell = {key: part for key, part in own.groupby(["scenario", "split", "loss", "classifier"], sort=False)}
+    found = _own_predictions(predictions)
     tests = metrics[metrics["split"].str.startswith("test_") & (metrics["dataset"] == metrics["scenario"])]
     rows, tested = [], []
     for mode in READOUTS:
@@ -183,8 +174,8 @@ def comparisons(
                     continue
                 if not ((cell["loss"] == reference) & (cell["classifier"] == ref_classifier)).any():
                     continue
-                a = _matrix(by_cell.get((scenario, split, loss, classifier), pd.DataFrame()))
-                b = _matrix(by_cell.get((scenario, split, reference, ref_classifier), pd.DataFrame()))
+                a = _matrix(found.get((scenario, scenario, split, loss, classifier), _EMPTY))
+                b = _matrix(found.get((scenario, scenario, split, reference, ref_classifier), _EMPTY))
                 if a is not None and b is not None and np.array_equal(a[2], b[2]):
                     seeds = np.intersect1d(a[0], b[0])
                     xa, xb = a[1][np.isin(a[0], seeds)], b[1][np.isin(b[0], seeds)]
@@ -244,3 +235,45 @@ def comparisons(
     frame["detectable"] = [t.detectable(lv) for t, lv in zip(tested, level)]
     frame["seeds_needed"] = [t.seeds_needed(t.mean, lv) for t, lv in zip(tested, level)]
     return frame[COLUMNS]
+
+
+def _own_predictions(predictions: pd.DataFrame | None) -> dict[tuple[str, str, str, str, str], pd.DataFrame]:
+    """Selected runs' per-sample rows by (scenario the run trained on, dataset scored, split, loss, classifier)."""
+    if predictions is None or predictions.empty:
+        return {}
+    chosen = predictions[predictions["selected"] == 1]
+    chosen = chosen.assign(correct=(chosen["predicted"] == chosen["label"]).astype(float))
+    keys = ["scenario", "dataset", "split", "loss", "classifier"]
+    return {key: part for key, part in chosen.groupby(keys, sort=False)}
+
+
+def gaps_with_test_noise(
+    gaps: pd.DataFrame, predictions: pd.DataFrame | None, readouts: Mapping[str, str]
+) -> pd.DataFrame:
+    """``seed_tables.ceiling_gaps`` with each gap's interval carrying the test set's noise too.
+
+    The ceiling's runs and the confounded scenario's runs are different runs (unpaired, Welch for
+    the seeds' part) scored on the same images, so the test set's part is shared
+    (``shared_sample_difference(paired=False)``). Rows without per-sample predictions keep the
+    Welch interval over seeds; ``gap_test_noise`` says which.
+    """
+    gaps = gaps.copy()
+    gaps["gap_test_noise"] = False
+    found = _own_predictions(predictions)
+    if not found or gaps.empty:
+        return gaps
+    for i, row in gaps.iterrows():
+        own = _matrix(found.get((row["scenario"], row["scenario"], row["split"], row["loss"], row["readout"]), _EMPTY))
+        top_readout = readouts.get(row["ceiling_loss"], "probe")
+        key = (row["ceiling"], row["scenario"], row["split"], row["ceiling_loss"], top_readout)
+        top = _matrix(found.get(key, _EMPTY))
+        if own is None or top is None or not np.array_equal(own[2], top[2]):
+            continue
+        gap = shared_sample_difference(top[1], own[1], own[2], paired=False)
+        low, high = gap.interval(LEVEL)
+        if np.isfinite(low):
+            gaps.loc[i, ["gap", "gap_low", "gap_high", "gap_test_noise"]] = [gap.mean, low, high, True]
+    return gaps
+
+
+_EMPTY = pd.DataFrame()

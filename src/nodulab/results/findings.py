@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 
 from nodulab.common.seedstats import holm, seed_summary
-from nodulab.results.comparisons import Hypotheses, comparisons
+from nodulab.results.comparisons import Hypotheses, comparisons, gaps_with_test_noise
 from nodulab.results.seed_tables import (
     ALPHA,
     CONVERGED_SHARE,
@@ -80,7 +80,12 @@ def _cell_values(scores: pd.DataFrame, scenario: str, loss: str, split: str) -> 
 
 
 def ceiling_sentences(
-    scores: pd.DataFrame, ceilings: Mapping[str, str], matched: pd.DataFrame, cells: list[Cell]
+    scores: pd.DataFrame,
+    ceilings: Mapping[str, str],
+    matched: pd.DataFrame,
+    cells: list[Cell],
+    predictions: pd.DataFrame | None = None,
+    readouts: Mapping[str, str] | None = None,
 ) -> list[str]:
     """(a) ce on every conflict split against its matched ceiling on the same images (or, without
     one, against the IID split)."""
@@ -95,7 +100,7 @@ def ceiling_sentences(
             "(test_iid, else val: the training distribution).",
             *_val_sentences(scores, cells),
         ]
-    gaps = ceiling_gaps(scores, matched)
+    gaps = gaps_with_test_noise(ceiling_gaps(scores, matched), predictions, readouts or {})
     sentences = []
     for scenario, split in cells:
         row = gaps[(gaps["scenario"] == scenario) & (gaps["split"] == split) & (gaps["loss"] == REFERENCE)]
@@ -106,7 +111,8 @@ def ceiling_sentences(
             f"On {scenario}/{split}, {REFERENCE} ({r['readout']}) reaches balanced accuracy {_num(r['mean'])}"
             f"{_bracket(r['low'], r['high'])} against its matched ceiling {_num(r['ceiling_mean'])}"
             f"{_bracket(r['ceiling_low'], r['ceiling_high'])} ({r['ceiling']}'s {r['ceiling_loss']} on the same "
-            f"images): a gap of {_num(r['gap'])} ({_gap_interval(r['gap_low'], r['gap_high'])})."
+            f"images): a gap of {_num(r['gap'])} "
+            f"({_gap_interval(r['gap_low'], r['gap_high'], _GAP_LEVEL[bool(r['gap_test_noise'])])})."
         )
     where = ", ".join(sorted(set(ceilings.values())))
     return sentences or [
@@ -114,6 +120,8 @@ def ceiling_sentences(
         "splits against."
     ]
 
+
+_GAP_LEVEL = {True: "95% CI with the test set's noise", False: "95% CI"}
 
 PLATEAU_RISE = 0.01
 """The ceiling has plateaued when its val balanced accuracy rose by less than this between its last two checkpoints."""
@@ -430,7 +438,7 @@ def findings(
     return [
         *regime_sentences(matched, dynamics, readouts, cells),
         *convergence_sentences(history),
-        *ceiling_sentences(scores, ceilings, matched, cells),
+        *ceiling_sentences(scores, ceilings, matched, cells, predictions, readouts),
         *reliance_sentences(relied),
         *hypotheses_sentences(hypotheses, compared),
         *best_sentences(compared, cells, hypotheses.readout),

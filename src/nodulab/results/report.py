@@ -20,6 +20,7 @@ from typing import Any
 
 from nodulab.common.seedstats import seed_summary
 from nodulab.common.writing import check_out, write_atomically
+from nodulab.results.comparisons import gaps_with_test_noise
 from nodulab.results.findings import findings
 from nodulab.results.sections import (
     comparisons_section,
@@ -128,7 +129,8 @@ def gallery_section(study: StudyResults) -> str:
 
 def cell_sections(study: StudyResults, suffix: str = "", title: str = "") -> list[str]:
     """Findings, scores, differences, reliance, dynamics and figures of one budget cell."""
-    gaps, ood = ceiling_gaps(study.scores, study.matched), ood_gaps(study.scores)
+    gaps = gaps_with_test_noise(ceiling_gaps(study.scores, study.matched), study.tables["predictions"], study.readouts)
+    ood = ood_gaps(study.scores)
     pairs = sorted(f"{c} for {s}" for s, c in study.ceiling.items())
     ceiling = (
         f"Matched ceilings: {html.escape(', '.join(pairs))}. Each ceiling differs from its confounded "

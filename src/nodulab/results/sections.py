@@ -187,7 +187,9 @@ def scores_section(study: StudyResults, scenario: str, gaps: pd.DataFrame, ood: 
     note = (
         "<p class='note'>Own behaviour (head where the loss has one, else probe), balanced accuracy: mean ± SD "
         f"over seeds, 95% t-interval below. OOD gap = {iid_name} − split per seed; worst group = the lowest "
-        "(label × agrees) cell; ceiling gap = ceiling − split with a Welch 95% interval.</p>"
+        "(label × agrees) cell; ceiling gap = ceiling − split on the same images, its 95% interval carrying the "
+        "seeds' noise (Welch: different runs) and the test set's (per-sample predictions; Welch alone without "
+        "them).</p>"
     )
     return title + table(header, rows) + note + _controls_table(study, scenario, splits)
 
