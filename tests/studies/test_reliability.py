@@ -69,7 +69,7 @@ def _stored(out: Path) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads child processes from /proc")
 def test_a_jobs_2_study_stops_when_told_and_resumes_to_the_same_numbers(tmp_path: Path) -> None:
-    study = _study_file(tmp_path, seeds=4)  # 8 runs
+    study = _study_file(tmp_path, seeds=6)  # 12 runs: each stop leaves runs to do (else the study just ends)
     out = tmp_path / "out"
     for name, sig, code in (("term", signal.SIGTERM, 143), ("int", signal.SIGINT, 130), ("kill", signal.SIGKILL, -9)):
         log = tmp_path / f"{name}.log"
@@ -78,6 +78,7 @@ def test_a_jobs_2_study_stops_when_told_and_resumes_to_the_same_numbers(tmp_path
         while _finished(log) < 1 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert proc.poll() is None, f"{name}: the study ended before it was stopped"
+        assert _stored(out) <= 12 - 3, f"{name}: too few runs left to stop"
         workers = _children(proc.pid)
         assert workers, name
         started = time.monotonic()
