@@ -114,3 +114,15 @@ def assert_modes(folder: Path, umask: int) -> None:
     for path in paths:
         expected = (0o777 if path.is_dir() else 0o666) & ~umask
         assert stat.S_IMODE(path.stat().st_mode) == expected, path
+
+
+def as_from_a_terminal() -> None:
+    """``preexec_fn`` of a child that a test interrupts with SIGINT: Ctrl-C's default action restored.
+
+    A process started in the background of a non-interactive shell (CI run with ``&`` or ``nohup``)
+    inherits SIGINT ignored, and Python keeps an inherited ignore, as Unix programs should; a test
+    of what Ctrl-C does must start its child as a terminal would.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import as_from_a_terminal
 from nodulab import cli
 from nodulab.common import choices
 from nodulab.data import export
@@ -69,7 +70,9 @@ def test_ctrl_c_during_start_up_exits_130_without_traceback(tmp_path: Path, dela
         "--out",
         str(tmp_path / "ds"),
     ]
-    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    proc = subprocess.Popen(
+        args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, preexec_fn=as_from_a_terminal
+    )
     time.sleep(delay_s)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from tests.conftest import assert_modes, assert_one_line_error
+from tests.conftest import as_from_a_terminal, assert_modes, assert_one_line_error
 from tests.studies.test_driver import TINY, _results
 from typer.testing import CliRunner
 
@@ -39,7 +39,14 @@ def _cli(study: Path, out: Path, log: Path, *extra: str) -> subprocess.Popen[byt
     env = {**os.environ, "PYTHONPATH": SRC, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "nodulab", "study", str(study), "--out", str(out), "--device", "cpu", *extra]
     with open(log, "wb") as stdout:
-        return subprocess.Popen(command, stdout=stdout, stderr=subprocess.PIPE, env=env, start_new_session=True)
+        return subprocess.Popen(
+            command,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+            preexec_fn=as_from_a_terminal,  # Ctrl-C as a terminal delivers it, whatever CI's shell ignores
+        )
 
 
 def _finished(log: Path) -> int:

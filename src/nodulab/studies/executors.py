@@ -83,6 +83,7 @@ class Workers:
         self.paths = {k: str(v) for k, v in batch.data_dirs.items()}
         self.context = get_context("spawn")
         self.slots: list[_Slot] = []
+        self.receiving: _Slot | None = None
 
     def _start(self) -> _Slot:
         ours, theirs = self.context.Pipe()
@@ -101,8 +102,12 @@ class Workers:
         """The result ``slot``'s worker sent, or a failed run if the worker died (it is replaced)."""
         assert slot.spec is not None
         try:
-            return slot.conn.recv()
+            self.receiving = slot  # an interrupt inside recv leaves this pipe mid-message
+            result = slot.conn.recv()
+            self.receiving = None
+            return result
         except (EOFError, OSError):
+            self.receiving = None
             slot.process.join(STOP_GRACE_S)
             code = slot.process.exitcode
             died = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
@@ -125,6 +130,8 @@ class Workers:
         except BaseException:
             queue.clear()
             for slot in self.slots:  # results already sent are finished runs: record them
+                if slot is self.receiving:  # interrupted mid-message: that run reruns on resume
+                    continue
                 if slot.spec is not None and slot.process.is_alive() and slot.conn.poll(0):
                     result, slot.spec = slot.conn.recv(), None
                     done(result)
