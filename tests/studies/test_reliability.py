@@ -193,3 +193,25 @@ def test_weights_follow_the_umask_on_local_executors(tmp_path: Path, jobs: int) 
     finally:
         os.umask(old)
     assert_modes(tmp_path / "out" / "runs", 0o022)
+
+
+def test_the_lock_never_removes_an_input_the_working_folder_or_a_folder_it_did_not_create(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``study_lock`` removes ``out`` after a refusal only when it created it outside every input."""
+    from nodulab.common.writing import DatasetError
+
+    study = _study_file(tmp_path, seeds=1)
+    monkeypatch.chdir(tmp_path)
+    for out in (tmp_path, Path("."), Path(".."), study, study.parent):
+        with pytest.raises(DatasetError), studying.study_lock(out, [study]):
+            pass
+        assert study.is_file()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(RuntimeError), studying.study_lock(kept, [study]):
+        raise RuntimeError("a refusal")
+    assert kept.is_dir()  # not created by the study: kept
+    with pytest.raises(RuntimeError), studying.study_lock(tmp_path / "new", [study]):
+        raise RuntimeError("a refusal")
+    assert not (tmp_path / "new").exists()  # created by it: removed

@@ -39,7 +39,7 @@ import shutil
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,11 +186,14 @@ def check_study_out(out: Path, study: Study) -> None:
 
 
 @contextmanager
-def study_lock(out: Path) -> Iterator[None]:
+def study_lock(out: Path, inputs: Iterable[Path] = ()) -> Iterator[None]:
     """Hold ``OUT/.study.lock`` while the study runs; a second live study on ``out`` is refused
     (one line) without touching anything. If ``out`` did not exist and the study is refused before
-    its store exists, ``out`` is removed again: a refused study leaves it absent."""
-    created = not out.exists()
+    its store exists, ``out`` is removed again: a refused study leaves it absent. ``out`` is checked
+    against ``inputs``, ``.`` and ``..`` first (``check_out``), so what may be removed is only a
+    folder this study created outside everything it reads."""
+    check_out(out, inputs)
+    created = not out.exists() and not out.is_symlink()
     out.mkdir(parents=True, exist_ok=True)
     handle = open(out / LOCK_FILE, "a")  # noqa: SIM115 - held for the study's life
     try:
@@ -308,7 +311,7 @@ def run_study(
     check_out(cache, study.sources, flag="--cache")
     check_free_space(out, bytes_to_come(study, out, cache), "the study")
     summary = StudySummary()
-    with study_lock(out):
+    with study_lock(out, study.sources):
         gen_start = time.perf_counter()
         data_dirs, manifests, scenarios, names = _datasets(study, cache, on_dataset)
         summary.generate_seconds = time.perf_counter() - gen_start
