@@ -117,16 +117,10 @@ def _matrix(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray] | 
     return wide.index.to_numpy(), wide.to_numpy(dtype=float), labels.to_numpy()
 
 
-def _seed_values(metrics: pd.DataFrame, scenario: str, split: str, loss: str, classifier: str) -> pd.Series:
-    rows = metrics[
-        (metrics["scenario"] == scenario)
-        & (metrics["dataset"] == scenario)
-        & (metrics["split"] == split)
-        & (metrics["loss"] == loss)
-        & (metrics["classifier"] == classifier)
-        & (metrics["metric"] == METRIC)
-        & (metrics["selected"] == 1)
-    ]
+def _seed_values(cell: pd.DataFrame, loss: str, classifier: str) -> pd.Series:
+    """Per seed, balanced accuracy of one loss's ``classifier`` in one (scenario, split) ``cell`` of metrics."""
+    keep = (cell["loss"] == loss) & (cell["classifier"] == classifier)
+    rows = cell[keep & (cell["metric"] == METRIC) & (cell["selected"] == 1)]
     return rows.set_index("seed")["value"]
 
 
@@ -162,7 +156,7 @@ def comparisons(
         return pd.DataFrame(columns=COLUMNS)
     if "dataset" not in metrics:
         metrics = metrics.assign(dataset=metrics["scenario"])
-    found = _own_predictions(predictions)
+    found = _own_predictions(predictions, readouts)
     tests = metrics[metrics["split"].str.startswith("test_") & (metrics["dataset"] == metrics["scenario"])]
     rows, tested = [], []
     for mode in READOUTS:
@@ -184,8 +178,8 @@ def comparisons(
                     noise = True
                 else:
                     difference, *means = _seed_only(
-                        _seed_values(metrics, scenario, split, loss, classifier),
-                        _seed_values(metrics, scenario, split, reference, ref_classifier),
+                        _seed_values(cell, loss, classifier),
+                        _seed_values(cell, reference, ref_classifier),
                     )
                     noise = False
                 if difference.n == 0:
@@ -237,11 +231,15 @@ def comparisons(
     return frame[COLUMNS]
 
 
-def _own_predictions(predictions: pd.DataFrame | None) -> dict[tuple[str, str, str, str, str], pd.DataFrame]:
-    """Selected runs' per-sample rows by (scenario the run trained on, dataset scored, split, loss, classifier)."""
+def _own_predictions(
+    predictions: pd.DataFrame | None, readouts: Mapping[str, str]
+) -> dict[tuple[str, str, str, str, str], pd.DataFrame]:
+    """Selected runs' per-sample rows of the readouts compared (each loss's own, ``probe``, ``dfr``), by
+    (scenario the run trained on, dataset scored, split, loss, classifier)."""
     if predictions is None or predictions.empty:
         return {}
-    chosen = predictions[predictions["selected"] == 1]
+    compared = {*READOUTS[1:], *readouts.values()}
+    chosen = predictions[(predictions["selected"] == 1) & predictions["classifier"].isin(compared)]
     chosen = chosen.assign(correct=(chosen["predicted"] == chosen["label"]).astype(float))
     keys = ["scenario", "dataset", "split", "loss", "classifier"]
     return {key: part for key, part in chosen.groupby(keys, sort=False)}
@@ -259,7 +257,7 @@ def gaps_with_test_noise(
     """
     gaps = gaps.copy()
     gaps["gap_test_noise"] = False
-    found = _own_predictions(predictions)
+    found = _own_predictions(predictions, readouts)
     if not found or gaps.empty:
         return gaps
     for i, row in gaps.iterrows():
