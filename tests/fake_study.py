@@ -111,6 +111,38 @@ def _explain(loss: str, scenario: str, flips: tuple[float, float]) -> dict[str, 
     }
 
 
+REAL_ROWS = 40
+"""Rows of the made-up real dataset's test_lidc (half malignant); its spiculation target has the first 30."""
+RealScore = Callable[[str, str, int, str], float]
+
+
+def _real(loss: str, scenario: str, seed: int, real_score: RealScore) -> dict[str, pd.DataFrame]:
+    """Made-up scores on a real dataset (``REAL_DATASET`` rows of metrics and predictions): per target, the
+    readouts' probability of the true class is ``real_score(scenario, loss, seed, target)`` on average."""
+    from nodulab.common.scoring import binary_metrics
+    from nodulab.results.store import REAL_DATASET, REAL_SPLITS
+
+    metrics, predictions = [], []
+    for target, split, n in (("malignancy", REAL_SPLITS[0], REAL_ROWS), ("spiculation", REAL_SPLITS[1], 30)):
+        labels = np.arange(n) % 2
+        rng = np.random.default_rng([seed, len(loss), len(scenario), n])
+        for classifier in CLASSIFIERS:
+            if classifier == "head" and loss not in HEADED:
+                continue
+            truth = np.clip(real_score(scenario, loss, seed, target) + rng.normal(0, 0.15, n), 0.01, 0.99)
+            p = np.where(labels == 1, truth, 1 - truth)
+            for metric, value in binary_metrics(labels, p).items():
+                metrics.append((REAL_DATASET, split, classifier, metric, value, value - 0.05, value + 0.05))
+            predictions += [
+                (REAL_DATASET, split, classifier, i, int(y), float(q), int(q >= 0.5))
+                for i, (y, q) in enumerate(zip(labels, p))
+            ]
+    return {
+        "metrics": pd.DataFrame(metrics, columns=list(RESULT_TABLES["metrics"].columns)),
+        "predictions": pd.DataFrame(predictions, columns=list(RESULT_TABLES["predictions"].columns)),
+    }
+
+
 def _groups(metrics: pd.DataFrame) -> pd.DataFrame:
     own = metrics[(metrics["metric"] == "accuracy") & (metrics["dataset"] == metrics["dataset"].iloc[0])]
     return pd.DataFrame(
@@ -146,12 +178,14 @@ def make_study(
     failed: Sequence[tuple[str, str, int]] = (),
     flips: Callable[[str, int], tuple[float, float]] = lambda loss, seed: (0.1, 0.8),
     hypotheses: bool = True,
+    real_score: RealScore | None = None,
 ) -> Path:
     """Write ``root/results.sqlite`` for the grid ``scenarios x losses x seeds x draws``.
 
     ``flips(loss, seed)``: the (cue, confound) flip rates of the loss's own readout in that seed.
     ``hypotheses``: the study declares its confounded scenarios' ``test_conflict`` splits as its
-    primary comparisons (own readouts against ce).
+    primary comparisons (own readouts against ce). ``real_score``: every run is also scored on a made-up
+    real dataset (``_real``), recorded as the study's ``[real]``.
 
     Draw ``d`` has selection score ``0.9 - 0.01 d`` (draw 0 is selected) and scores ``score(...) + 0.02 d``
     (a test-selected oracle would pick the last draw); a
@@ -177,6 +211,9 @@ def make_study(
     with Store(root / STORE_FILE, study=study) as store:
         for scenario in scenarios:
             store.add_dataset(scenario, f"key-{scenario}", "0" * 64, manifest(scenario), png("C2"))
+        if real_score is not None:
+            splits = {"train": 10, "val": 10, "test_lidc": REAL_ROWS}
+            store.use_real({"dataset": "/data/lidc-32", "manifest_sha256": "1" * 64, "splits": splits})
         for scenario in scenarios:
             for loss in losses:
                 for seed in seeds:
@@ -200,6 +237,10 @@ def make_study(
                             others = [_metrics(loss, scenario, seed, drawn, o) for o in scenarios if o != "clean"]
                             metrics = pd.concat([metrics, *others], ignore_index=True)
                         tables = {"metrics": metrics, "groups": _groups(metrics), "history": _history()}
+                        if real_score is not None:
+                            real = _real(loss, scenario, seed, real_score)
+                            tables["metrics"] = pd.concat([metrics, real["metrics"]], ignore_index=True)
+                            tables["predictions"] = real["predictions"]
                         if explain:
                             tables |= _explain(loss, scenario, flips(loss, seed))
                         figures = {"cam": png("C1"), "embedding": png("C3")} if explain else {}

@@ -19,7 +19,7 @@ from nodulab.training import hparams, losses, models
 from nodulab.training import loop as train
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-HEAVY = ("torch", "pytorch_metric_learning", "sklearn", "matplotlib", "pandas", "monai")
+HEAVY = ("torch", "pytorch_metric_learning", "sklearn", "matplotlib", "pandas", "monai", "pydicom")
 
 
 def _python(code: str) -> subprocess.CompletedProcess:

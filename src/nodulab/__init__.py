@@ -42,6 +42,8 @@ _API = {
     "write_report": ("nodulab.results.report", "write_report"),
     "compare_realism": ("nodulab.data.realism", "compare"),
     "lidc_table": ("nodulab.synth.lidc", "load_table"),
+    "lidc_contours": ("nodulab.synth.lidc", "load_contours"),
+    "import_lidc": ("nodulab.data.lidc_import", "import_lidc"),
 }
 """Public verb -> (module, attribute); each is imported on first access."""
 

@@ -1,5 +1,5 @@
-"""Command line: ``nodulab scenarios | generate | validate | gallery | export | realism | train | evaluate |
-explain | studies | study | report``.
+"""Command line: ``nodulab scenarios | generate | import-lidc | validate | gallery | export | realism | train |
+evaluate | explain | studies | study | report``.
 
 Every kind of bad input (unknown preset, bad TOML, invalid scenario, out-of-range flag, existing
 ``--out``, missing dataset, unknown loss, foreign run folder) ends the same way: one line
@@ -171,6 +171,9 @@ ThresholdRule = _choices("ThresholdRule", THRESHOLD_RULES)
 EXECUTORS = ("local", "ray")
 """``study.EXECUTORS``, here so the CLI starts without torch (a test keeps the two equal)."""
 Executor = _choices("Executor", EXECUTORS)
+READERS = ("consensus", "each")
+"""``lidc_import.READERS``, here so the CLI starts without pydicom (a test keeps the two equal)."""
+ReadersChoice = _choices("ReadersChoice", READERS)
 
 
 def _progress() -> Progress:
@@ -209,10 +212,12 @@ def _summary(manifest: dict[str, Any]) -> Any:
 
     image, splits = manifest["image"], manifest["splits"]
     confounds = [k for k in next(iter(splits.values()))["cells"][0] if k.startswith("agrees_")]
-    title = (
-        f"{manifest['scenario'].get('name', '')} · seed {manifest['seed']} · {image['dim']}D "
-        f"{image['size']} px at {image['pixel_mm']:g} mm"
+    source = (
+        f"real {manifest['real'].get('source', '')}"
+        if manifest.get("kind") == "real"
+        else f"{manifest['scenario'].get('name', '')} · seed {manifest['seed']}"
     )
+    title = f"{source} · {image['dim']}D {image['size']} px at {image['pixel_mm']:g} mm"
     table = Table(title=title)
     table.add_column("split", no_wrap=True)
     for column in ("n", "benign", "malignant", *(f"agrees\n{short_factor(c)}" for c in confounds)):
@@ -272,7 +277,11 @@ def validate(
         typer.Option("--n-rerender", min=0, max=MAX_N, help=f"Rows re-rendered per split (0..{MAX_N:,}; 0 skips it)."),
     ] = 16,
 ) -> None:
-    """Re-check a dataset: hashes, re-render, label balance, confound agreement, diameters."""
+    """Re-check a dataset: hashes, re-render, label balance, confound agreement, diameters.
+
+    A real dataset (import-lidc) is not re-rendered: hashes, shapes, the ratings' scales, masks,
+    diameters against the masks, labels against the malignancy rule and no patient in two splits.
+    """
     from nodulab.data import validate as validating
 
     result = validating.validate(directory, n_rerender=n_rerender)
@@ -291,14 +300,16 @@ def gallery(
     out: Annotated[Path, typer.Option("--out", help="PNG file to write (name ends in .png).")],
     per_cell: Annotated[
         int,
-        typer.Option(
-            "--per-cell", min=1, max=MAX_PER_CELL, help=f"Samples per (label, agrees) cell (1..{MAX_PER_CELL})."
-        ),
+        typer.Option("--per-cell", min=1, max=MAX_PER_CELL, help=f"Samples per cell (1..{MAX_PER_CELL})."),
     ] = 4,
     seed: Annotated[int, typer.Option(min=0, help="Picks which samples are shown.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
-    """Draw a PNG gallery: one panel per split, one row per (label, agrees) cell."""
+    """Draw a PNG gallery: one panel per split, one row per (label, agrees) cell.
+
+    A real dataset (import-lidc): one row per (label, readers' spiculation rating >= 4) cell, captions
+    with the malignancy and spiculation ratings and the diameter.
+    """
     from nodulab.data.gallery import gallery as draw_gallery
 
     written = draw_gallery(directory, out, per_cell=per_cell, seed=seed, force=force)
@@ -312,7 +323,7 @@ def export(
     out: Annotated[Path, typer.Option("--out", help="File (medmnist) or folder to create.")],
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:
-    """Export a dataset as a MedMNIST-style .npz, NIfTI volumes or PNG images."""
+    """Export a dataset (synthetic or real) as a MedMNIST-style .npz, NIfTI volumes or PNG images."""
     from nodulab.data import dataset as data
     from nodulab.data import export as exporting
 
@@ -321,6 +332,78 @@ def export(
         raise data.DatasetError(f"--out {out} already exists (use --force to replace it)")
     with _progress() as bar:
         exporting.export(directory, fmt.value, out, force=force, progress=_StageBars(bar))
+    console.print(f"wrote {out}")
+
+
+def _paragraphs(text: str) -> str:
+    """Help text with each paragraph on one line (rich wraps it to the terminal) and ``[`` escaped."""
+    return "\n\n".join(" ".join(p.split()) for p in text.strip().split("\n\n")).replace("[", "\\[")
+
+
+IMPORT_LIDC_HELP = """Import LIDC-IDRI CT from your own copy: one patch per nodule, a real nodulab dataset.
+
+Series are found anywhere under DICOM_ROOT by SeriesInstanceUID (the shipped contours table names
+them), read with pydicom (pip install 'nodulab[dicom]'), converted to HU with each slice's rescale
+slope and intercept (clipped to [-1024, 3071]), resampled to isotropic --pixel-mm by trilinear
+interpolation and cropped around each nodule (the centroid of the region at least half of its
+readers outline). Masks: the readers' outline (consensus >= 50%; body only). Label: the median
+malignancy rating: at least --malignant gives label 1, at most --benign label 0, in between left out. Splits by patient:
+test_lidc (the [source] presets' fixed hash), val, train. A series that cannot be read is skipped
+and listed. LIDC-IDRI: CC BY 3.0, Armato et al., Med Phys 2011, doi:10.1118/1.3528204.
+"""
+
+
+@app.command("import-lidc", help=_paragraphs(IMPORT_LIDC_HELP))
+def import_lidc(
+    dicom_root: Annotated[Path, typer.Argument(metavar="DICOM_ROOT", help="Your LIDC-IDRI copy (any layout).")],
+    out: Annotated[Path, typer.Option("--out", help="Dataset folder to create (not inside DICOM_ROOT).")],
+    dim: Annotated[int, typer.Option(min=2, max=3, help="2 (the axial plane through the centre) or 3.")] = 2,
+    size: Annotated[int, typer.Option(min=1, help="Pixels per side.")] = 64,
+    pixel_mm: Annotated[float, typer.Option("--pixel-mm", help="Isotropic spacing of the patches, mm.")] = 0.7,
+    readers: Annotated[
+        ReadersChoice, typer.Option("--readers", help="consensus: a row per nodule; each: a row per reader.")
+    ] = "consensus",  # type: ignore[assignment]
+    n: Annotated[int | None, typer.Option("--n", min=1, max=MAX_N, help="At most this many rows.")] = None,
+    malignant: Annotated[float, typer.Option("--malignant", help="Median malignancy >= this: label 1.")] = 4,
+    benign: Annotated[float, typer.Option("--benign", help="Median malignancy <= this: label 0.")] = 2,
+    tables: Annotated[
+        Path | None,
+        typer.Option(
+            "--tables",
+            help="A folder with lidc_annotations.csv and lidc_contours.csv.gz in the shipped formats "
+            "(default: the shipped tables).",
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+) -> None:
+    from nodulab.data import dataset as data
+    from nodulab.data import lidc_import
+
+    options = lidc_import.Options(
+        dim=dim,
+        size=size,
+        pixel_mm=pixel_mm,
+        readers=getattr(readers, "value", readers),
+        n=n,
+        malignant_from=malignant,
+        benign_to=benign,
+    )
+
+    def skipped(uid: str, reason: str) -> None:
+        console.print(f"skipped series {uid}: {reason}", soft_wrap=True, markup=False)
+
+    with _progress() as bar:
+        result = lidc_import.import_lidc(
+            dicom_root, out, options=options, tables=tables, force=force, progress=_StageBars(bar), skipped=skipped
+        )
+    real = result.manifest["real"]
+    counts = ", ".join(f"{split} {k}" for split, k in result.counts.items())
+    console.print(f"{len(real['series'])} series read, {len(result.skipped)} skipped; rows: {counts}")
+    for reason, k in real["left_out"].items():
+        console.print(f"left out {k}: {reason}", markup=False)
+    if real["padded"]:
+        console.print(f"{real['padded']} patches reach outside their scan (padded with -1024 HU)")
+    console.print(_summary(data.load_manifest(out)))
     console.print(f"wrote {out}")
 
 
@@ -333,11 +416,17 @@ centre ((size-1)/2 + offset/pixel_mm per axis) kept; in 3D its largest axial sli
 CV, aspect and area-equivalent diameter are measured exactly as on
 the shipped LIDC-IDRI table. Groups: lidc_spiculation 1..5 when the rows were drawn from that
 table (then the goals are checked), else shape (round vs real spiculation 1; lobulated and
-spiculated vs >= 4). LIDC-IDRI: CC BY 3.0, Armato et al., Med Phys 2011, doi:10.1118/1.3528204.
+spiculated vs >= 4).
+
+On a real dataset (import-lidc) the same tracer outlines the real patches and each outline is
+compared with the readers' outline (the mask): Dice (2D: the patch; 3D: the mask's largest axial
+slice vs the traced one's) and diameter error (traced minus readers'), as median, IQR and the
+share of Dice >= 0.7, overall, by spiculation rating and by attenuation. LIDC-IDRI: CC BY 3.0,
+Armato et al., Med Phys 2011, doi:10.1118/1.3528204.
 """
 
 
-@app.command(help=REALISM_HELP)
+@app.command(help=_paragraphs(REALISM_HELP))
 def realism(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="Dataset folder.")],
     split: Annotated[
@@ -502,7 +591,11 @@ def evaluate(
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out", help=("Folder to create for the tables (needed when DATA_DIR is not the run's own dataset).")
+            "--out",
+            help=(
+                "Folder to create for the tables (needed when DATA_DIR is not the run's own dataset, "
+                "always with a real one)."
+            ),
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out folder.")] = False,
@@ -511,7 +604,8 @@ def evaluate(
         typer.Option(
             help=(
                 "fixed: 0.5. val: per classifier, the threshold of maximum balanced accuracy on val "
-                "(ties: nearest 0.5); never chosen on a test split."
+                "(ties: nearest 0.5; on a real dataset, val's malignancy, used for both targets); "
+                "never chosen on a test split."
             )
         ),
     ] = ThresholdRule.fixed,
@@ -527,6 +621,11 @@ def evaluate(
     A run with checkpoints (train --checkpoints) on its own dataset also gets dynamics.csv: per
     kept epoch, head and knn (probe at the final epoch) balanced accuracy and AUC on val and the
     conflict splits, and cue, confound and null flip rates on 200 conflict rows.
+
+    A real dataset (nodulab import-lidc, same image geometry, --out needed): val and test_lidc
+    are scored against malignancy (split as named) and against spiculation rating >= 4 vs 1
+    (<split>_spiculation), with the readouts fitted on the run's synthetic data; groups by
+    diameter and rating; no dynamics.
     """
     import json
 
@@ -564,6 +663,13 @@ def evaluate(
         "val_balanced); *_init: the untrained encoder (controls)",
         soft_wrap=True,
     )
+    if evaluation["dataset"].get("kind") == "real":
+        console.print(
+            f"real dataset ({metrics.REAL_DATASET}): <split> is scored against malignancy, "
+            f"<split>{metrics.SPICULATION_SUFFIX} against spiculation rating >= 4 vs 1; the readouts were "
+            f"fitted on the run's {'own real' if evaluation['dataset']['trained_on'] else 'synthetic'} data",
+            soft_wrap=True,
+        )
     console.print(f"wrote {folder / metrics.METRICS_FILE} (with sample-level 95% intervals), {metrics.GROUPS_FILE}")
     if not (follow and evaluation["dataset"]["trained_on"]):
         return  # dynamics refits the kNN on the run's own train split; a run without checkpoints has none
@@ -590,7 +696,12 @@ def evaluate(
 @app.command()
 def explain(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Run folder of `nodulab train`.")],
-    data_dir: Annotated[Path, typer.Argument(metavar="DATA_DIR", help="The dataset the run was trained on.")],
+    data_dir: Annotated[
+        Path,
+        typer.Argument(
+            metavar="DATA_DIR", help="The dataset the run was trained on, or a real dataset of its geometry (--out)."
+        ),
+    ],
     splits: Annotated[
         list[str] | None,
         typer.Option(
@@ -608,13 +719,23 @@ def explain(
             "--batch-size", min=1, max=MAX_BATCH_SIZE, help=f"Images per forward pass (1..{MAX_BATCH_SIZE:,})."
         ),
     ] = 256,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing RUN_DIR/explain.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing RUN_DIR/explain (or --out).")] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Folder to create for the tables (default RUN_DIR/explain; needed for a real dataset)."
+        ),
+    ] = None,
 ) -> None:
     """Counterfactual reliance, sweeps and the cue-reliance index; write RUN_DIR/explain/.
 
     Each test sample is re-rendered with one factor switched (same seed) and every classifier asked
     again: head (the loss's own), probe and knn (fitted on train), dfr (feature-quality oracle),
     probe_init and knn_init (the untrained encoder: controls).
+
+    A real dataset (nodulab import-lidc, same image geometry, --out needed): probes of the readers'
+    ratings and Grad-CAM against the readers' outline, each beside its untrained control; no
+    counterfactual switches (a real nodule cannot be re-rendered).
     """
     from nodulab.explanation import counterfactual
     from nodulab.explanation import run as explaining
@@ -633,9 +754,17 @@ def explain(
             batch_size=batch_size,
             force=force,
             progress=_StageBars(bar),
+            out=out,
         )
-    console.print(counterfactual.reliance_table(tables["reliance"]))
-    console.print(f"wrote {run_dir / counterfactual.EXPLAIN_DIR}")
+    if "reliance" not in tables:  # a real dataset: no switches
+        from nodulab.explanation import probes
+
+        if "probes" in tables:
+            console.print(probes.probes_table(tables["probes"], title="linear decodability of the ratings"))
+        console.print(explaining.NO_SWITCHES, soft_wrap=True)
+    else:
+        console.print(counterfactual.reliance_table(tables["reliance"]))
+    console.print(f"wrote {out or run_dir / counterfactual.EXPLAIN_DIR}")
 
 
 @app.command("studies")
@@ -727,6 +856,10 @@ def study_command(
         f"{summary.planned} runs: {summary.skipped} already recorded, {summary.done} done, "
         f"{summary.failed} failed · {summary.wall_seconds:.0f} s"
     )
+    if summary.real_scored:
+        console.print(f"scored {summary.real_scored} run(s) recorded earlier on the [real] dataset", markup=False)
+    for line in summary.real_unscored:
+        console.print(f"not scored on the [real] dataset: {line}", markup=False)
     console.print(f"wrote {Path(out) / 'results.sqlite'}, the CSVs and {Path(out) / 'report.html'}")
 
 

@@ -59,6 +59,14 @@ class ResultTable:
         return frame.melt(id_vars=index, var_name=name, value_name=value)
 
 
+REAL_DATASET = "lidc-idri"
+"""The ``dataset`` column of scores on real nodules (``nodulab import-lidc``): never a scenario's name."""
+SPICULATION_SUFFIX = "_spiculation"
+"""A real split scored against the spiculation rating (>= 4 vs 1) is named ``<split>_spiculation``."""
+REAL_SPLITS = ("test_lidc", "test_lidc" + SPICULATION_SUFFIX)
+"""The real dataset's splits a study stores: malignancy on its held-out patients (``test_lidc``) and the
+spiculation rating, >= 4 vs 1 (``test_lidc_spiculation``: the synthetic studies' cue)."""
+
 RESULT_TABLES: dict[str, ResultTable] = {
     "metrics": ResultTable(  # dataset: the scenario whose images were scored (a ceiling's runs score others')
         "metrics.csv",

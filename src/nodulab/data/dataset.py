@@ -59,6 +59,27 @@ from nodulab.synth.scenarios import scenario_to_dict
 MANIFEST = "dataset.json"
 FORMAT = "nodulab-dataset/1"
 ARRAYS = {"images": np.int16, "masks": np.uint8}
+REAL = "real"
+"""``kind`` of a dataset of real CT patches (``nodulab import-lidc``); a synthetic manifest has no ``kind``."""
+REAL_COLUMNS = (
+    "index",
+    "label",
+    "patient",
+    "nodule",
+    "annotation_id",
+    "n_readers",
+    "series",
+    *(f"lidc_{name}" for name in RATINGS),
+    "diameter_mm",
+    "pixel_mm",
+    "slice_mm",
+    "attenuation",
+    "offset_x_mm",
+    "offset_y_mm",
+    "offset_z_mm",
+    "padded",
+)
+"""The columns of a real dataset's ``factors.csv``, in order (design.md "Real nodules")."""
 
 
 def is_complete(out: Path | str, *, dataset: bool = False) -> bool:
@@ -118,6 +139,11 @@ def cell_counts(frame: pd.DataFrame) -> list[dict[str, int]]:
     return cells
 
 
+def is_real(manifest: dict[str, Any]) -> bool:
+    """Whether a (checked) manifest describes real CT patches rather than a synthetic dataset."""
+    return manifest.get("kind") == REAL
+
+
 # ----------------------------------------------------------------------------- generate
 class _ArrayFile:
     """An ``.npy`` file written front to back with plain writes (no memory map).
@@ -170,6 +196,28 @@ def _write_split(
             file.file.close()  # release the handles; staged removes the folder
         raise
     write_factors(frame, folder / "factors.csv")
+    return _entry(folder, frame, shape)
+
+
+def write_arrays(folder: Path, frame: pd.DataFrame, images: np.ndarray, masks: np.ndarray) -> dict[str, Any]:
+    """Write one split from arrays already in memory (real patches); return its manifest entry."""
+    folder.mkdir()
+    shape = tuple(images.shape)
+    files = {name: _ArrayFile(folder / f"{name}.npy", dtype, shape) for name, dtype in ARRAYS.items()}
+    try:
+        files["images"].append(images)
+        files["masks"].append(masks)
+        for file in files.values():
+            file.close()
+    except BaseException:
+        for file in files.values():
+            file.file.close()
+        raise
+    write_factors(frame, folder / "factors.csv")
+    return _entry(folder, frame, shape)
+
+
+def _entry(folder: Path, frame: pd.DataFrame, shape: tuple[int, ...]) -> dict[str, Any]:
     entry: dict[str, Any] = {"n": len(frame), "cells": cell_counts(frame)}
     for name, dtype in ARRAYS.items():
         file = folder / f"{name}.npy"
@@ -334,7 +382,13 @@ def check_manifest(manifest: dict[str, Any], where: str = MANIFEST) -> dict[str,
         raise DatasetError(f"{where}: image.size must be an integer in {MIN_SIZE}..{MAX_SIZE[image['dim']]}")
     if not isinstance(pixel_mm, (int, float)) or isinstance(pixel_mm, bool) or not 0 < pixel_mm < math.inf:
         raise DatasetError(f"{where}: image.pixel_mm must be a positive number")
-    if not isinstance(manifest.get("scenario"), dict):
+    kind = manifest.get("kind")
+    if kind == REAL:
+        if not isinstance(manifest.get("real"), dict):
+            raise DatasetError(f"{where}: real is missing (a dataset of kind 'real')")
+    elif kind is not None:
+        raise DatasetError(f"{where}: kind must be {REAL!r} or absent (got {kind!r})")
+    elif not isinstance(manifest.get("scenario"), dict):
         raise DatasetError(f"{where}: scenario is missing")
     splits = manifest.get("splits")
     if not isinstance(splits, dict) or not splits:
@@ -399,6 +453,58 @@ TWIN_RANGES = {
 """Valid values of the twin columns a ``[source]`` scenario writes (``nodulab.synth.twins``)."""
 
 
+def _refuse_first(frame: pd.DataFrame, column: str, bad: Any, where: str) -> None:
+    """Raise ``DatasetError`` naming the first row of ``column`` where ``bad`` holds, if any."""
+    if np.any(bad):
+        row = int(np.flatnonzero(np.asarray(bad))[0])
+        value = frame[column].iloc[row]
+        value = value.item() if isinstance(value, np.generic) else value
+        raise DatasetError(f"{where}: column {column!r}, row {row}: bad value {value!r}")
+
+
+def check_real_factors(frame: pd.DataFrame, n: int, where: str) -> pd.DataFrame:
+    """Check a real dataset's factor table: row count, exactly :data:`REAL_COLUMNS`, values on their scales.
+
+    Ratings are the readers' (a consensus median may end in .5); ids are non-negative integers.
+
+    Raises:
+        DatasetError: naming the first bad column and row.
+    """
+    if len(frame) != n:
+        raise DatasetError(f"{where}: {len(frame)} rows, the manifest says {n}")
+    if tuple(frame.columns) != REAL_COLUMNS:
+        missing = [c for c in REAL_COLUMNS if c not in frame.columns]
+        extra = [c for c in frame.columns if c not in REAL_COLUMNS]
+        raise DatasetError(
+            f"{where}: the columns of a real dataset are {', '.join(REAL_COLUMNS)}"
+            + (f" (missing {', '.join(missing)})" if missing else "")
+            + (f" (unexpected {', '.join(map(str, extra))})" if extra else "")
+        )
+    integral = {"index", "label", "patient", "nodule", "annotation_id", "n_readers", "series", "padded"}
+    for column in frame.columns:
+        if column == "attenuation":
+            bad = ~frame[column].isin(FACTORS["attenuation"].choices)
+        else:
+            values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
+            bad = ~np.isfinite(values)
+            if column in integral:
+                bad |= values != np.round(values)
+                bad |= values < 0
+                if column in ("label", "padded"):
+                    bad |= ~np.isin(values, (0, 1))
+            elif column.startswith("lidc_"):
+                lo, hi = RATINGS[column.removeprefix("lidc_")]
+                bad |= (values < lo) | (values > hi) | (values * 2 != np.round(values * 2))
+            elif column.startswith("offset_"):
+                bad |= np.abs(values) > FACTORS[column].high
+            else:
+                bad |= (values <= 0) | (values > 1000.0)
+        _refuse_first(frame, column, bad, where)
+    if not np.array_equal(frame["index"].to_numpy(), np.arange(n)):
+        raise DatasetError(f"{where}: column 'index' is not 0..{n - 1}")
+    return frame
+
+
 def check_factors(frame: pd.DataFrame, n: int, where: str) -> pd.DataFrame:
     """Check a factor table: row count, ``index``, required columns, values of the right kind.
 
@@ -431,11 +537,7 @@ def check_factors(frame: pd.DataFrame, n: int, where: str) -> pd.DataFrame:
             integral = column in ("index", "seed") or (factor is not None and factor.kind == "int")
             if integral or (column in TWIN_RANGES and column != "lidc_diameter_mm"):
                 bad |= np.isfinite(values) & (values != np.round(values))
-        if np.any(bad):
-            row = int(np.flatnonzero(np.asarray(bad))[0])
-            value = frame[column].iloc[row]
-            value = value.item() if isinstance(value, np.generic) else value
-            raise DatasetError(f"{where}: column {column!r}, row {row}: bad value {value!r}")
+        _refuse_first(frame, column, bad, where)
     if not np.array_equal(frame["index"].to_numpy(), np.arange(n)):
         raise DatasetError(f"{where}: column 'index' is not 0..{n - 1}")
     return frame
@@ -466,7 +568,8 @@ def load_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray, pd.DataF
         frame = read_factors(path)
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise DatasetError(f"{split}/factors.csv: unreadable ({' '.join(str(e).split())})") from None
-    return images, masks, check_factors(frame, entry["n"], f"{split}/factors.csv")
+    check = check_real_factors if is_real(manifest) else check_factors
+    return images, masks, check(frame, entry["n"], f"{split}/factors.csv")
 
 
 # ----------------------------------------------------------------------------- torch

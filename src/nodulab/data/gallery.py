@@ -1,5 +1,6 @@
 """The dataset gallery (design.md "Study, store, report"): one panel per split, one row per (label,
-agrees) cell, as a PNG.
+agrees) cell, as a PNG. A real dataset (``nodulab import-lidc``) has no agrees columns: its rows are
+(label, spiculated) cells, spiculated meaning the readers' spiculation rating >= 4.
 
 ``nodulab gallery`` writes it to a file; a study stores ``gallery_png`` bytes in its results store
 (``datasets.gallery``) and the report shows them. ``short_factor`` and ``axial_mip`` serve the
@@ -23,6 +24,7 @@ from nodulab.data.dataset import (
     OutExists,
     cell_columns,
     check_out,
+    is_real,
     load_manifest,
     load_split,
     lung_window,
@@ -60,6 +62,30 @@ def factor_caption(row: pd.Series) -> str:
     """Short per-image text: shape, diameter and attenuation."""
     attenuation = ATTENUATION_TEXT.get(str(row["attenuation"]), str(row["attenuation"]))
     return f"{row['shape']} · {float(row['diameter_mm']):.1f} mm\n{attenuation}"
+
+
+SPICULATED_FROM = 4
+"""A real row is drawn as spiculated when its ``lidc_spiculation`` rating is at least this."""
+SPICULATED = "spiculated"
+"""The cell column of a real dataset's gallery (``lidc_spiculation >= SPICULATED_FROM``)."""
+
+
+def real_cell_caption(cell: Cell, sep: str = " · ") -> str:
+    """Caption of a real dataset's (label, spiculated) cell, e.g. ``malignant · spiculation >= 4``."""
+    label, (spiculated,) = cell
+    return f"{LABEL_NAMES[label]}{sep}spiculation {'>=' if spiculated else '<'} {SPICULATED_FROM}"
+
+
+def real_caption(row: pd.Series) -> str:
+    """Short per-image text of a real nodule: the readers' malignancy and spiculation, and the diameter."""
+    rating = f"mal {float(row['lidc_malignancy']):g} · spic {float(row['lidc_spiculation']):g}"
+    return f"{rating}\n{float(row['diameter_mm']):.1f} mm"
+
+
+def _with_spiculated(frame: pd.DataFrame) -> pd.DataFrame:
+    """A real factor table with the 0/1 cell column ``spiculated`` added."""
+    spiculated = (frame["lidc_spiculation"].to_numpy(dtype=np.float64) >= SPICULATED_FROM).astype(int)
+    return frame.assign(**{SPICULATED: spiculated})
 
 
 def _cells(frame: pd.DataFrame, confounds: list[str]) -> dict[Cell, np.ndarray]:
@@ -100,8 +126,9 @@ def _draw_split(
     confounds: list[str],
     per_cell: int,
     rng: np.random.Generator,
+    real: bool = False,
 ) -> None:
-    """One split's panel: a row per cell, ``per_cell`` lung-windowed images each."""
+    """One split's panel: a row per cell, ``per_cell`` lung-windowed images each (``real``: LIDC captions)."""
     fig.suptitle(title, fontsize=11, fontweight="bold")
     axes = fig.subplots(len(rows), per_cell, squeeze=False)
     for r, cell in enumerate(rows):
@@ -111,7 +138,8 @@ def _draw_split(
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
-                ax.set_ylabel(cell_caption(cell, confounds, sep="\n"), fontsize=7.5)
+                text = real_cell_caption(cell, sep="\n") if real else cell_caption(cell, confounds, sep="\n")
+                ax.set_ylabel(text, fontsize=7.5)
             if c >= len(chosen):
                 for spine in ax.spines.values():
                     spine.set_visible(False)
@@ -122,7 +150,7 @@ def _draw_split(
             if image.ndim == 3:
                 image = axial_mip(image, frame.iloc[chosen[c]])
             ax.imshow(lung_window(image.astype(np.float32)), cmap="gray", vmin=0.0, vmax=1.0)
-            ax.set_title(factor_caption(frame.iloc[chosen[c]]), fontsize=6.5)
+            ax.set_title((real_caption if real else factor_caption)(frame.iloc[chosen[c]]), fontsize=6.5)
 
 
 @plain_text
@@ -131,7 +159,8 @@ def gallery_figure(root: Path, *, per_cell: int = 4, seed: int = 0) -> Figure:
 
     Images are shown in the lung window (WL -600, WW 1500); 3D samples by a 6 mm axial
     maximum-intensity slab through the nodule. Rows are the union of cells over splits, so panels
-    line up; up to three panels per row.
+    line up; up to three panels per row. A real dataset's cells are (label, spiculation rating >= 4)
+    and its captions the readers' malignancy and spiculation ratings and the diameter.
 
     Args:
         root: dataset folder.
@@ -143,7 +172,10 @@ def gallery_figure(root: Path, *, per_cell: int = 4, seed: int = 0) -> Figure:
     manifest = load_manifest(root)
     splits = sorted(manifest["splits"], key=lambda s: ({"train": 0, "val": 1}.get(s, 2), s))
     loaded = {s: load_split(root, s) for s in splits}
-    confounds = cell_columns(loaded[splits[0]][2])
+    real = is_real(manifest)
+    if real:
+        loaded = {s: (images, masks, _with_spiculated(frame)) for s, (images, masks, frame) in loaded.items()}
+    confounds = [SPICULATED] if real else cell_columns(loaded[splits[0]][2])
     cells = {s: _cells(loaded[s][2], confounds) for s in splits}
     rows = sorted({c for found in cells.values() for c in found}, key=lambda c: (c[0], [-a for a in c[1]]))
     columns = min(3, len(splits))
@@ -151,8 +183,14 @@ def gallery_figure(root: Path, *, per_cell: int = 4, seed: int = 0) -> Figure:
     height = len(rows) * 1.6 + 0.6
     fig = Figure(figsize=(columns * (per_cell * 1.35 + 1.1), grid_rows * height + 0.5), layout="constrained")
     header, body = fig.subfigures(2, 1, height_ratios=[0.5, grid_rows * height])
-    name = manifest["scenario"].get("name", "")
-    caption = f"{name}: rows are label × confound agreement; lung window WL -600 / WW 1500"
+    if real:
+        source = manifest["real"].get("source", "real CT")
+        readers = manifest["real"].get("readers")
+        name = f"{source} (real CT{f', readers {readers}' if readers else ''})"
+        rows_are = f"label × readers' spiculation rating >= {SPICULATED_FROM}"
+    else:
+        name, rows_are = manifest["scenario"].get("name", ""), "label × confound agreement"
+    caption = f"{name}: rows are {rows_are}; lung window WL -600 / WW 1500"
     if manifest["image"]["dim"] == 3:
         caption += f"; {MIP_SLAB_MM:g} mm axial MIP through each nodule"
     header.suptitle(caption, fontsize=12)
@@ -163,7 +201,7 @@ def gallery_figure(root: Path, *, per_cell: int = 4, seed: int = 0) -> Figure:
         images, _, frame = loaded[split]
         rng = np.random.default_rng([seed, k])
         title = f"{split} (n={len(frame)})"
-        _draw_split(panel, title, rows, cells[split], images, frame, confounds, per_cell, rng)
+        _draw_split(panel, title, rows, cells[split], images, frame, confounds, per_cell, rng, real)
     return fig
 
 

@@ -13,6 +13,11 @@ contours of the shipped table (:mod:`nodulab.synth.lidc`), and the two are compa
 * otherwise by ``shape``: round against real spiculation 1, lobulated and spiculated against
   real spiculation >= 4.
 
+On a real dataset (``nodulab import-lidc``) the same tracer outlines the real patches (the rows
+carry their ``attenuation`` and zero offsets) and each traced outline is compared with the
+readers' outline, the dataset's mask (:func:`compare_real`): Dice and the diameter error, a direct
+check of the tracer against the readers.
+
 LIDC-IDRI numbers are CC BY 3.0: cite :data:`nodulab.synth.lidc.CITATION` with them.
 """
 
@@ -64,8 +69,8 @@ def threshold_hu(attenuation: str) -> float:
     return 0.5 * (PARENCHYMA_HU + BODY_HU[attenuation])
 
 
-def trace_row(image: np.ndarray, row: pd.Series, regions: np.ndarray | None = None) -> dict[str, float]:
-    """Trace one rendered nodule (2D or 3D image in HU) and measure its outline.
+def trace_mask(image: np.ndarray, row: pd.Series, regions: np.ndarray | None = None) -> np.ndarray:
+    """Outline one nodule (2D or 3D image in HU) as a reader would: a boolean mask of the image's shape.
 
     ``regions`` (the dataset's mask) takes the vessels out first: a reader follows a vessel
     through the slices and leaves it out of the outline, which a threshold alone cannot do.
@@ -76,10 +81,18 @@ def trace_row(image: np.ndarray, row: pd.Series, regions: np.ndarray | None = No
     image = np.asarray(image, dtype=np.float32)
     if regions is not None:
         image = np.where(np.asarray(regions) == REGIONS["vessels"], PARENCHYMA_HU, image)
-    mask = traced.trace(image, centre, threshold_hu(str(row["attenuation"])))
+    return traced.trace(image, centre, threshold_hu(str(row["attenuation"])))
+
+
+def trace_row(image: np.ndarray, row: pd.Series, regions: np.ndarray | None = None) -> dict[str, float]:
+    """Trace one rendered nodule (2D or 3D image in HU) and measure its outline (3D: its largest axial slice).
+
+    ``regions`` (the dataset's mask) takes the vessels out first (:func:`trace_mask`).
+    """
+    mask = trace_mask(image, row, regions)
     if mask.ndim == 3:
         mask = traced.largest_slice(mask)
-    return traced.measure(mask, px)
+    return traced.measure(mask, float(row["pixel_mm"]))
 
 
 def _group_key(frame: pd.DataFrame) -> tuple[str, pd.Series]:
@@ -236,17 +249,21 @@ def compare(
 ) -> Realism:
     """Trace the nodules of a dataset folder and compare them with the LIDC-IDRI table.
 
+    A real dataset (``nodulab import-lidc``) goes to :func:`compare_real` instead.
+
     Args:
         root: dataset folder (``nodulab generate``).
         splits: splits to read (default every split).
         n: at most the first ``n`` rows of each split.
         progress: ``(stage, done, total)``: nodules traced so far.
     """
-    from nodulab.data.dataset import load_manifest, load_split
+    from nodulab.data.dataset import is_real, load_manifest, load_split
 
     root = Path(root)
     chosen = check_splits(root, splits, n)
     manifest = load_manifest(root)
+    if is_real(manifest):
+        return compare_real(root, splits=chosen, n=n, progress=progress)
     total = sum(min(int(manifest["splits"][s]["n"]), n or int(manifest["splits"][s]["n"])) for s in chosen)
     advance = counter(progress, "tracing", total)
     frames = []
@@ -299,6 +316,266 @@ def compare(
     return Realism(measures=synth, table=table, summary=summary)
 
 
+# ----------------------------------------------------------------------------- real datasets
+DICE_GOOD = 0.7
+"""A traced outline with Dice at least this against the readers' outline counts as a match."""
+SPICULATION_GROUPS = ("1", "1.5-3.5", ">=4")
+"""The readers' spiculation rating groups of a real dataset (1 and >= 4: the spiculation target's classes)."""
+ATTENUATIONS = ("ground_glass", "part_solid", "solid")
+REAL_COLUMNS = (
+    "split",
+    "index",
+    "label",
+    "patient",
+    "nodule",
+    "annotation_id",
+    "lidc_spiculation",
+    "lidc_malignancy",
+    "attenuation",
+    "spiculation_group",
+    "diameter_mm",
+    "traced_diameter_mm",
+    "diameter_error_mm",
+    "dice",
+    "dice_volume",
+    "slice",
+    "traced_slice",
+    "traced_area_mm2",
+    *(f"{prefix}{m}" for m in ("solidity", "radial_cv", "aspect") for prefix in ("", "traced_")),
+)
+"""``measures.csv`` of a real dataset: per nodule, the readers' outline beside the traced one."""
+REAL_STATS = (
+    "n",
+    "dice_median",
+    "dice_q25",
+    "dice_q75",
+    "dice_good_share",
+    "diameter_error_median_mm",
+    "diameter_error_q25_mm",
+    "diameter_error_q75_mm",
+    "abs_diameter_error_median_mm",
+    "untraced",
+)
+
+
+def spiculation_group(rating: float) -> str:
+    """The group of a readers' spiculation rating (a consensus median may end in .5)."""
+    if rating >= 4:
+        return ">=4"
+    return "1" if rating <= 1 else "1.5-3.5"
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap 2|A∩B| / (|A| + |B|) of two boolean masks (NaN when both are empty)."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    total = int(a.sum()) + int(b.sum())
+    return 2.0 * int((a & b).sum()) / total if total else math.nan
+
+
+def trace_real(image: np.ndarray, mask: np.ndarray, row: pd.Series) -> dict[str, float]:
+    """Trace one real patch with the synthetic tracer and compare the outline with the readers' (the mask).
+
+    2D: Dice over the patch. 3D: Dice of the mask's largest axial slice against the traced
+    outline's largest axial slice (each as the tracer and the importer measure them; their indices
+    are ``slice`` and ``traced_slice``), and ``dice_volume`` over the whole volumes.
+    """
+    px = float(row["pixel_mm"])
+    outline = trace_mask(image, row)
+    readers = np.asarray(mask) == REGIONS["body"]
+    nan = math.nan
+    out: dict[str, float] = {"dice_volume": nan, "slice": nan, "traced_slice": nan}
+    if outline.ndim == 3:
+        z_readers, z_traced = (int(np.argmax(m.sum(axis=(1, 2)))) for m in (readers, outline))
+        out.update(dice_volume=dice(outline, readers), slice=z_readers, traced_slice=z_traced)
+        outline, readers = outline[z_traced], readers[z_readers]
+    out["dice"] = dice(outline, readers)
+    found, ref = traced.measure(outline, px), traced.measure(readers, px)
+    out["traced_diameter_mm"] = found["diameter_mm"]
+    out["traced_area_mm2"] = found["area_mm2"]
+    for m in ("solidity", "radial_cv", "aspect"):
+        out[m], out[f"traced_{m}"] = ref[m], found[m]
+    return out
+
+
+def _real_stats(rows: pd.DataFrame) -> dict[str, float]:
+    d, e = _stats(rows["dice"]), _stats(rows["diameter_error_mm"])
+    dices = rows["dice"].dropna()
+    return {
+        "n": int(len(rows)),
+        "dice_median": d["median"],
+        "dice_q25": d["q25"],
+        "dice_q75": d["q75"],
+        "dice_good_share": float((dices >= DICE_GOOD).mean()) if len(dices) else math.nan,
+        "diameter_error_median_mm": e["median"],
+        "diameter_error_q25_mm": e["q25"],
+        "diameter_error_q75_mm": e["q75"],
+        "abs_diameter_error_median_mm": _stats(rows["diameter_error_mm"].abs())["median"],
+        "untraced": int((rows["traced_area_mm2"] == 0).sum()),
+    }
+
+
+def compare_real(
+    root: Path | str,
+    *,
+    splits: Sequence[str] | None = None,
+    n: int | None = None,
+    progress: Progress | None = None,
+) -> Realism:
+    """Trace a real dataset's patches with the synthetic tracer and compare each outline with the readers'.
+
+    The tracer is :func:`trace_mask` unchanged (threshold midway between the parenchyma and the
+    row's ``attenuation`` body HU, the component at the patch centre; the rows' offsets are 0).
+    Per nodule: Dice against the mask (:func:`trace_real`) and the diameter error, traced
+    area-equivalent diameter minus the row's ``diameter_mm``; summarised (median, IQR, share of
+    Dice >= :data:`DICE_GOOD`) overall, by spiculation rating group and by attenuation.
+
+    Args:
+        root: a real dataset folder (``nodulab import-lidc``).
+        splits: splits to read (default every split).
+        n: at most the first ``n`` rows of each split.
+        progress: ``(stage, done, total)``: nodules traced so far.
+    """
+    from nodulab.data.dataset import load_manifest, load_split
+
+    root = Path(root)
+    chosen = check_splits(root, splits, n)
+    manifest = load_manifest(root)
+    total = sum(min(int(manifest["splits"][s]["n"]), n or int(manifest["splits"][s]["n"])) for s in chosen)
+    advance = counter(progress, "tracing", total)
+    frames = []
+    for split in chosen:
+        images, masks, factors = load_split(root, split)
+        count = len(factors) if n is None else min(n, len(factors))
+        rows = []
+        for i in range(count):
+            rows.append(trace_real(images[i], masks[i], factors.iloc[i]))
+            advance(1)
+        part = factors.iloc[:count].reset_index(drop=True)
+        part = part.assign(
+            split=split,
+            spiculation_group=[spiculation_group(float(r)) for r in part["lidc_spiculation"]],
+            **pd.DataFrame(rows, index=part.index),
+        )
+        frames.append(part)
+    measures = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    measures["diameter_error_mm"] = measures["traced_diameter_mm"] - measures["diameter_mm"]
+    measures = measures[list(REAL_COLUMNS)]
+    groups: list[tuple[str, str, pd.DataFrame]] = [("all", "all", measures)]
+    groups += [("lidc_spiculation", g, measures[measures["spiculation_group"] == g]) for g in SPICULATION_GROUPS]
+    groups += [("attenuation", a, measures[measures["attenuation"] == a]) for a in ATTENUATIONS]
+    records = [{"by": by, "group": g, **_real_stats(rows)} for by, g, rows in groups]
+    table = pd.DataFrame(records, columns=["by", "group", *REAL_STATS])
+    dim = int(manifest["image"]["dim"])
+    real = manifest["real"]
+    stats = {(r["by"], r["group"]): {k: r[k] for k in REAL_STATS} for r in records}
+    summary: dict[str, Any] = {
+        "kind": "real",
+        "comparison": "the synthetic tracer's outline of each real patch vs the readers' outline (the mask)",
+        "dice_on": "2D: the whole patch"
+        if dim == 2
+        else "3D: the mask's largest axial slice vs the traced outline's largest axial slice "
+        "(dice_volume in measures.csv: the whole volumes)",
+        "diameter_error": "traced area-equivalent diameter minus the row's diameter_mm (the mask's), mm",
+        "dice_good": DICE_GOOD,
+        "overall": stats[("all", "all")],
+        "by_spiculation": {g: stats[("lidc_spiculation", g)] for g in SPICULATION_GROUPS},
+        "by_attenuation": {a: stats[("attenuation", a)] for a in ATTENUATIONS},
+        "settings": {
+            "threshold_rule": THRESHOLD_RULE + " (a real mask has no vessel region; offsets are 0)",
+            "splits": list(chosen),
+            "n_per_split": n,
+            "rows": int(len(measures)),
+            "untraced_rows": int((measures["traced_area_mm2"] == 0).sum()),
+            "dim": dim,
+            "pixel_mm": float(manifest["image"]["pixel_mm"]),
+        },
+        "source": {"source": real.get("source"), "readers": real.get("readers"), "citation": lidc.CITATION},
+    }
+    if dim == 3:
+        summary["overall"]["dice_volume_median"] = _stats(measures["dice_volume"])["median"]
+    return Realism(measures=measures, table=table, summary=summary)
+
+
+def is_real_result(result: Realism) -> bool:
+    """Whether ``result`` came from a real dataset (:func:`compare_real`)."""
+    return result.summary.get("kind") == "real"
+
+
+def _real_figure(result: Realism, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = result.measures
+    groups = [("all", m)]
+    groups += [(f"spic {g}", m[m["spiculation_group"] == g]) for g in SPICULATION_GROUPS]
+    groups += [(a.replace("_", " "), m[m["attenuation"] == a]) for a in ATTENUATIONS]
+    labels = [f"{name}\n(n={len(rows)})" for name, rows in groups]
+    fig, axes = plt.subplots(1, 3, figsize=(14.0, 4.2))
+    for ax, column, title in (
+        (axes[0], "dice", f"Dice, traced vs readers' outline ({result.summary['dice_on'].split(':')[0]})"),
+        (axes[2], "diameter_error_mm", "diameter error, traced − readers (mm)"),
+    ):
+        data = [rows[column].dropna().to_numpy() for _, rows in groups]
+        ax.boxplot([d if len(d) else [np.nan] for d in data], showfliers=True)
+        ax.set_xticks(range(1, len(labels) + 1), labels, rotation=45, fontsize=7)
+        ax.set_title(title, fontsize=9)
+    axes[0].axhline(DICE_GOOD, color="#d95f02", lw=0.8, ls="--")
+    axes[2].axhline(0.0, color="0.5", lw=0.8)
+    top = float(np.nanmax([m["diameter_mm"].max(), m["traced_diameter_mm"].max(), 1.0]))
+    axes[1].plot([0, top], [0, top], color="0.5", lw=0.8)
+    for g, colour in zip(SPICULATION_GROUPS, ("#1b9e77", "#7570b3", "#d95f02")):
+        rows = m[m["spiculation_group"] == g]
+        axes[1].scatter(rows["diameter_mm"], rows["traced_diameter_mm"], s=10, color=colour, label=f"spiculation {g}")
+    axes[1].set_xlabel("readers' outline diameter (mm)")
+    axes[1].set_ylabel("traced diameter (mm)")
+    axes[1].legend(fontsize=7)
+    axes[1].set_title("area-equivalent diameter", fontsize=9)
+    fig.suptitle("the synthetic tracer on real patches vs the readers' outlines", fontsize=10)
+    fig.text(0.01, 0.005, "LIDC-IDRI (CC BY 3.0): Armato et al., Med Phys 2011, doi:10.1118/1.3528204", fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _group_text(by: str, group: str) -> str:
+    if by == "lidc_spiculation":
+        return f"spic. {group}"
+    return group.replace("_", " ") if by == "attenuation" else group
+
+
+def _real_tables(result: Realism) -> list[Any]:
+    from rich.table import Table
+
+    s = result.summary
+    main = Table(
+        title="the synthetic tracer vs the readers' outlines: Dice, and diameter error (traced − readers, mm)",
+        caption=f"Dice on {s['dice_on']}; ≥{DICE_GOOD:g}: share of Dice >= {DICE_GOOD:g}; spic.: the readers' "
+        "spiculation rating; empty: no pixel above the threshold; |error| and more: --out",
+    )
+    main.add_column("group")
+    for column in ("n", "Dice", "IQR", f"≥{DICE_GOOD:g}", "error", "IQR", "empty"):
+        main.add_column(column, justify="right")
+    for r in result.table.to_dict("records"):
+        group = _group_text(r["by"], r["group"])
+        if not r["n"]:
+            main.add_row(group, "0", *["-"] * 6)
+            continue
+        main.add_row(
+            group,
+            str(r["n"]),
+            f"{r['dice_median']:.3f}",
+            f"{r['dice_q25']:.2f}–{r['dice_q75']:.2f}",
+            f"{r['dice_good_share']:.0%}",
+            f"{r['diameter_error_median_mm']:+.2f}",
+            f"{r['diameter_error_q25_mm']:+.2f}–{r['diameter_error_q75_mm']:+.2f}",
+            str(r["untraced"]),
+            end_section=r["by"] == "all" or r["group"] == SPICULATION_GROUPS[-1],
+        )
+    return [main]
+
+
 def _clean(obj: Any) -> Any:
     if isinstance(obj, float):
         return None if not math.isfinite(obj) else round(obj, 6)
@@ -343,7 +620,11 @@ def _figure(result: Realism, path: Path) -> None:
 
 
 def write(result: Realism, out: Path, *, force: bool = False) -> Path:
-    """Write realism.csv, summary.json, measures.csv and realism.png into a new folder ``out``."""
+    """Write realism.csv, summary.json, measures.csv and realism.png into a new folder ``out``.
+
+    A real dataset's realism.csv has one row per group (``by``, ``group``, Dice and diameter-error
+    statistics) and its figure shows Dice, diameters and errors by group.
+    """
     from nodulab.common.writing import staged
 
     with staged(out, force=force, owner="summary.json") as tmp:
@@ -351,7 +632,7 @@ def write(result: Realism, out: Path, *, force: bool = False) -> Path:
         result.measures.round(6).to_csv(tmp / "measures.csv", index=False)
         text = json.dumps(_clean(result.summary), indent=2, sort_keys=True)
         (tmp / "summary.json").write_text(text + "\n", encoding="utf-8")
-        _figure(result, tmp / "realism.png")
+        (_real_figure if is_real_result(result) else _figure)(result, tmp / "realism.png")
     return out
 
 
@@ -362,8 +643,14 @@ def fmt(stats: pd.Series) -> str:
 
 
 def rich_tables(result: Realism) -> list[Any]:
-    """The printed summary: per group real beside synthetic, AUCs, quantiles and (twins) the goals."""
+    """The printed summary: per group real beside synthetic, AUCs, quantiles and (twins) the goals.
+
+    A real dataset: one table of Dice and diameter error, overall and by group.
+    """
     from rich.table import Table
+
+    if is_real_result(result):
+        return _real_tables(result)
 
     by = result.summary["grouping"]
     t = result.table.set_index(["source", "group", "measure"])

@@ -2,7 +2,8 @@
 
 Hashes against the manifest, a byte-exact re-render of a sample of rows, label balance, each
 confound's agreement inside an exact binomial 99% interval, and the measured vs requested body
-diameter.
+diameter. A real dataset (``nodulab import-lidc``) cannot be re-rendered: its files, ratings,
+masks, recorded diameters, labels and patient split are re-checked instead (:func:`validate_real`).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from nodulab.data import traced
 from nodulab.data.dataset import (
     ARRAYS,
     DatasetError,
     cell_columns,
     cell_counts,
     check_manifest,
+    is_real,
     load_split,
     read_manifest,
     sha256_file,
@@ -194,9 +197,11 @@ def validate(root: Path, *, n_rerender: int = 16) -> ValidationReport:
     ``malignant_rate``); each confound's agreement inside its 99% exact binomial range; the
     median relative error of the measured body diameter (samples >= 6 mm) at most 10%.
 
+    A real dataset (``kind`` ``real``) is checked by :func:`validate_real` (no re-render).
+
     Args:
         root: dataset folder.
-        n_rerender: rows re-rendered per split (0 skips the re-render).
+        n_rerender: rows re-rendered per split (0 skips the re-render; ignored for a real dataset).
 
     Returns:
         A ``ValidationReport``.
@@ -214,6 +219,8 @@ def validate(root: Path, *, n_rerender: int = 16) -> ValidationReport:
     except DatasetError as error:
         report.add("manifest", False, str(error))
         return report
+    if is_real(manifest):
+        return validate_real(root, manifest, report)
     try:
         scenario = load_scenario_dict(manifest["scenario"])
         specs = {name: scenario.splits.get(name) for name in manifest["splits"]}
@@ -243,4 +250,171 @@ def validate(root: Path, *, n_rerender: int = 16) -> ValidationReport:
             _check_labels(report, split, frame, specs[split])
             _check_agreement(report, split, frame, specs[split])
         _check_diameter(report, split, masks, frame)
+    return report
+
+
+# ----------------------------------------------------------------------------- real datasets
+DIAMETER_RTOL = 1e-6
+"""Relative tolerance between a real row's ``diameter_mm`` and the diameter measured on its mask."""
+LABEL_RULE = {"malignant_from": 4, "benign_to": 2}
+"""The importer's default label rule (``nodulab import-lidc --malignant 4 --benign 2``)."""
+
+
+def mask_diameter_mm(mask: np.ndarray, pixel_mm: float) -> float:
+    """Area-equivalent diameter of a real mask's body (2D: the mask; 3D: its largest axial slice).
+
+    The importer records ``diameter_mm`` this way (:func:`nodulab.data.traced.measure`); 0 when empty.
+    """
+    body = np.asarray(mask) == 1
+    if body.ndim == 3:
+        body = traced.largest_slice(body)
+    return float(traced.measure(body, pixel_mm)["diameter_mm"]) if body.any() else 0.0
+
+
+def _check_real_masks(report: ValidationReport, split: str, masks: np.ndarray) -> bool:
+    """Masks hold only 0 (background) and 1 (the readers' outline), and no row's outline is empty."""
+    bad_values, empty = [], []
+    for i in range(len(masks)):
+        mask = np.asarray(masks[i])
+        if not np.isin(mask, (0, 1)).all():
+            bad_values.append(i)
+        elif not mask.any():
+            empty.append(i)
+    ok = not bad_values and not empty
+    if ok:
+        detail = f"{len(masks)} masks of 0/1, none empty"
+    elif bad_values:
+        detail = f"values other than 0/1 in rows {bad_values[:8]}"
+    else:
+        detail = f"empty outline in rows {empty[:8]}"
+    report.add(f"{split}: masks", ok, detail)
+    return ok
+
+
+def _check_real_diameter(report: ValidationReport, split: str, masks: np.ndarray, frame: pd.DataFrame) -> None:
+    recorded = frame["diameter_mm"].to_numpy(dtype=np.float64)
+    spacing = frame["pixel_mm"].to_numpy(dtype=np.float64)
+    measured = np.array([mask_diameter_mm(masks[i], float(spacing[i])) for i in range(len(frame))])
+    bad = np.flatnonzero(~np.isclose(measured, recorded, rtol=DIAMETER_RTOL, atol=0.0))
+    where = "largest axial slice" if masks.ndim == 4 else "mask"
+    if not len(bad):
+        detail = (
+            f"diameter_mm equals the {where}'s area-equivalent diameter in {len(frame)} rows (rtol {DIAMETER_RTOL:g})"
+        )
+    else:
+        i = int(bad[0])
+        detail = (
+            f"{len(bad)} rows differ from the {where}'s diameter, first row {i}: "
+            f"{recorded[i]:.6g} mm recorded, {measured[i]:.6g} mm measured"
+        )
+    report.add(f"{split}: diameter", not len(bad), detail)
+
+
+def _check_real_labels(report: ValidationReport, split: str, frame: pd.DataFrame, rule: dict[str, Any]) -> None:
+    high, low = float(rule["malignant_from"]), float(rule["benign_to"])
+    malignancy = frame["lidc_malignancy"].to_numpy(dtype=np.float64)
+    label = frame["label"].to_numpy()
+    bad = np.flatnonzero(((label == 1) & (malignancy < high)) | ((label == 0) & (malignancy > low)))
+    n1 = int((label == 1).sum())
+    if not len(bad):
+        detail = f"{len(frame) - n1} benign (malignancy <= {low:g}) / {n1} malignant (>= {high:g})"
+    else:
+        i = int(bad[0])
+        detail = (
+            f"{len(bad)} rows break the rule (label 1: malignancy >= {high:g}; 0: <= {low:g}), "
+            f"first row {i}: label {int(label[i])}, malignancy {malignancy[i]:g}"
+        )
+    report.add(f"{split}: labels", not len(bad), detail)
+
+
+def _check_patients(report: ValidationReport, patients: dict[str, set[int]]) -> None:
+    """No patient's nodules in two splits."""
+    names = list(patients)
+    shared = [
+        (a, b, sorted(patients[a] & patients[b]))
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+        if patients[a] & patients[b]
+    ]
+    total = len(set().union(*patients.values())) if patients else 0
+    if not shared:
+        report.add("patients", True, f"{total} patients, none in two splits")
+        return
+    a, b, ids = shared[0]
+    report.add("patients", False, f"patient {ids[0]} in {a} and {b} ({sum(len(s[2]) for s in shared)} shared in all)")
+
+
+def _check_split_sizes(report: ValidationReport, manifest: dict[str, Any], rows: dict[str, int]) -> None:
+    """Split sizes: rows read per split, and their total against the rows the manifest's series list."""
+    sizes = ", ".join(f"{split} {n}" for split, n in rows.items())
+    series = manifest["real"].get("series")
+    counted = [s.get("rows") for s in series] if isinstance(series, list) and series else []
+    if counted and all(isinstance(k, int) and not isinstance(k, bool) for k in counted):
+        ok = sum(counted) == sum(rows.values())
+        report.add("split sizes", ok, f"{sizes}; {sum(counted)} rows from {len(counted)} series in real.series")
+    else:
+        report.add("split sizes", True, f"{sizes} (real.series lists no row counts)")
+
+
+def validate_real(root: Path, manifest: dict[str, Any], report: ValidationReport | None = None) -> ValidationReport:
+    """Re-check a real dataset (``nodulab import-lidc``) against its manifest; nothing is re-rendered.
+
+    Per split: sha256 of every file; array shapes and dtypes and the factor table (the ratings on
+    their scales: :func:`nodulab.data.dataset.check_real_factors`); ``pixel_mm`` equal to the
+    manifest's; masks of 0/1 with no empty outline; ``diameter_mm`` equal to the mask's
+    area-equivalent diameter (3D: its largest axial slice) within :data:`DIAMETER_RTOL`; labels
+    following ``real.label`` (default :data:`LABEL_RULE`); cell counts. Over the dataset: no patient
+    in two splits, and the split sizes against the rows ``real.series`` lists.
+    """
+    report = report if report is not None else ValidationReport()
+    real = manifest["real"]
+    rule = real.get("label") if isinstance(real.get("label"), dict) else {}
+    rule = {key: rule.get(key, default) for key, default in LABEL_RULE.items()}
+    series = real.get("series") if isinstance(real.get("series"), list) else []
+    report.add(
+        "re-render",
+        True,
+        f"no re-render: real CT ({real.get('source', 'real')}, readers {real.get('readers', '?')}, "
+        f"{len(series)} series read)",
+    )
+    pixel_mm = float(manifest["image"]["pixel_mm"])
+    patients: dict[str, set[int]] = {}
+    rows: dict[str, int] = {}
+    for split, entry in manifest["splits"].items():
+        if not _check_files(report, root, split, entry):
+            continue
+        try:
+            images, masks, frame = load_split(root, split)
+        except DatasetError as error:
+            name = "ratings" if "column 'lidc_" in str(error) else "readable"  # a rating off its scale
+            report.add(f"{split}: {name}", False, str(error))
+            continue
+        ratings = [c for c in frame.columns if c.startswith("lidc_")]
+        report.add(f"{split}: ratings", True, f"{len(ratings)} rating columns on their scales")
+        expected = entry["images"]["shape"]
+        shape_ok = list(images.shape) == expected == list(masks.shape) and len(frame) == expected[0]
+        report.add(
+            f"{split}: shapes",
+            shape_ok,
+            f"images {tuple(images.shape)} {images.dtype}, masks {masks.dtype}, {len(frame)} factor rows",
+        )
+        if not shape_ok:
+            continue
+        rows[split] = len(frame)
+        patients[split] = set(frame["patient"].astype(int).tolist())
+        _check_cells(report, split, frame, entry)
+        spacing = frame["pixel_mm"].to_numpy(dtype=np.float64)
+        same = np.flatnonzero(spacing != pixel_mm)
+        report.add(
+            f"{split}: pixel_mm",
+            not len(same),
+            f"every row at the manifest's {pixel_mm:g} mm"
+            if not len(same)
+            else f"row {int(same[0])}: {spacing[same[0]]:g} mm, the manifest says {pixel_mm:g}",
+        )
+        if _check_real_masks(report, split, masks):
+            _check_real_diameter(report, split, masks, frame)
+        _check_real_labels(report, split, frame, rule)
+    _check_patients(report, patients)
+    _check_split_sizes(report, manifest, rows)
     return report

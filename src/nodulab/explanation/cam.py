@@ -26,6 +26,11 @@ Spearman rank correlation between the trained model's maps and the maps of the r
 encoder (same seed) read by its own untrained head or probe; ``area_share`` is empty there. A
 map that barely changes when the weights are random (correlation near 1) shows the input's
 edges, not what the model learned.
+
+On a real dataset (``nodulab import-lidc``) the mask has two regions only: ``body`` is the
+readers' outline (consensus >= 50%, or the one reader) and ``background`` the rest
+(``REAL_REGIONS``); ``cam.csv`` reads the same (the share of the map inside the outline against
+the outline's area), with the same sanity row.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from torch import nn
 
 from nodulab.common.plaintext import plain_text
 from nodulab.common.tables import RESULT_TABLES, write_table
-from nodulab.data.dataset import hu_to_input, load_split, lung_window
+from nodulab.data.dataset import hu_to_input, is_real, load_manifest, load_split, lung_window
 from nodulab.data.gallery import LABEL_NAMES, axial_mip
 from nodulab.synth.renderer import REGIONS
 from nodulab.training.models import NoduleNet
@@ -57,6 +62,8 @@ SANITY_REGION = "sanity_rank_corr"
 CAM_CLASSIFIERS = ("head", "probe", "dfr")
 """Classifiers with a gradient (kNN has none)."""
 EXPLAIN = ("predicted", "malignant", "benign")
+REAL_REGIONS = {"background": REGIONS["background"], "body": REGIONS["body"]}
+"""The regions of a real dataset's masks: the readers' outline is ``body`` (no spicule or vessel regions)."""
 MIN_SIDE_FRACTION = 0.25
 """The Grad-CAM layer keeps at least this fraction of the input's side."""
 
@@ -239,11 +246,12 @@ def _class_score(score: torch.Tensor, explain: str) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- summaries
-def region_mass(maps: np.ndarray, masks: np.ndarray) -> pd.DataFrame:
+def region_mass(maps: np.ndarray, masks: np.ndarray, regions: dict[str, int] = REGIONS) -> pd.DataFrame:
     """Share of positive attribution in each mask region against the region's share of the image.
 
     Args:
         maps: ``(N, *S)`` attribution maps. masks: ``(N, *S)`` region codes (``REGIONS``).
+        regions: the regions reported (``REAL_REGIONS`` on a real dataset).
 
     Returns:
         Columns ``region, mass, area_share``: per-sample shares averaged over samples (samples
@@ -254,7 +262,7 @@ def region_mass(maps: np.ndarray, masks: np.ndarray) -> pd.DataFrame:
     total = positive.sum(axis=1)
     some = total > 0
     rows = []
-    for region, code in REGIONS.items():
+    for region, code in regions.items():
         inside = codes == code
         mass = (positive * inside).sum(axis=1)[some] / total[some]
         rows.append((region, float(mass.mean()) if some.any() else float("nan"), float(inside.mean())))
@@ -290,19 +298,21 @@ def cam_table(run: LoadedRun, data_dir: Path | str, *, split: str, n: int | None
 
     Returns:
         Columns ``split,classifier,region,mass,area_share``; regions ``background``, ``body``,
-        ``spicules``, ``vessels``, then ``sanity_rank_corr`` (``mass`` = mean Spearman
+        ``spicules``, ``vessels`` (a real dataset: ``background``, ``body``, the readers' outline),
+        then ``sanity_rank_corr`` (``mass`` = mean Spearman
         correlation with the untrained encoder's maps, ``area_share`` empty). ``dfr`` has no
         untrained counterpart; its check uses the untrained ``probe``.
     """
     images, masks, factors = load_split(Path(data_dir), split)
     count = len(factors) if n is None else min(int(n), len(factors))
     images, masks = images[:count], masks[:count]
+    regions = REAL_REGIONS if is_real(load_manifest(Path(data_dir))) else REGIONS
     frames = []
     for classifier in cam_classifiers(run):
         maps = _maps(run, images, classifier)
         control = "head" if classifier == "head" else "probe"
         random_maps = _maps(run, images, control, untrained=True)
-        frame = region_mass(maps, masks)
+        frame = region_mass(maps, masks, regions)
         sanity = pd.DataFrame(
             [(SANITY_REGION, rank_correlation(maps, random_maps), float("nan"))], columns=frame.columns
         )
@@ -375,9 +385,9 @@ def cam_figure(
             ax.imshow(cam / cam.max() if cam.max() > 0 else cam, cmap="jet", alpha=0.4, vmin=0.0, vmax=1.0)
             body = _display((np.asarray(masks[i]) == REGIONS["body"]).astype(np.uint8), maps[i], factors.iloc[i])[0]
             ax.contour(body, levels=[0.5], colors="white", linewidths=0.5)
-            ax.set_title(
-                f"#{i} · {factors.iloc[i]['shape']}\n{float(factors.iloc[i]['diameter_mm']):.1f} mm", fontsize=6.5
-            )
+            row = factors.iloc[i]
+            kind = row["shape"] if "shape" in row else f"spic {float(row['lidc_spiculation']):g}"
+            ax.set_title(f"#{i} · {kind}\n{float(row['diameter_mm']):.1f} mm", fontsize=6.5)
     return fig
 
 
@@ -398,6 +408,7 @@ def write_cam(context: ExplainContext, folder: Path) -> None:
     context.tables["cam"] = frame
     context.record["cam"] = {
         "rows_per_split": rows,
+        **({"regions": "body: the readers' outline; background: the rest"} if is_real(context.manifest) else {}),
         "layer": cam_layer(
             context.run.model, tuple(context.manifest["image"]["size"] for _ in range(context.manifest["image"]["dim"]))
         )[0],

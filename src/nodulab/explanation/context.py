@@ -24,7 +24,8 @@ class ExplainContext:
     run: LoadedRun
     data_dir: Path
     manifest: dict[str, Any]
-    scenario: Scenario
+    scenario: Scenario | None
+    """The dataset's scenario; ``None`` for a real dataset (no counterfactual switches)."""
     splits: list[str]
     n: int | None
     predict: Predict

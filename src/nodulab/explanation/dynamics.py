@@ -64,7 +64,7 @@ from nodulab.common.scoring import (
 )
 from nodulab.common.tables import RESULT_TABLES, write_table
 from nodulab.common.writing import DatasetError, check_out, staged, write_atomically
-from nodulab.data.dataset import load_manifest, load_split
+from nodulab.data.dataset import is_real, load_manifest, load_split
 from nodulab.explanation.counterfactual import CHUNK
 from nodulab.explanation.switches import Switch, build_switches, fits
 from nodulab.synth.renderer import render
@@ -345,7 +345,8 @@ def check_dynamics(
 
     Returns:
         Whether ``dynamics_run`` has something to score: False when ``data_dir`` is not the run's
-        own dataset or the run kept no checkpoints (``evaluate`` then writes no ``dynamics.csv``).
+        own dataset, is a real dataset (no switches to render), or the run kept no checkpoints
+        (``evaluate`` then writes no ``dynamics.csv``).
 
     Raises:
         RunError, DatasetError: what ``dynamics_run`` would raise, named.
@@ -353,7 +354,7 @@ def check_dynamics(
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     run = load_run(run_dir, device=device)
     manifest = load_manifest(data_dir)
-    if not run.check_dataset(manifest, data_dir):
+    if not run.check_dataset(manifest, data_dir) or is_real(manifest):
         return False
     found = run_checkpoints(run_dir, _epochs(run, run_dir)[0])
     if not found:

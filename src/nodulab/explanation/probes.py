@@ -17,6 +17,12 @@ directions averaged), and comes with two controls beside it:
 
 ``embedding_figure`` draws the frozen embedding (PCA; UMAP too when ``umap-learn`` is
 importable) coloured by the label and by each factor that varies, one panel each.
+
+On a real dataset (``nodulab import-lidc``) the targets are the readers' ratings instead of the
+renderer's factors (``REAL_CATEGORICAL``, ``REAL_NUMERIC``): ``label`` (malignancy) and
+``attenuation`` by balanced accuracy, ``diameter_mm`` and every ``lidc_*`` rating that varies by
+ridge R², with the same controls. The halves are split by patient (a patient's nodules, or one
+nodule's readers with ``--readers each``, never on both sides).
 """
 
 from __future__ import annotations
@@ -30,18 +36,20 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from rich.table import Table
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, RidgeCV
 from sklearn.metrics import balanced_accuracy_score, r2_score
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from nodulab.common.plaintext import plain_text
 from nodulab.common.tables import RESULT_TABLES, write_table
-from nodulab.data.dataset import load_manifest, load_split
+from nodulab.data.dataset import is_real, load_manifest, load_split
 from nodulab.data.gallery import short_factor
+from nodulab.synth import lidc
 from nodulab.synth.factors import FACTORS, Factor
 from nodulab.training.readouts import extract
 from nodulab.training.runs import LoadedRun, run_threads
@@ -79,6 +87,10 @@ from the image. ``pixel_mm`` is fixed per dataset."""
 ACTS_ON = expressed_where()
 """Factors that only act on some rows (the renderer ignores them elsewhere): decoded there only,
 so a probe is not scored on values the image cannot show."""
+REAL_CATEGORICAL = ("label", "attenuation")
+"""Categorical targets on a real dataset: malignancy (the dataset's label) and the texture class."""
+REAL_NUMERIC = ("diameter_mm", *(f"lidc_{name}" for name in lidc.RATINGS))
+"""Numeric targets on a real dataset: the measured diameter and every reader rating (R²)."""
 RIDGE_ALPHAS = tuple(np.logspace(-2, 5, 15))
 LOGISTIC_CS = (1e-2, 1e-1, 1.0)
 PERMUTATIONS = 5
@@ -106,20 +118,31 @@ def _features(run: LoadedRun, images: np.ndarray) -> dict[str, np.ndarray]:
         }
 
 
-def probe_targets(factors: pd.DataFrame) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+def probe_targets(
+    factors: pd.DataFrame,
+    *,
+    categorical: tuple[str, ...] | None = None,
+    numeric: tuple[str, ...] | None = None,
+    acts_on: Mapping[str, tuple[str, tuple[str, ...]]] | None = None,
+) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
     """Every factor that varies in a factor table, with the rows it is decoded on.
 
     Args:
         factors: a split's factor table.
+        categorical, numeric, acts_on: the targets (default ``CATEGORICAL``, ``NUMERIC``, ``ACTS_ON``:
+            the synthetic factors; a real dataset passes ``REAL_CATEGORICAL``, ``REAL_NUMERIC`` and ``{}``).
 
     Returns:
         ``[(factor, target, rows, values)]``: ``target`` says what is decoded (``class``, or
         ``value``, with ``among ...`` when restricted to the rows where the factor acts), ``rows``
         the int row indices, ``values`` the target per row (class codes or floats).
     """
+    categorical = CATEGORICAL if categorical is None else categorical  # read at call time (the registry may grow)
+    numeric = NUMERIC if numeric is None else numeric
+    acts_on = ACTS_ON if acts_on is None else acts_on
     found = []
     agrees = [c for c in factors.columns if c.startswith("agrees_")]
-    for name in (*CATEGORICAL, *agrees):
+    for name in (*categorical, *agrees):
         if name in factors:
             _, codes = np.unique(factors[name].astype(str).to_numpy(), return_inverse=True)
             counts = np.bincount(codes)
@@ -127,13 +150,13 @@ def probe_targets(factors: pd.DataFrame) -> list[tuple[str, str, np.ndarray, np.
             kept, codes = np.unique(codes[keep], return_inverse=True)
             if len(kept) >= 2:
                 found.append((name, f"class ({len(kept)})", keep, codes))
-    for name in NUMERIC:
+    for name in numeric:
         if name not in factors:
             continue
         rows = np.arange(len(factors))
         target = "value"
-        if name in ACTS_ON:
-            column, values = ACTS_ON[name]
+        if name in acts_on:
+            column, values = acts_on[name]
             rows = np.flatnonzero(factors[column].isin(values).to_numpy())
             target = f"value among {' or '.join(values)}"
         y = factors[name].to_numpy(dtype=np.float64)[rows]
@@ -175,13 +198,23 @@ def _fit_score(
         return float(r2_score(y_test, ridge.predict(x_test)))
 
 
-def decodability(features: dict[str, np.ndarray], factors: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
+def decodability(
+    features: dict[str, np.ndarray],
+    factors: pd.DataFrame,
+    *,
+    seed: int = 0,
+    targets: list[tuple[str, str, np.ndarray, np.ndarray]] | None = None,
+    groups: np.ndarray | None = None,
+) -> pd.DataFrame:
     """Probe scores of every varying factor, from given features, with the controls.
 
     Args:
         features: ``{"trained": (N, E), "random_init": (N, E)}`` features of the same rows.
         factors: the rows' factor table (``N`` rows).
         seed: the half split and the label permutation.
+        targets: what is decoded (default ``probe_targets(factors)``).
+        groups: ``(N,)`` group ids kept on one side of the half split (a real dataset's patients);
+            default none.
 
     Returns:
         A frame with the columns of ``RESULT_TABLES["probes"]``: per factor, ``trained``,
@@ -191,18 +224,32 @@ def decodability(features: dict[str, np.ndarray], factors: pd.DataFrame, *, seed
     records = []
     # the fits are tiny (about 100 x 128): BLAS threads cost 100x more than they save here
     with threadpool_limits(1):
-        records = _decode_all(features, factors, seed)
+        records = _decode_all(features, factors, seed, probe_targets(factors) if targets is None else targets, groups)
     return pd.DataFrame.from_records(records, columns=list(RESULT_TABLES["probes"].columns))
 
 
-def _decode_all(features: dict[str, np.ndarray], factors: pd.DataFrame, seed: int) -> list[tuple]:
+def _decode_all(
+    features: dict[str, np.ndarray],
+    factors: pd.DataFrame,
+    seed: int,
+    targets: list[tuple[str, str, np.ndarray, np.ndarray]],
+    groups: np.ndarray | None,
+) -> list[tuple]:
     records = []
-    for k, (factor, target, rows, y) in enumerate(probe_targets(factors)):
+    for k, (factor, target, rows, y) in enumerate(targets):
         categorical = target.startswith("class")
         strata = y if categorical else factors["label"].to_numpy()[rows]
         if np.bincount(np.unique(strata, return_inverse=True)[1]).min() < 2:
             strata = np.zeros(len(rows), dtype=int)  # too few of a label to stratify by it
-        halves = list(StratifiedKFold(2, shuffle=True, random_state=seed).split(rows, strata))
+        if groups is None:
+            halves = list(StratifiedKFold(2, shuffle=True, random_state=seed).split(rows, strata))
+        else:
+            if len(np.unique(groups[rows])) < 2:
+                continue  # one patient: no held-out half
+            folds = StratifiedGroupKFold(2, shuffle=True, random_state=seed)
+            halves = list(folds.split(rows, strata, groups[rows]))
+            if categorical and any(np.bincount(y[fit], minlength=int(y.max()) + 1).min() < 2 for fit, _ in halves):
+                continue  # whole patients cannot give each half two rows of every class
         rng = np.random.default_rng([seed, k])
         scores: dict[str, list[float]] = {c: [] for c in CONTROLS}
         for fit, test in halves:
@@ -243,7 +290,13 @@ def factor_probes(
     used = probe_split(data_dir, split)
     images, _, factors = load_split(Path(data_dir), used)
     count = len(factors) if n is None else min(int(n), len(factors))
-    frame = decodability(_features(run, images[:count]), factors.iloc[:count].reset_index(drop=True), seed=seed)
+    factors = factors.iloc[:count].reset_index(drop=True)
+    if is_real(load_manifest(Path(data_dir))):
+        targets = probe_targets(factors, categorical=REAL_CATEGORICAL, numeric=REAL_NUMERIC, acts_on={})
+        groups = factors["patient"].to_numpy()
+        frame = decodability(_features(run, images[:count]), factors, seed=seed, targets=targets, groups=groups)
+    else:
+        frame = decodability(_features(run, images[:count]), factors, seed=seed)
     frame.attrs["split"] = used
     return frame
 
@@ -262,10 +315,10 @@ def embedding_coordinates(features: np.ndarray, *, seed: int = 0) -> dict[str, n
     return maps
 
 
-def _colour_columns(factors: pd.DataFrame) -> list[str]:
-    """The label, then every categorical and numeric factor that varies."""
+def _colour_columns(factors: pd.DataFrame, *, real: bool = False) -> list[str]:
+    """The label, then every categorical and numeric factor that varies (a real dataset: its ratings)."""
     agrees = [c for c in factors.columns if c.startswith("agrees_")]
-    names = [*CATEGORICAL, *agrees, *NUMERIC, "rotation_deg"]
+    names = [*REAL_CATEGORICAL, *REAL_NUMERIC] if real else [*CATEGORICAL, *agrees, *NUMERIC, "rotation_deg"]
     return [c for c in names if c in factors and factors[c].nunique() > 1]
 
 
@@ -286,8 +339,8 @@ def embedding_figure(run: LoadedRun, data_dir: Path | str, *, split: str, n: int
     with run_threads(run.threads):
         features = extract(run.model, images[:count], device=run.device)["features"]
     maps = embedding_coordinates(features)
-    columns = _colour_columns(factors)
-    width = min(PANELS_PER_ROW, len(columns))
+    columns = _colour_columns(factors, real=is_real(load_manifest(Path(data_dir))))
+    width = max(1, min(PANELS_PER_ROW, len(columns)))
     rows_per_map = -(-len(columns) // width)
     fig = Figure(figsize=(2.5 * width + 0.5, 2.4 * rows_per_map * len(maps) + 0.5), layout="constrained")
     loss = run.record.get("config", {}).get("loss", "")
@@ -326,14 +379,37 @@ EMBEDDING_ROWS = 1000
 
 
 def write_probes(context: ExplainContext, folder: Path) -> None:
-    """``explain`` writer: ``probes.csv`` and ``embedding.png`` into ``folder``."""
-    frame = factor_probes(context.run, context.data_dir, n=context.n)
-    write_table(frame, folder / RESULT_TABLES["probes"].file_name)
+    """``explain`` writer: ``probes.csv`` and ``embedding.png`` into ``folder``.
+
+    On a real dataset the probes decode the readers' ratings (module docstring) on the first
+    explained split (default ``test_lidc``: every real row is unseen by a synthetic-trained run).
+    """
     split = context.splits[0]
+    if is_real(context.manifest):
+        frame = factor_probes(context.run, context.data_dir, split=split, n=context.n)
+    else:
+        frame = factor_probes(context.run, context.data_dir, n=context.n)
+    write_table(frame, folder / RESULT_TABLES["probes"].file_name)
     figure = embedding_figure(
         context.run, context.data_dir, split=split, n=min(context.n or EMBEDDING_ROWS, EMBEDDING_ROWS)
     )
     figure.savefig(folder / "embedding.png", dpi=90, metadata={"Software": None})
     context.tables["probes"] = frame
     context.record["probes"] = {"split": frame.attrs["split"], "controls": list(CONTROLS)}
+    if is_real(context.manifest):
+        context.record["probes"]["targets"] = "label (malignancy), attenuation, diameter_mm, lidc_* ratings"
+        context.record["probes"]["halves"] = "split by patient"
     context.record["embedding"] = {"split": split}
+
+
+def probes_table(frame: pd.DataFrame, title: str | None = None) -> Table:
+    """A rich table of a ``probes.csv`` frame: one row per factor, the trained score beside its controls."""
+    table = Table(title=title)
+    for name in ("factor", "target", "metric", *CONTROLS):
+        table.add_column(name, justify="right" if name in CONTROLS else "left", no_wrap=True)
+    scores = {(r.factor, r.target, r.control): r.score for r in frame.itertuples(index=False)}
+    for r in frame.drop_duplicates(["factor", "target"]).itertuples(index=False):
+        table.add_row(
+            r.factor, r.target, r.metric, *(f"{scores.get((r.factor, r.target, c), np.nan):.3f}" for c in CONTROLS)
+        )
+    return table

@@ -5,7 +5,8 @@ inline, every figure an inline base64 PNG, no JavaScript and no external URL, so
 mailed or archived as one file. Sections: the study (grid, runs done and failed, the tuning
 rule), the findings (``findings.findings``), the dataset galleries, per scenario the loss × split
 table beside the matched ceiling with the controls and oracles apart, the paired differences to
-ce, what each model relies on (reliance heatmap, diameter sweep, cue index, probes), Grad-CAM
+ce, the sim-to-real comparison (each loss on real nodules, when the study has ``[real]``; else how
+to add them), what each model relies on (reliance heatmap, diameter sweep, cue index, probes), Grad-CAM
 and embedding maps, and training curves. A missing piece (no explain tables, no clean scenario,
 one seed, failed runs) becomes a short sentence, never an error or an empty image.
 """
@@ -32,6 +33,7 @@ from nodulab.results.sections import (
     page,
     scores_section,
     section,
+    sim_to_real_section,
 )
 from nodulab.results.seed_tables import (
     MIN_SEEDS,
@@ -152,6 +154,7 @@ def cell_sections(study: StudyResults, suffix: str = "", title: str = "") -> lis
             f"<p>{ceiling}</p>{scores or missing('No scores yet.')}",
         ),
         paired,
+        sim_to_real_section(study, suffix, title),
         section(
             "reliance" + suffix,
             "What each model relies on" + title,

@@ -1,4 +1,5 @@
-"""The report's HTML: the page frame and the per-scenario sections (scores, differences, reliance, figures).
+"""The report's HTML: the page frame and the per-scenario sections (scores, differences, sim-to-real, reliance,
+figures).
 
 Every section reads the shared ``view.StudyResults`` and turns what is missing into a sentence. Cells
 show seed-level numbers: mean ± SD over seeds, and the 95% t-interval of the mean below.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -25,6 +26,17 @@ from nodulab.results.seed_tables import (
     read_splits,
     reliance_summary,
     summarise,
+)
+from nodulab.results.sim_to_real import (
+    MIN_LOSSES,
+    REAL_METRICS,
+    RHO_DRAWS,
+    TARGETS,
+    Level,
+    RankCorrelation,
+    SimToReal,
+    ranking_text,
+    sim_to_real,
 )
 
 if TYPE_CHECKING:
@@ -50,6 +62,7 @@ CONTENTS = (
     ("datasets", "Datasets"),
     ("scores", "Scores"),
     ("differences", "Differences to ce"),
+    ("sim-to-real", "Sim-to-real"),
     ("reliance", "Reliance"),
     ("dynamics", "Dynamics"),
     ("figures", "Figures"),
@@ -197,6 +210,8 @@ def scores_section(study: StudyResults, scenario: str, gaps: pd.DataFrame, ood: 
 def _controls_table(study: StudyResults, scenario: str, splits: list[str]) -> str:
     """dfr (feature-quality oracle), probe_init (untrained control) and, with budget > 1, the test-selected oracle."""
     metrics = study.tables["metrics"]
+    if "dataset" in metrics:  # the runs' scores on their own images (not a ceiling's of others', nor real ones)
+        metrics = metrics[metrics["dataset"] == metrics["scenario"]]
     metrics = metrics[(metrics["scenario"] == scenario) & (metrics["metric"] == METRIC) & (metrics["selected"] == 1)]
     kinds: list[tuple[str, pd.DataFrame]] = []
     if study.budget > 1:
@@ -545,3 +560,180 @@ def cue_overtakes(frame: pd.DataFrame) -> int | None:
         return None
     ahead = means.index[(means["cue_flip_rate"] > means["confound_flip_rate"]).to_numpy()]
     return int(ahead[0]) if len(ahead) else None
+
+
+# ----------------------------------------------------------------------------- sim-to-real
+TARGET_TITLES = {"malignancy": "malignancy (the readers' rating)", "spiculation": "spiculation (rating ≥ 4 vs 1)"}
+
+
+def malignancy_rule(real: dict[str, Any] | None) -> str:
+    """The real dataset's label rule in words (``dataset.json``'s ``real.label``; 4 and 2 by default)."""
+    label = (real or {}).get("label") or {}
+    try:
+        high, low = float(label.get("malignant_from", 4)), float(label.get("benign_to", 2))
+    except (TypeError, ValueError):
+        high, low = 4.0, 2.0
+    return f"the readers' median rating ≥ {high:g} vs ≤ {low:g}"
+
+
+def _level_cell(found: Level | None) -> str:
+    """``0.74`` and below it ``[0.70, 0.78]`` (``seeds only`` without the test set's noise)."""
+    if found is None or not math.isfinite(found.mean):
+        return "—"
+    if found.n < 2:
+        return _num(found.mean) + " <small>(1 seed)</small>"
+    what = "" if found.test_noise else " <small>(seeds only)</small>"
+    return _num(found.mean) + f"<br><small>{_interval(found.low, found.high)}</small>{what}"
+
+
+def _rank_cell(ranking: dict[str, int] | None, loss: str) -> str:
+    return str(ranking[loss]) if ranking and loss in ranking else "—"
+
+
+def _correlation_table(correlations: dict[str, RankCorrelation]) -> str:
+    rows = [
+        [
+            html.escape(TARGET_TITLES.get(target, target)),
+            str(c.losses),
+            _signed(c.rho) if math.isfinite(c.rho) else "—",
+            _interval(c.low, c.high) or "—",
+            f"{c.defined:,} of {c.draws:,}" + ("" if c.rows else " <small>(seeds only)</small>"),
+        ]
+        for target, c in correlations.items()
+    ]
+    return table(["real target", "losses", "Spearman ρ", "95% bootstrap interval", "draws with a ρ"], rows)
+
+
+def _ranking_line(name: str, ranking: dict[str, int]) -> str:
+    return f"{name}: {ranking_text(ranking)}"
+
+
+def sim_to_real_block(result: SimToReal, targets: list[str]) -> str:
+    """One training scenario: the per-loss table, the rankings side by side, and rho (>= 4 losses)."""
+    where = ", ".join(result.splits)
+    synthetic = f"synthetic BA<br><small>{html.escape(where)}</small>" if result.splits else "synthetic BA"
+    header = ["loss<br><small>readout · seeds</small>", synthetic, "rank"]
+    for target in targets:
+        header += [f"{html.escape(target)} BA", f"{html.escape(target)} AUC", "rank"]
+    rows = []
+    for row in result.rows:
+        cells = [
+            f"<b>{html.escape(row['loss'])}</b><br><small>{html.escape(row['readout'])} · {row['seeds']}</small>",
+            _summary_cell(pd.Series(vars(row["synthetic"]))) if row["synthetic"] is not None else "—",
+            _rank_cell(result.rankings.get("synthetic"), row["loss"]),
+        ]
+        for target in targets:
+            cells += [_level_cell(row.get((target, metric))) for metric in REAL_METRICS]
+            cells.append(_rank_cell(result.rankings.get(target), row["loss"]))
+        rows.append(cells)
+    parts = [f"<h3>{html.escape(result.scenario)}</h3>", table(header, rows)]
+    if not result.splits:
+        parts.append(
+            missing(f"{result.scenario} has no conflict split: no synthetic ranking to set beside the real one.")
+        )
+        return "".join(parts)
+    lines = [_ranking_line(f"synthetic ({where})", result.rankings.get("synthetic", {}))]
+    lines += [_ranking_line(f"real, {t}", result.rankings[t]) for t in targets if t in result.rankings]
+    parts.append("<p>Rankings, best first: " + html.escape("; ".join(lines)) + ".</p>")
+    ranked = max((len(result.rankings[t]) for t in targets if t in result.rankings), default=0)
+    if result.correlations:
+        parts.append(_correlation_table(result.correlations))
+        said = [
+            f"{t}: ρ {_signed(c.rho)} {_interval(c.low, c.high)}"
+            for t, c in result.correlations.items()
+            if math.isfinite(c.rho)
+        ]
+        if said:
+            parts.append(
+                "<p>Spearman's rank correlation between the synthetic and the real ranking, "
+                + html.escape("; ".join(said))
+                + ". A ρ near 1 says the synthetic conflict split ranks the losses as real nodules do.</p>"
+            )
+    else:
+        parts.append(
+            f"<p>{ranked} loss(es) ranked on both sides, fewer than {MIN_LOSSES}: no rank correlation is "
+            "computed; the rankings stand side by side.</p>"
+        )
+    return "".join(parts)
+
+
+def sim_to_real_section(study: StudyResults, suffix: str = "", title: str = "") -> str:
+    """Per training scenario, each loss's balanced accuracy and AUC on the real dataset's ``test_lidc``
+    (malignancy and spiculation) with intervals, the synthetic conflict-split ranking beside the real
+    ones, and their rank correlation (``results.sim_to_real``); without ``[real]``, how to add it."""
+    anchor, heading = "sim-to-real" + suffix, "Sim-to-real: real nodules" + title
+    real = study.store.real()
+    metrics = study.tables["metrics"]
+    results = [
+        found
+        for scenario in study.scenarios
+        if (
+            found := sim_to_real(
+                metrics,
+                study.tables.get("predictions"),
+                study.readouts,
+                study.hypotheses,
+                study.manifests,
+                scenario,
+                study.losses(scenario),
+            )
+        )
+        is not None
+    ]
+    if not results:
+        if real is None:
+            return section(anchor, heading, _how_to_add_real(study))
+        return section(
+            anchor,
+            heading,
+            missing(f"No run is scored on the real dataset {real.get('dataset')} yet; resume the study to score them."),
+        )
+    mode = study.hypotheses.readout
+    readout = (
+        "each loss's own readout (its head where it has one, else its probe), as the comparisons read it"
+        if mode == "own"
+        else f"every loss by its {mode}, as the declared comparisons read it"
+    )
+    source = ""
+    if real is not None:
+        about = [str(real[k]) for k in ("source",) if real.get(k)]
+        about += [f"readers: {real['readers']}"] if real.get("readers") else []
+        n = (real.get("splits") or {}).get("test_lidc")
+        source = (
+            f"Real dataset {real.get('dataset')}"
+            + (f" ({', '.join(about)})" if about else "")
+            + (f", {int(n)} test_lidc nodules" if isinstance(n, int) else "")
+            + ". "
+        )
+        source = html.escape(source)
+    note = (
+        f"<p class='note'>{source}Every run of the study, trained on synthetic nodules, scored on the real "
+        "dataset's held-out patients (test_lidc; no run saw a real image): malignancy "
+        f"({html.escape(malignancy_rule(real))}) and spiculation (rating ≥ 4 vs 1: the synthetic studies' cue). "
+        f"Read by {readout}; selected draws, one value per seed. BA = balanced accuracy. Interval (95%): the seeds' "
+        "t half-width and the fixed test set's (delta method over the per-sample predictions, averaged over "
+        "seeds, less the seed-by-sample interaction; DeLong's components for AUC) added in quadrature; "
+        "<i>seeds only</i> where no per-sample predictions are stored. Synthetic BA: on the scenario's declared "
+        "comparison split(s), else its conflict split(s) (mean over them per seed), 95% t-interval over seeds. "
+        "Rankings by mean BA over the seeds both sides have. "
+        f"With at least {MIN_LOSSES} losses, Spearman's ρ between the synthetic and each real ranking, with a "
+        f"percentile bootstrap interval ({RHO_DRAWS:,} draws, each resampling every loss's seeds and the real "
+        "test rows within each class, then ranking again; draws where one side ties every loss are left out).</p>"
+    )
+    return section(anchor, heading, note + "".join(sim_to_real_block(r, list(TARGETS)) for r in results))
+
+
+def _how_to_add_real(study: StudyResults) -> str:
+    """The paragraph of a study without ``[real]``: how to score its runs on real nodules."""
+    images = [m["image"] for m in study.manifests.values() if isinstance(m.get("image"), dict)]
+    flags = ""
+    if images and all(image == images[0] for image in images):
+        image = images[0]
+        flags = f" --dim {image.get('dim')} --size {image.get('size')} --pixel-mm {image.get('pixel_mm')}"
+    return (
+        "<p>This study is not scored on real nodules. With your own copy of LIDC-IDRI (The Cancer Imaging "
+        f"Archive), run <code>nodulab import-lidc DICOM_ROOT --out DIR{html.escape(flags)}</code> (the study's "
+        'image geometry), add <code>[real] dataset = "DIR"</code> to the study file and run the same '
+        "<code>nodulab study</code> command again: every finished run is scored on DIR's test_lidc nodules "
+        "and nothing is retrained ([real] is outside the study's hash, so the store is kept).</p>"
+    )

@@ -14,6 +14,13 @@ history), built from its declaration: ``run_id``, then the declared columns in t
 run folder's; a wide file such as history.csv stored long: epoch, name, value), unique per run on
 the declared key, the declared text columns ``TEXT`` and the others ``REAL``.
 
+**Real nodules** (a study's ``[real]``): the runs' scores on a real dataset are rows of ``metrics``
+and ``predictions`` with ``dataset`` = ``REAL_DATASET`` (``lidc-idri``; splits ``test_lidc`` and
+``test_lidc_spiculation``), which no scenario is named (readers of a run's own scores keep
+``dataset == scenario``); meta ``real`` records the real dataset scored (``use_real``). A run scored
+after it was recorded (its study gained ``[real]`` later) gets them with ``add_rows``, in one
+transaction. Existing stores need no change: the format stays ``nodulab-store/2``.
+
 A run and every row of it go in with one transaction, so a study killed at any moment (SIGKILL
 included) leaves either the whole run or none of it; a run is in ``runs`` at most once. Only the
 study's driver process writes. ``selected`` marks, per (budget, scenario, loss, seed), the draw
@@ -32,12 +39,14 @@ from typing import Any
 import pandas as pd
 
 from nodulab.common.errors import InputError
-from nodulab.common.tables import RESULT_TABLES, ResultTable, write_table
+from nodulab.common.tables import REAL_DATASET, REAL_SPLITS, RESULT_TABLES, ResultTable, write_table  # noqa: F401 - re-exported
 from nodulab.common.writing import follow_umask, write_atomically
 
 STORE_FILE = "results.sqlite"
 STORE_FORMAT = "nodulab-store/2"
 """2: ``budget`` in ``runs`` and the keys, ``dataset`` in ``metrics``, one dataset per scenario and n.train."""
+REAL_META = "real"
+"""The meta key recording the real dataset the study scores its runs on (``Store.use_real``)."""
 RUN_KEYS = ("run_id", "budget", "scenario", "loss", "seed", "draw", "selected")
 """The key columns every long CSV of a study starts with."""
 RUN_COLUMNS = {
@@ -284,21 +293,58 @@ class Store:
             self._db.execute(
                 f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({marks})", [record[c] for c in RUN_COLUMNS]
             )
-            for name, frame in (tables or {}).items():
-                columns = _declared(name).columns
-                missing = [c for c in columns if c not in frame.columns]
-                if missing:
-                    raise StoreError(f"run {record['run_id']}: table {name} lacks {', '.join(missing)}")
-                rows = frame[list(columns)].astype(object).where(frame[list(columns)].notna(), None)
-                placeholders = ", ".join("?" * (len(columns) + 1))
-                names = ", ".join(map(_quote, columns))
-                self._db.executemany(
-                    f"INSERT INTO {name} (run_id, {names}) VALUES ({placeholders})",
-                    [(record["run_id"], *values) for values in rows.itertuples(index=False)],
-                )
+            self._insert(record["run_id"], tables or {})
             for name, png in (figures or {}).items():
                 self._db.execute("INSERT INTO figures VALUES (?, ?, ?)", (record["run_id"], name, png))
             self._select(record["budget"], record["scenario"], record["loss"], int(record["seed"]))
+
+    def _insert(self, run_id: str, tables: Mapping[str, pd.DataFrame]) -> None:
+        """Insert a run's rows of each table (inside the caller's transaction)."""
+        for name, frame in tables.items():
+            columns = _declared(name).columns
+            missing = [c for c in columns if c not in frame.columns]
+            if missing:
+                raise StoreError(f"run {run_id}: table {name} lacks {', '.join(missing)}")
+            rows = frame[list(columns)].astype(object).where(frame[list(columns)].notna(), None)
+            placeholders = ", ".join("?" * (len(columns) + 1))
+            names = ", ".join(map(_quote, columns))
+            self._db.executemany(
+                f"INSERT INTO {name} (run_id, {names}) VALUES ({placeholders})",
+                [(run_id, *values) for values in rows.itertuples(index=False)],
+            )
+
+    def add_rows(self, run_id: str, tables: Mapping[str, pd.DataFrame]) -> None:
+        """Add rows to a recorded run (its scores on the real dataset, scored after it was recorded),
+        all in one transaction: every row or none."""
+        if not self._db.execute("SELECT 1 FROM runs WHERE run_id=?", (run_id,)).fetchone():
+            raise StoreError(f"run {run_id}: not recorded, so it cannot take rows")
+        with self._db:
+            self._insert(run_id, tables)
+
+    def scored_on(self, dataset: str) -> set[str]:
+        """run_ids with ``metrics`` rows of ``dataset`` (``REAL_DATASET``: the runs already scored on real nodules)."""
+        return {row[0] for row in self._db.execute("SELECT DISTINCT run_id FROM metrics WHERE dataset=?", (dataset,))}
+
+    def real(self) -> dict[str, Any] | None:
+        """The real dataset the study scores its runs on (meta ``real``), or None."""
+        text = self.meta().get(REAL_META)
+        return None if text is None else self._object(text, f"meta.{REAL_META}")
+
+    def use_real(self, record: Mapping[str, Any]) -> int:
+        """Record the real dataset the study now scores on (``record``: its ``dataset`` path, ``manifest_sha256``,
+        ...). When it replaces another (another manifest sha256), the scores on the old one (``REAL_DATASET``
+        rows of ``metrics`` and ``predictions``) are removed in the same transaction, so that every run is scored
+        again on the new one; returns how many rows were removed."""
+        held = self.real()
+        removed = 0
+        with self._db:
+            if held is not None and held.get("manifest_sha256") != record.get("manifest_sha256"):
+                for name in ("metrics", "predictions"):
+                    removed += self._db.execute(f"DELETE FROM {name} WHERE dataset=?", (REAL_DATASET,)).rowcount
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)", (REAL_META, json.dumps(dict(record), sort_keys=True))
+            )
+        return removed
 
     def _select(self, budget: str, scenario: str, loss: str, seed: int) -> None:
         cell = (budget, scenario, loss, seed)

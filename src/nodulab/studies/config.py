@@ -43,6 +43,9 @@ A study is a preset (``presets/studies/*.toml``, listed by ``nodulab studies``) 
     reference = "ce"                         # each loss against this one
     readout = "own"                          # own (head, else probe) | probe | dfr
 
+    [real]                                   # optional: score every run on real nodules too
+    dataset = "lidc-64"                      # a dataset ``nodulab import-lidc`` wrote (relative to this file)
+
 **Budget cells.** Every (``n.train``, ``epochs``) pair is a cell of the grid with its own seeds,
 datasets and ceiling (``Study.cells``); a study with scalars has one cell.
 
@@ -66,6 +69,14 @@ scenarios, the grid's size. ``Study.identity`` hashes the same record without th
 (or fewer) seeds (``nodulab study --seeds N``, or ``seeds`` edited) keeps its store and reruns
 nothing recorded (a run's key holds its seed, never the seed count), while a change in any other
 setting is a new study.
+
+**Real nodules** (``[real]``, ``Study.real``). ``dataset`` names a real dataset folder (``nodulab
+import-lidc``; a relative path is read from the study file's folder, an absolute one as it is).
+It is checked when the study is loaded, before any run: a real nodulab dataset
+(``dataset.is_real``) with rows in ``test_lidc`` and the image geometry (dim, size, pixel_mm) of
+every scenario of the study (a mismatch names the scenario and what differs). It is outside both
+hashes: adding, changing or removing it never renames the store nor refuses a resume; it only
+decides which real dataset the study scores its runs on (``studies.driver``).
 """
 
 from __future__ import annotations
@@ -82,6 +93,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from nodulab.common.choices import DEFAULT_EPOCHS, ENCODERS, MAX_BATCH_SIZE, MAX_EPOCHS, MAX_N, MAX_THREADS, VIEWS
 from nodulab.common.errors import InputError
+from nodulab.common.tables import REAL_SPLITS
 from nodulab.synth.factors import FACTORS
 from nodulab.synth.scenario import Scenario, ScenarioError, is_split_name, one_line, source_mode
 from nodulab.synth.scenarios import (
@@ -221,6 +233,24 @@ class HypothesesSettings(BaseModel):
         return self
 
 
+class RealSettings(BaseModel):
+    """``[real]``: the real dataset every run is also scored on (outside the study's hashes)."""
+
+    model_config = _MODEL
+    dataset: str
+
+    @field_validator("dataset")
+    @classmethod
+    def _check_dataset(cls, dataset: str) -> str:
+        if not dataset.strip():
+            raise ValueError("must name a dataset folder")
+        return dataset
+
+
+REAL_SPLIT = REAL_SPLITS[0]
+"""The split of a real dataset a study scores its runs on (``nodulab import-lidc``'s held-out patients)."""
+
+
 ALL_LOSSES = "all"
 """``losses = "all"``: every loss of the registry, in its order."""
 
@@ -250,6 +280,7 @@ class StudyModel(BaseModel):
     explain: ExplainSettings = ExplainSettings()
     ceilings: dict[str, str] = {}
     hypotheses: HypothesesSettings = HypothesesSettings()
+    real: RealSettings | None = None
 
     @field_validator("losses", mode="before")
     @classmethod
@@ -302,6 +333,8 @@ class Study:
     """Each confounded scenario's matched ceiling (a scenario of the study), when it has one."""
     sized: dict[tuple[str, int | None], Scenario] = field(default_factory=dict)
     """Each scenario resized to each ``n.train`` value (``Study.scenario``)."""
+    real: Path | None = None
+    """The ``[real]`` dataset folder (resolved, checked by ``check_real``), or None: outside both hashes."""
 
     @property
     def name(self) -> str:
@@ -340,8 +373,9 @@ class Study:
         """JSON form: the settings, every resolved scenario, the grid's size (what ``sha256`` covers;
         ``identity`` covers it without the seed count)."""
         declared = bool(self.model.hypotheses.comparisons)  # a study declaring none keeps its hash
+        left_out = {"real"} | (set() if declared else {"hypotheses"})  # [real] is outside both hashes
         return {
-            "study": self.model.model_dump(mode="json", exclude=None if declared else {"hypotheses"}),
+            "study": self.model.model_dump(mode="json", exclude=left_out),
             **({"hypotheses": self.model.hypotheses.model_dump(mode="json")} if declared else {}),
             "budget": self.model.tuning.budget,
             "planned_runs": self.planned_runs(),
@@ -425,8 +459,44 @@ def study_from_dict(d: dict[str, Any], base: Path | None = None, source: Path | 
     _check_hypotheses(model, scenarios)
     record = Study(model, scenarios, "", "", ceilings=ceilings).record()
     files = [p for p in (_scenario_path(e, base) for e in model.scenarios) if isinstance(p, Path) or Path(p).is_file()]
-    sources = tuple(Path(p) for p in ([source] if source else []) + files)
-    return Study(model, scenarios, _digest(record), identity_of(record), sources, ceilings, sized)
+    real = None
+    if model.real is not None:
+        real = Path(model.real.dataset).expanduser()
+        real = (base / real if base is not None and not real.is_absolute() else real).resolve()
+        check_real(real, scenarios)
+    sources = tuple(Path(p) for p in ([source] if source else []) + files + ([real] if real else []))
+    return Study(model, scenarios, _digest(record), identity_of(record), sources, ceilings, sized, real)
+
+
+def check_real(folder: Path, scenarios: dict[str, Scenario]) -> dict[str, Any]:
+    """Refuse a ``[real] dataset`` that is not a real nodulab dataset, has no ``test_lidc`` rows, or
+    whose image geometry differs from a scenario's (one line naming the scenario and what differs);
+    return its manifest. Reads the manifest only (the driver checks the files' hashes before any run)."""
+    from nodulab.data.dataset import DatasetError, is_real, load_manifest  # torch: only when a study uses [real]
+
+    where = f"real.dataset: {folder}"
+    if not folder.is_dir():
+        raise StudyError(f"{where}: no such folder")
+    try:
+        manifest = load_manifest(folder)
+    except DatasetError as error:
+        raise StudyError(f"{where}: not a nodulab dataset ({error})") from None
+    if not is_real(manifest):
+        raise StudyError(f"{where}: a synthetic dataset, not a real one (nodulab import-lidc writes one)")
+    entry = manifest["splits"].get(REAL_SPLIT)
+    if not isinstance(entry, dict) or not entry.get("n"):
+        raise StudyError(f"{where}: has no {REAL_SPLIT} rows to score the runs on")
+    image = manifest["image"]
+    for name, scenario in scenarios.items():
+        wanted = scenario.image.model_dump()
+        differs = [f"{k} {image.get(k)!r}" for k in ("dim", "size", "pixel_mm") if image.get(k) != wanted[k]]
+        if differs:
+            study = ", ".join(f"{k} {wanted[k]!r}" for k in ("dim", "size", "pixel_mm"))
+            raise StudyError(
+                f"{where}: image geometry differs from scenario {name!r}: {', '.join(differs)} (the study's: {study}); "
+                "import it again with the study's --dim, --size and --pixel-mm"
+            )
+    return manifest
 
 
 def _check_hypotheses(model: StudyModel, scenarios: dict[str, Scenario]) -> None:

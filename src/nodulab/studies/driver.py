@@ -25,6 +25,13 @@ draws, evaluate, explain, store.
   now run (with fewer seeds, the runs of the dropped seeds stay recorded).
 - **Ownership** (``study_lock``): ``OUT/.study.lock`` is held (``flock``) for the study's life; a
   second live study on ``OUT`` is refused. Every check runs before the store is created.
+- **Real nodules** (``[real]``, ``Study.real``): its files are checked against their hashes with
+  the other checks, and the store records which real dataset is scored (``Store.use_real``; another
+  one than before drops the old scores, to score every run again). Each run is scored on it right
+  after its own evaluation (``runner.score_real``); after the grid, every run recorded done without
+  those scores (recorded before ``[real]`` was added, or run by a worker without the files) is
+  scored here, one run at a time, each one's rows stored in one transaction with signals deferred
+  (``score_recorded``). The dataset is outside the study's hashes: adding it reruns nothing.
 - **Selection** (``store.Store``): per (scenario, loss, seed) the draw with the best kNN balanced
   accuracy on ``val`` at the run's last epoch, the same score for every loss; no test split is
   read to select.
@@ -50,16 +57,19 @@ from nodulab.common.progress import Progress
 from nodulab.common.writing import check_out, is_inside
 from nodulab.data.dataset import MANIFEST, bytes_needed, check_free_space, is_complete, load_manifest, sha256_file
 from nodulab.data.gallery import gallery_png
-from nodulab.results.store import STORE_FILE, Store, check_owner, export_csvs
+from nodulab.results.store import REAL_DATASET, STORE_FILE, Store, check_owner, export_csvs
 from nodulab.studies.config import Cell, Study
 from nodulab.studies.executors import EXECUTORS
 from nodulab.studies.runner import (
+    REAL_DATA,
     Batch,
     RunResult,
     RunSpec,
     StudyRunError,
     cache_key,
+    check_hashes,
     ensure_dataset,
+    score_real,
     unpack_folder,
 )
 from nodulab.synth.scenario import Scenario
@@ -130,6 +140,10 @@ class StudySummary:
     generate_seconds: float = 0.0
     wall_seconds: float = 0.0
     results: list[RunResult] = field(default_factory=list)
+    real_scored: int = 0
+    """Runs recorded before and scored on the real dataset now (``score_recorded``)."""
+    real_unscored: list[str] = field(default_factory=list)
+    """One line per done run left without real scores (no run folder, or its scoring failed)."""
 
 
 def _run_row(result: RunResult) -> dict[str, Any]:
@@ -310,6 +324,7 @@ def run_study(
         raise StudyRunError(f"--cache {cache} lies inside {out / RUNS_DIR}, whose run folders a study replaces")
     check_out(cache, study.sources, flag="--cache")
     check_free_space(out, bytes_to_come(study, out, cache), "the study")
+    real = _real_record(study.real) if study.real is not None else None
     summary = StudySummary()
     with study_lock(out, study.sources):
         gen_start = time.perf_counter()
@@ -318,6 +333,8 @@ def run_study(
         with Store(out / STORE_FILE, _study_meta(study)) as store:  # every check passed: the store may exist now
             if retry_failed:
                 store.forget_failed()
+            if real is not None:
+                store.use_real(real)
             recorded = store.recorded_datasets()
             for data, folder in data_dirs.items():
                 if (names[data], folder.name) not in recorded:
@@ -346,8 +363,11 @@ def run_study(
                 if on_result:
                     on_result(result, summary.skipped + summary.done + summary.failed, summary.planned)
 
-            batch = Batch(study, data_dirs, manifests, scenarios, runs_dir, device, jobs, progress)
+            dirs = {**data_dirs, REAL_DATA: study.real} if study.real is not None else data_dirs
+            batch = Batch(study, dirs, manifests, scenarios, runs_dir, device, jobs, progress)
             EXECUTORS[executor](todo, batch, record)
+            if study.real is not None:
+                summary.real_scored, summary.real_unscored = score_recorded(store, runs_dir, study.real, device)
             export_csvs(store, out)
         if report:
             from nodulab.results.report import write_report
@@ -355,6 +375,53 @@ def run_study(
             write_report(out)
         summary.wall_seconds = time.perf_counter() - started
         return summary
+
+
+def _real_record(folder: Path) -> dict[str, Any]:
+    """What the store records of the ``[real]`` dataset (``Store.use_real``), its files checked against
+    their hashes first (a refusal before the store exists)."""
+    check_hashes(folder)
+    manifest = load_manifest(folder)
+    return {
+        "dataset": str(folder),
+        "manifest_sha256": sha256_file(folder / MANIFEST),
+        "image": manifest["image"],
+        "splits": {name: entry["n"] for name, entry in manifest["splits"].items()},
+        "source": manifest.get("real", {}).get("source"),
+        "readers": manifest.get("real", {}).get("readers"),
+        "label": manifest.get("real", {}).get("label"),
+    }
+
+
+def score_recorded(store: Store, runs_dir: Path, real: Path, device: str = "cpu") -> tuple[int, list[str]]:
+    """Score on the real dataset every run the store holds as done without real scores (recorded before
+    the study had ``[real]``, or by a worker without its files), in this process, one run at a time.
+
+    Each run's scores are written into ``RUN/real/`` atomically, then stored in one transaction with
+    signals deferred, so an interrupt leaves every run either scored and stored or not (scored again
+    next time). Returns the count scored and one line per run left unscored (no run folder, or its
+    scoring failed: the study goes on)."""
+    runs = store.runs()
+    scored = store.scored_on(REAL_DATASET)
+    todo = runs[(runs["status"] == "done") & ~runs["run_id"].isin(scored)]
+    done, unscored = 0, []
+    for run in todo.itertuples():
+        run_dir = runs_dir / run.run_id
+        if not (run_dir / "config.json").is_file():
+            unscored.append(f"{run.run_id}: no run folder in {runs_dir}")
+            continue
+        try:
+            tables = score_real(run_dir, real, threshold=str(run.config.get("threshold", "fixed")), device=device)
+        except Exception as error:  # noqa: BLE001 - one run left unscored, said in one line; the others go on
+            unscored.append(f"{run.run_id}: " + " ".join(f"{type(error).__name__}: {error}".split()))
+            continue
+        if not tables:
+            unscored.append(f"{run.run_id}: its evaluation wrote no metrics")
+            continue
+        with signals_deferred():
+            store.add_rows(run.run_id, tables)
+        done += 1
+    return done, unscored
 
 
 def _datasets(

@@ -1,7 +1,10 @@
 """One run of a study (design.md "Study, store, report"): its spec, its dataset from the
 content-named cache, and ``execute``: train (saving checkpoints), evaluate (a ceiling's run also on
 the test splits of the scenarios it is the ceiling of), score the checkpoints (``dynamics.csv``),
-explain, read the run folder's tables back.
+explain, read the run folder's tables back. With the study's ``[real]`` dataset among its datasets
+(``REAL_DATA``), a run is also scored on the real dataset right after its own evaluation, into
+``RUN/real/`` (``score_real``): its ``metrics`` and ``predictions`` of ``test_lidc`` (malignancy) and
+``test_lidc_spiculation`` (the synthetic cue's rating), stored with ``dataset`` = ``lidc-idri``.
 
 A run that fails is returned as failed with its one-line reason; it does not stop the others.
 Datasets are generated once into a cache named by content (the resolved scenario, the data seed,
@@ -33,6 +36,7 @@ from nodulab.common.progress import Progress
 from nodulab.common.tables import RESULT_TABLES, RUN_FIGURES
 from nodulab.common.writing import DatasetError, OutExists, staged
 from nodulab.data.dataset import FORMAT, MANIFEST, generate, is_complete, load_manifest, sha256_file
+from nodulab.results.store import REAL_DATASET, REAL_SPLITS
 from nodulab.studies.config import Study
 from nodulab.synth.rng import RNG_SCHEME
 from nodulab.synth.scenario import Scenario
@@ -119,6 +123,11 @@ SCORED_TABLES = ("metrics", "predictions")
 """The tables ``evaluate_run`` writes per dataset scored (keyed by ``dataset``)."""
 CEILING_DIR = "ceiling"
 """Where a ceiling's run keeps its scores of the confounded scenarios' images: ``RUN/ceiling/<i>/``."""
+REAL_DIR = "real"
+"""Where a run keeps its scores on the study's real dataset: ``RUN/real/`` (``score_real``)."""
+REAL_DATA = "[real]"
+"""The study's real dataset in ``Batch.data_dirs`` (no scenario's dataset name has brackets). A worker
+without it (a Ray worker shares no file) leaves the run unscored there; the driver scores it."""
 
 
 # ----------------------------------------------------------------------------- one run
@@ -173,10 +182,35 @@ def _read_back(run_dir: Path) -> tuple[dict[str, pd.DataFrame], dict[str, bytes]
         extra = sorted((run_dir / CEILING_DIR).glob(f"*/{RESULT_TABLES[name].file}"))
         if extra and name in tables:
             tables[name] = pd.concat([tables[name], *(_read_table(p, name) for p in extra)])
+    for name, frame in read_real(run_dir).items():
+        if name in tables:
+            tables[name] = pd.concat([tables[name], frame], ignore_index=True)
     score = _selection_score(run_dir, tables["history"])
     tables = {name: RESULT_TABLES[name].long(frame) for name, frame in tables.items()}
     figures = {name: (run_dir / rel).read_bytes() for name, rel in RUN_FIGURES.items() if (run_dir / rel).is_file()}
     return tables, figures, score
+
+
+def read_real(run_dir: Path) -> dict[str, pd.DataFrame]:
+    """The run's scores on the real dataset (``RUN/real/``), as the store keeps them: ``metrics`` and
+    ``predictions`` of ``REAL_SPLITS`` with ``dataset`` = ``REAL_DATASET``; ``{}`` when it was not scored."""
+    found = {}
+    for name in SCORED_TABLES:
+        path = run_dir / REAL_DIR / RESULT_TABLES[name].file
+        if path.is_file():
+            frame = _read_table(path, name)
+            frame = frame[frame["split"].isin(REAL_SPLITS)].assign(dataset=REAL_DATASET)
+            found[name] = frame.reset_index(drop=True)
+    return found if "metrics" in found else {}
+
+
+def score_real(run_dir: Path, real_dir: Path, *, threshold: str, device: str = "cpu") -> dict[str, pd.DataFrame]:
+    """Score a trained run on the real dataset ``real_dir`` into ``RUN/real/`` (replaced atomically; the
+    run's ``threshold`` rule, its threads) and return what the store keeps of it (``read_real``)."""
+    from nodulab.training.evaluation import evaluate_run
+
+    evaluate_run(run_dir, real_dir, device=device, threshold=threshold, out=run_dir / REAL_DIR, force=True)
+    return read_real(run_dir)
 
 
 def execute(
@@ -233,6 +267,12 @@ def execute(
                     out=run_dir / CEILING_DIR / str(i),
                     force=True,
                 )
+            real = data_dirs.get(REAL_DATA)
+            if real is not None and Path(real).is_dir():  # else (a Ray worker) the driver scores it
+                try:
+                    score_real(run_dir, Path(real), threshold=c["threshold"], device=device)
+                except Exception as error:  # noqa: BLE001 - the run's own results stand; the driver retries
+                    warnings.warn(f"not scored on the real dataset: {_one_line(error)}", stacklevel=1)
             timings["evaluate_s"] = time.perf_counter() - start
             if c["checkpoints"]:
                 start = time.perf_counter()

@@ -34,6 +34,26 @@ Threshold: 0.5 (``fixed``), or per classifier the one that maximises balanced ac
 (``choose_threshold``); no test split is read before the thresholds are fixed. AUC does not
 depend on it. The run's own folder holds the evaluation of the dataset it was trained on; another
 dataset of the same image geometry is scored into a folder of its own (``out``).
+
+**A real dataset** (``nodulab import-lidc``; ``dataset.is_real``) is always scored into ``out`` and
+only at the run's image geometry (dim, size, pixel_mm). Scored splits: every split but ``train``
+(``val``, then ``test_lidc``; the real ``train`` split is kept for training on real nodules, and
+``test_lidc`` stays the declared test split). The readouts apply unchanged: ``probe`` and ``knn``
+were fitted on the run's synthetic ``train``, ``dfr`` on its ``val_balanced``; nothing is refitted
+on real rows. Each split is scored against two targets:
+
+- malignancy: the dataset's ``label`` (the readers' malignancy, ``dataset.json``'s ``real.label``
+  rule), under the split's own name (``test_lidc``);
+- spiculation, the synthetic worlds' cue: ``lidc_spiculation >= 4`` is 1, ``== 1`` is 0, the
+  ratings between are left out, under ``<split>_spiculation`` (``test_lidc_spiculation``).
+
+The ``dataset`` column is ``lidc-idri``. ``groups.csv`` has cells by rating instead of agrees
+patterns (``real_group_rows``): diameter (``>= 10`` mm or not) x spiculation (rating ``>= 4`` or
+not) for malignancy, diameter x malignancy for spiculation, then the worst group as above.
+``predictions.csv`` holds both targets of every ``test_*`` split (``row`` is the row of the split).
+With ``--threshold val`` each classifier's threshold is chosen on the real ``val`` split's
+malignancy (the readers' labels, never a test split) and applies to both targets. Learning
+dynamics (checkpoints) never apply to a real dataset.
 """
 
 from __future__ import annotations
@@ -62,11 +82,12 @@ from nodulab.common.scoring import (  # noqa: F401 - scoring's names are part of
     resample_counts,
     weighted_metrics,
 )
-from nodulab.common.tables import RESULT_TABLES, write_table
+from nodulab.common.tables import REAL_DATASET, RESULT_TABLES, SPICULATION_SUFFIX, write_table
 from nodulab.data.dataset import (
     cell_columns,
     check_out,
     dump_json,
+    is_real,
     load_manifest,
     load_split,
     sha256_file,
@@ -74,7 +95,7 @@ from nodulab.data.dataset import (
     write_atomically,
 )
 from nodulab.synth.scenario import BALANCED_SPLIT
-from nodulab.training.runs import RUN_FORMAT, RunError, load_run, run_threads
+from nodulab.training.runs import RUN_FORMAT, LoadedRun, RunError, load_run, run_threads
 
 METRICS_FILE = RESULT_TABLES["metrics"].file
 GROUPS_FILE = RESULT_TABLES["groups"].file
@@ -90,6 +111,16 @@ WORST_PREFIX = "worst: "
 """A worst-group row has label ``any`` and group ``worst: <label>/<group>`` (the cell it names)."""
 UNSCORED_SPLITS = ("train", BALANCED_SPLIT)
 """Never scored: ``train`` fits the readouts, ``val_balanced`` fits ``dfr``."""
+REAL_UNSCORED_SPLITS = ("train",)
+"""Never scored on a real dataset: its ``train`` split is for training on real nodules."""
+SPICULATED_FROM = 4.0
+"""Spiculation target: a rating ``>= 4`` is 1 (spiculated)."""
+UNSPICULATED_AT = 1.0
+"""Spiculation target: a rating ``== 1`` is 0 (no spiculation); the ratings between are left out."""
+LARGE_FROM_MM = 10.0
+"""Real groups: a nodule of ``diameter_mm >= 10`` is large."""
+TARGET_LABEL_NAMES = {"malignancy": LABEL_NAMES, "spiculation": ("unspiculated", "spiculated")}
+"""The ``label`` column of a real dataset's ``groups.csv``, per target."""
 HEADERS = {
     "accuracy": "acc",
     "sensitivity": "sens",
@@ -156,12 +187,23 @@ def group_rows(factors: pd.DataFrame, predicted: np.ndarray) -> list[tuple[str, 
     """
     labels = factors["label"].to_numpy()
     agrees = factors[cell_columns(factors)].to_numpy()
+    return _cell_rows(labels, agrees, group_names(factors), predicted)
+
+
+def _cell_rows(
+    labels: np.ndarray,
+    cells: np.ndarray,
+    names: list[str],
+    predicted: np.ndarray,
+    label_names: tuple[str, str] = LABEL_NAMES,
+) -> list[tuple[str, str, int, float]]:
+    """``group_rows`` of 0/1 cell columns ``cells`` ``(N, k)``; ``names`` follow ``product((1, 0), repeat=k)``."""
     correct = np.asarray(predicted) == (labels == 1)
-    patterns = list(itertools.product((1, 0), repeat=agrees.shape[1]))
+    patterns = list(itertools.product((1, 0), repeat=cells.shape[1]))
     rows = []
-    for label, name in enumerate(LABEL_NAMES):
-        for pattern, group in zip(patterns, group_names(factors)):
-            hit = (labels == label) & (agrees == pattern).all(axis=1)
+    for label, name in enumerate(label_names):
+        for pattern, group in zip(patterns, names):
+            hit = (labels == label) & (cells == pattern).all(axis=1)
             n = int(hit.sum())
             rows.append((name, group, n, float(correct[hit].mean()) if n else math.nan))
     filled = [r for r in rows if r[2]]
@@ -169,6 +211,47 @@ def group_rows(factors: pd.DataFrame, predicted: np.ndarray) -> list[tuple[str, 
     if worst is None:
         return [*rows, (WORST_LABEL, WORST_PREFIX + "none", 0, math.nan)]
     return [*rows, (WORST_LABEL, f"{WORST_PREFIX}{worst[0]}/{worst[1]}", worst[2], worst[3])]
+
+
+def spiculation_target(factors: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The spiculation target of a real split: the rows it keeps and their labels.
+
+    Returns:
+        ``(rows, labels)``: int row indices where ``lidc_spiculation >= 4`` (label 1) or ``== 1``
+        (label 0); the ratings between (a consensus median of 1.5 included) are left out.
+    """
+    rating = factors["lidc_spiculation"].to_numpy(dtype=np.float64)
+    rows = np.flatnonzero((rating >= SPICULATED_FROM) | (rating == UNSPICULATED_AT))
+    return rows, (rating[rows] >= SPICULATED_FROM).astype(np.int64)
+
+
+def real_group_rows(
+    factors: pd.DataFrame, labels: np.ndarray, predicted: np.ndarray, target: str = "malignancy"
+) -> list[tuple[str, str, int, float]]:
+    """``group_rows`` of a real split, with cells by rating instead of agrees patterns.
+
+    Cells: diameter (``diameter_mm>=10`` / ``diameter_mm<10``) x, for the malignancy target,
+    spiculation (``lidc_spiculation>=4`` / ``lidc_spiculation<4``), or for the spiculation target,
+    malignancy (``malignancy=malignant`` / ``malignancy=benign``, the dataset's ``label``). Labels are
+    named ``benign``/``malignant`` or ``unspiculated``/``spiculated``; the last row is the worst group.
+
+    Args:
+        factors: the scored rows' factor table (``REAL_COLUMNS``).
+        labels: ``(N,)`` 0 / 1 of the target.
+        predicted: ``(N,)`` bool, the classifier's call.
+        target: ``malignancy`` or ``spiculation``.
+    """
+    large = factors["diameter_mm"].to_numpy(dtype=np.float64) >= LARGE_FROM_MM
+    size = (f"diameter_mm>={LARGE_FROM_MM:g}", f"diameter_mm<{LARGE_FROM_MM:g}")
+    if target == "malignancy":
+        other = factors["lidc_spiculation"].to_numpy(dtype=np.float64) >= SPICULATED_FROM
+        names = (f"lidc_spiculation>={SPICULATED_FROM:g}", f"lidc_spiculation<{SPICULATED_FROM:g}")
+    else:
+        other = factors["label"].to_numpy() == 1
+        names = ("malignancy=malignant", "malignancy=benign")
+    cells = np.stack([large, other], axis=1).astype(np.int64)
+    groups = [f"{a},{b}" for a in size for b in names]
+    return _cell_rows(np.asarray(labels), cells, groups, predicted, TARGET_LABEL_NAMES[target])
 
 
 def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
@@ -200,7 +283,8 @@ def evaluate_run(
         batch_size: images per forward pass.
         out: where ``metrics.csv``, ``groups.csv`` and ``evaluation.json`` go. Default: the run
             folder, allowed only for the dataset the run was trained on (same manifest hash);
-            another dataset needs a folder of its own, created atomically.
+            another dataset needs a folder of its own, created atomically; a real dataset always
+            does (scored against malignancy and spiculation, module docstring).
         force: replace an existing ``out`` folder.
         threshold: ``fixed`` (0.5) or ``val`` (per classifier, ``choose_threshold`` on the
             dataset's ``val`` split, fixed before any other split is read; ``val``'s own scores
@@ -215,9 +299,9 @@ def evaluate_run(
 
     Raises:
         RunError: a run file is missing, unreadable or of another run format, the dataset's
-            geometry differs, ``threshold`` is unknown or ``val`` is missing for it, or another
-            dataset would overwrite the run's own evaluation (a ``ValueError``; ``DatasetError``
-            for the dataset).
+            geometry differs, ``threshold`` is unknown or ``val`` is missing for it, another
+            dataset would overwrite the run's own evaluation, or a real dataset comes without
+            ``out`` (a ``ValueError``; ``DatasetError`` for the dataset).
     """
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     if threshold not in THRESHOLD_RULES:
@@ -225,6 +309,12 @@ def evaluate_run(
     run = load_run(run_dir, device=device)
     manifest = load_manifest(data_dir)
     own = run.check_dataset(manifest, data_dir)
+    real = is_real(manifest)
+    if real and out is None and not own:
+        raise RunError(
+            f"DATA_DIR {data_dir} is a real dataset: pass --out FOLDER (the run folder keeps the evaluation "
+            "of its own dataset)"
+        )
     if out is None and not own:
         raise RunError(
             f"DATA_DIR {data_dir} is not the dataset this run was trained on: pass --out FOLDER "
@@ -236,9 +326,14 @@ def evaluate_run(
             raise RunError(f"--out {out}: would replace the run folder {run_dir}; choose a new folder")
         if Path(out).exists() and not force:
             raise RunError(f"--out {out} already exists (use --force to replace it)")
-    splits = sorted((s for s in manifest["splits"] if s not in UNSCORED_SPLITS), key=lambda s: (s != "val", s))
+    unscored = REAL_UNSCORED_SPLITS if real else UNSCORED_SPLITS
+    splits = sorted((s for s in manifest["splits"] if s not in unscored), key=lambda s: (s != "val", s))
     if threshold == "val" and THRESHOLD_SPLIT not in splits:
         raise RunError(f"--threshold val: DATA_DIR {data_dir} has no {THRESHOLD_SPLIT} split to choose it on")
+    if real:
+        tables = _score_real(run, manifest, data_dir, splits, own, threshold, batch_size, draws, str(device))
+        _write_evaluation(run_dir, out, force, *tables)
+        return tables[0]
     thresholds = dict.fromkeys(run.classifiers, THRESHOLD)
     dataset = str(manifest.get("scenario", {}).get("name", ""))
     rows, groups, predictions = [], [], []
@@ -291,6 +386,20 @@ def evaluate_run(
         "threads": run.threads,
         "device": str(device),
     }
+    _write_evaluation(run_dir, out, force, frame, group_frame, predicted, evaluation)
+    return frame
+
+
+def _write_evaluation(
+    run_dir: Path,
+    out: Path | None,
+    force: bool,
+    frame: pd.DataFrame,
+    group_frame: pd.DataFrame,
+    predicted: pd.DataFrame,
+    evaluation: dict,
+) -> None:
+    """Write the four files into the run folder (``out`` None) or a new folder ``out``, atomically."""
     if out is None:
         _write_csv_atomic(frame, run_dir / METRICS_FILE)
         _write_csv_atomic(group_frame, run_dir / GROUPS_FILE)
@@ -302,20 +411,128 @@ def evaluate_run(
             _write_csv_atomic(group_frame, tmp / GROUPS_FILE)
             _write_csv_atomic(predicted, tmp / PREDICTIONS_FILE)
             (tmp / EVALUATION_FILE).write_text(dump_json(evaluation))
-    return frame
+
+
+def _score_real(
+    run: LoadedRun,
+    manifest: dict,
+    data_dir: Path,
+    splits: list[str],
+    own: bool,
+    threshold: str,
+    batch_size: int,
+    draws: int,
+    device: str,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
+    """Score a real dataset against malignancy and spiculation (module docstring): the four tables' contents."""
+    thresholds = dict.fromkeys(run.classifiers, THRESHOLD)
+    rows, groups, predictions, scored, counts = [], [], [], [], {}
+    with run_threads(run.threads):
+        for split in splits:  # val first: its thresholds are fixed before a test split is read
+            images, _, factors = load_split(data_dir, split)
+            scores = run.predict(images, batch_size=batch_size)
+            labels = factors["label"].to_numpy(dtype=np.int64)
+            if threshold == "val" and split == THRESHOLD_SPLIT:
+                thresholds = choose_thresholds(labels, scores)  # on the readers' malignancy, both targets
+            spiculated, spiculation_labels = spiculation_target(factors)
+            targets = (
+                ("malignancy", split, np.arange(len(labels)), labels),
+                ("spiculation", split + SPICULATION_SUFFIX, spiculated, spiculation_labels),
+            )
+            for target, name, keep, target_labels in targets:
+                kept = {c: p[keep] for c, p in scores.items()}
+                rated = factors.iloc[keep].reset_index(drop=True)
+                intervals = bootstrap_intervals(target_labels, kept, thresholds, seed=bootstrap_seed(name), draws=draws)
+                for classifier, p in kept.items():
+                    for metric, value in binary_metrics(target_labels, p, thresholds[classifier]).items():
+                        low, high = intervals[classifier][metric] if not math.isnan(value) else (math.nan, math.nan)
+                        rows.append((REAL_DATASET, name, classifier, metric, float(value), low, high))
+                    called = p >= thresholds[classifier]
+                    for row in real_group_rows(rated, target_labels, called, target):
+                        groups.append((name, classifier, *row))
+                    if split.startswith("test_"):
+                        predictions.append(
+                            _predictions(REAL_DATASET, name, classifier, target_labels, p, thresholds[classifier], keep)
+                        )
+                scored.append(name)
+                counts[name] = len(keep)
+    frame = pd.DataFrame(rows, columns=list(RESULT_TABLES["metrics"].columns))
+    predicted = pd.concat(predictions, ignore_index=True) if predictions else _predictions("", "", "", [], [], 0.5)
+    group_frame = pd.DataFrame(groups, columns=list(RESULT_TABLES["groups"].columns))
+    real = manifest.get("real", {})
+    record = _threshold_record(threshold, thresholds)
+    if threshold == "val":
+        record["targets"] = "chosen on val's malignancy label; applied to both targets"
+    evaluation = {
+        "nodulab_version": __version__,
+        "run_format": RUN_FORMAT,
+        "dataset": {
+            "manifest_sha256": sha256_file(data_dir / "dataset.json"),
+            "trained_on": own,
+            "kind": "real",
+            "name": REAL_DATASET,
+            "scenario": None,
+            "seed": None,
+            "image": manifest.get("image"),
+            "source": real.get("source"),
+            "tables": real.get("tables"),
+            "readers": real.get("readers"),
+            "label": real.get("label"),
+        },
+        "splits": scored,
+        "rows": counts,
+        "unscored": [s for s in manifest["splits"] if s in REAL_UNSCORED_SPLITS],
+        "targets": {
+            "malignancy": "the dataset's label (the readers' malignancy; dataset.label's rule); split <split>",
+            "spiculation": f"lidc_spiculation >= {SPICULATED_FROM:g} -> 1, == {UNSPICULATED_AT:g} -> 0, "
+            f"ratings between left out; split <split>{SPICULATION_SUFFIX}",
+        },
+        "readouts": "applied unchanged: probe, knn (and the _init controls) fitted on the run's synthetic train "
+        "split, dfr on its val_balanced; nothing refitted on real rows",
+        "classifiers": list(dict.fromkeys(frame["classifier"])),
+        "threshold": record,
+        "bootstrap": {
+            "level": "sample",
+            "method": "percentile",
+            "draws": draws,
+            "confidence": CONFIDENCE,
+            "seeds": {s: bootstrap_seed(s) for s in scored},
+            "note": "ci_low, ci_high resample the split's samples with the model fixed; they leave out "
+            "the variance between training seeds, which a study adds",
+        },
+        "groups": {
+            "cells": f"label x diameter_mm >= {LARGE_FROM_MM:g} x (malignancy target) lidc_spiculation >= "
+            f"{SPICULATED_FROM:g} / (spiculation target) the malignancy label",
+            "worst": f"label {WORST_LABEL!r}, group '{WORST_PREFIX}<label>/<group>': the non-empty cell "
+            "of lowest accuracy",
+        },
+        "dynamics": "not applicable to a real dataset",
+        "threads": run.threads,
+        "device": device,
+    }
+    return frame, group_frame, predicted, evaluation
 
 
 def _predictions(
-    dataset: str, split: str, classifier: str, labels: np.ndarray, p: np.ndarray, threshold: float
+    dataset: str,
+    split: str,
+    classifier: str,
+    labels: np.ndarray,
+    p: np.ndarray,
+    threshold: float,
+    rows: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """One split's ``predictions.csv`` rows for a classifier: every sample's label, p (as float32) and call."""
+    """One split's ``predictions.csv`` rows for a classifier: every sample's label, p (as float32) and call.
+
+    ``rows``: each sample's row in its split (default ``0..N-1``; a target that leaves rows out passes them).
+    """
     p32 = np.asarray(p, dtype=np.float32)
     return pd.DataFrame(
         {
             "dataset": dataset,
             "split": split,
             "classifier": classifier,
-            "row": np.arange(len(p32), dtype=np.int64),
+            "row": np.arange(len(p32), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64),
             "label": np.asarray(labels, dtype=np.int64),
             "p": p32.astype(np.float64),
             "predicted": (np.asarray(p) >= threshold).astype(np.int64),

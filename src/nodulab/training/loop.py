@@ -54,7 +54,17 @@ from nodulab.common.choices import (
 from nodulab.common.errors import InputError
 from nodulab.common.plaintext import plain_text
 from nodulab.common.scoring import binary_metrics
-from nodulab.data.dataset import DatasetError, check_out, hu_to_input, load_manifest, load_split, sha256_file, staged
+from nodulab.common.tables import REAL_DATASET
+from nodulab.data.dataset import (
+    DatasetError,
+    check_out,
+    hu_to_input,
+    is_real,
+    load_manifest,
+    load_split,
+    sha256_file,
+    staged,
+)
 from nodulab.synth.scenario import BALANCED_SPLIT, ScenarioError
 from nodulab.synth.scenarios import load_scenario_dict
 from nodulab.training import losses
@@ -174,7 +184,15 @@ def _check(config: TrainConfig) -> None:
 
 
 def _check_views(config: TrainConfig, manifest: dict, data_dir: Path) -> None:
-    """Refuse geometric views when the label or a confound is a factor the geometry changes."""
+    """Refuse geometric views when the label or a confound is a factor the geometry changes; on real
+    CT (``nodulab import-lidc``) only geometric views exist: there are no rows to render again."""
+    if is_real(manifest):
+        if config.views != "augment":
+            raise TrainError(
+                f"--views {config.views}: DATA_DIR {data_dir} holds real CT, which cannot be rendered again; "
+                "use --views augment"
+            )
+        return
     try:  # the manifest's scenario is untrusted input: validate it as a scenario file would be
         scenario = load_scenario_dict(manifest["scenario"])
     except ScenarioError as error:
@@ -695,7 +713,7 @@ def _run_record(
         "python_version": platform.python_version(),
         "config": resolved,
         "dataset": {
-            "scenario": manifest["scenario"].get("name"),
+            "scenario": REAL_DATASET if is_real(manifest) else manifest["scenario"].get("name"),
             "seed": manifest.get("seed"),
             "image": manifest["image"],
             "manifest_sha256": sha256_file(data_dir / "dataset.json"),
