@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lidc_fabricate as fab
 from nodulab.data import lidc_import
@@ -328,3 +330,37 @@ def test_the_shipped_tables_locate_a_real_nodule(tmp_path) -> None:
         grid = np.arange(image.shape[-1])
         centre = [(grid[:, None] * painted).sum() / painted.sum(), (grid[None, :] * painted).sum() / painted.sum()]
         assert np.abs(np.array(centre) - (image.shape[-1] - 1) / 2).max() < 1.0
+
+
+# ----------------------------------------------------------------------------- the spacing rule
+@given(
+    step=st.floats(0.5, 5.0),
+    n=st.integers(3, 40),
+    jitter=st.lists(st.floats(-0.02, 0.02), min_size=40, max_size=40),
+    gap=st.one_of(st.none(), st.integers(0, 38)),
+    order=st.randoms(use_true_random=False),
+)
+@settings(max_examples=200, deadline=None)
+def test_the_spacing_rule_accepts_1_percent_and_one_missing_slice_only(step, n, jitter, gap, order) -> None:
+    """Steps within 1% of the median step, or exactly one step of two, are read (in any file order);
+    anything else is skipped with its reason."""
+    steps = [step * (1 + j) for j in jitter[: n - 1]]
+    if gap is not None and gap < n - 1:
+        steps[gap] *= 2
+    z = np.concatenate([[0.0], np.cumsum(steps)])
+    headers = [
+        lidc_import.SliceHeader(Path(f"{k}.dcm"), float(zk), (0.0, 0.0), (0.7, 0.7), (8, 8), 1.0, -1024.0)
+        for k, zk in enumerate(z)
+    ]
+    order.shuffle(headers)
+    diffs = np.diff(z)
+    median = np.median(diffs)
+    regular = np.abs(diffs - median) <= 0.01 * median
+    doubled = np.abs(diffs - 2 * median) <= 0.01 * median
+    readable = bool(np.all(regular | doubled) and doubled.sum() <= 1)
+    try:
+        volume = lidc_import.check_volume(lidc_import.Series("1.2.3", headers))
+    except lidc_import.Skip as e:
+        assert not readable and "non-uniform slice spacing" in str(e)
+    else:
+        assert readable and np.array_equal(volume.z, z) and volume.gaps == int(doubled.sum())
