@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from nodulab import __version__
-from nodulab.data.dataset import FORMAT, MANIFEST, REAL, REAL_COLUMNS, dump_json, staged, write_arrays
+from nodulab.data.dataset import FORMAT, MANIFEST, REAL, REAL_COLUMNS, dump_json, split_entry, staged, write_factors
 from nodulab.synth import lidc
 
 SPLITS = ("train", "val", "test_lidc")
@@ -78,7 +78,11 @@ def make_real_dataset(
                 images.append(image)
                 masks.append(mask)
             frame = pd.DataFrame(rows, columns=[c for c in REAL_COLUMNS if c != "index"])
-            entries[split] = write_arrays(tmp / split, frame, np.stack(images), np.stack(masks))
+            (tmp / split).mkdir()
+            np.save(tmp / split / "images.npy", np.stack(images))
+            np.save(tmp / split / "masks.npy", np.stack(masks))
+            write_factors(frame, tmp / split / "factors.csv")
+            entries[split] = split_entry(tmp / split, frame, (n, *images[0].shape))
             series.append({"uid": f"1.2.3.{s}", "patient": 100 * s, "slices": 40, "rows": n})
         manifest = {
             "format": FORMAT,

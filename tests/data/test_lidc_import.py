@@ -364,3 +364,9 @@ def test_the_spacing_rule_accepts_1_percent_and_one_missing_slice_only(step, n, 
         assert not readable and "non-uniform slice spacing" in str(e)
     else:
         assert readable and np.array_equal(volume.z, z) and volume.gaps == int(doubled.sum())
+
+
+def test_the_cli_knows_the_importers_readers() -> None:
+    from nodulab import cli
+
+    assert cli.READERS == lidc_import.READERS

@@ -196,28 +196,11 @@ def _write_split(
             file.file.close()  # release the handles; staged removes the folder
         raise
     write_factors(frame, folder / "factors.csv")
-    return _entry(folder, frame, shape)
+    return split_entry(folder, frame, shape)
 
 
-def write_arrays(folder: Path, frame: pd.DataFrame, images: np.ndarray, masks: np.ndarray) -> dict[str, Any]:
-    """Write one split from arrays already in memory (real patches); return its manifest entry."""
-    folder.mkdir()
-    shape = tuple(images.shape)
-    files = {name: _ArrayFile(folder / f"{name}.npy", dtype, shape) for name, dtype in ARRAYS.items()}
-    try:
-        files["images"].append(images)
-        files["masks"].append(masks)
-        for file in files.values():
-            file.close()
-    except BaseException:
-        for file in files.values():
-            file.file.close()
-        raise
-    write_factors(frame, folder / "factors.csv")
-    return _entry(folder, frame, shape)
-
-
-def _entry(folder: Path, frame: pd.DataFrame, shape: tuple[int, ...]) -> dict[str, Any]:
+def split_entry(folder: Path, frame: pd.DataFrame, shape: tuple[int, ...]) -> dict[str, Any]:
+    """A written split's manifest entry: its row count, cells, and each file's name, shape and sha256."""
     entry: dict[str, Any] = {"n": len(frame), "cells": cell_counts(frame)}
     for name, dtype in ARRAYS.items():
         file = folder / f"{name}.npy"

@@ -58,6 +58,7 @@ import pandas as pd
 
 from nodulab import __version__
 from nodulab.common.progress import Progress, counter
+from nodulab.common.tables import REAL_SPLITS
 from nodulab.data import traced
 from nodulab.data.dataset import (
     ARRAYS,
@@ -66,24 +67,25 @@ from nodulab.data.dataset import (
     REAL,
     REAL_COLUMNS,
     DatasetError,
-    _entry,
     check_free_space,
     check_out,
     dump_json,
     fsync_file,
+    split_entry,
     staged,
     write_factors,
 )
 from nodulab.synth import lidc
+from nodulab.synth.renderer import HU_MAX, HU_MIN
 from nodulab.synth.scenario import MAX_SIZE, MIN_SIZE
 from nodulab.synth.twins import ATTENUATION, is_test_patient
 
-HU_RANGE = (-1024, 3071)
+HU_RANGE = (HU_MIN, HU_MAX)
 AGREEMENT = 0.5
 SPACING_TOLERANCE = 0.01
 VAL_SHARE = 0.2
 READERS = ("consensus", "each")
-SPLITS = ("train", "val", "test_lidc")
+SPLITS = ("train", "val", REAL_SPLITS[0])
 PIXEL_MM_RANGE = (0.2, 3.0)
 INTERPOLATION = (
     "trilinear (order 1) in patient mm, no anti-aliasing; z between the slices present; "
@@ -92,7 +94,6 @@ INTERPOLATION = (
 AXIAL = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
 HEADER_TAGS = (
     "SeriesInstanceUID",
-    "PatientID",
     "Modality",
     "ImagePositionPatient",
     "ImageOrientationPatient",
@@ -475,7 +476,7 @@ def _median(values: pd.Series) -> float:
 
 def _split(patient: int) -> str:
     if is_test_patient(np.array([patient]))[0]:
-        return "test_lidc"
+        return REAL_SPLITS[0]
     digest = hashlib.blake2b(f"nodulab/lidc-val/{int(patient)}".encode(), digest_size=4).digest()
     return "val" if int.from_bytes(digest, "little") % 1000 < VAL_SHARE * 1000 else "train"
 
@@ -545,7 +546,7 @@ class _Rows:
             os.unlink(raw.name)
         frame = pd.DataFrame(self.rows, columns=[c for c in REAL_COLUMNS if c != "index"])
         write_factors(frame, target / "factors.csv")
-        return _entry(target, frame, shape)
+        return split_entry(target, frame, shape)
 
     def close(self) -> None:
         for raw in self.raw.values():
