@@ -370,3 +370,14 @@ def test_the_cli_knows_the_importers_readers() -> None:
     from nodulab import cli
 
     assert cli.READERS == lidc_import.READERS
+
+
+def test_a_second_copy_of_a_series_is_read_once(archive, tmp_path) -> None:
+    root = tmp_path / "root"
+    shutil.copytree(archive.root, root)
+    n = archive.nodules[0]
+    shutil.copytree(root / n.series.folder.relative_to(archive.root), root / "zz-copy")
+    options = lidc_import.Options(size=32)
+    result = lidc_import.import_lidc(root, tmp_path / "out", options=options, tables=archive.annotations.parent)
+    assert not result.skipped and result.manifest["real"]["files"]["duplicate copies"] == len(n.series.files)
+    assert sum(result.counts.values()) == 5

@@ -94,6 +94,7 @@ INTERPOLATION = (
 AXIAL = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
 HEADER_TAGS = (
     "SeriesInstanceUID",
+    "SOPInstanceUID",
     "Modality",
     "ImagePositionPatient",
     "ImageOrientationPatient",
@@ -256,12 +257,17 @@ def _header(ds: Any, path: Path) -> SliceHeader:
 
 
 def find_series(root: Path, wanted: set[str], progress: Progress | None = None) -> tuple[dict[str, Series], Counter]:
-    """Every series of ``wanted`` under ``root``, by SeriesInstanceUID; and counts of the other files."""
+    """Every series of ``wanted`` under ``root``, by SeriesInstanceUID; and counts of the other files.
+
+    A second file of an image already found (the same SOPInstanceUID: a copy of the archive in the
+    archive) is counted and not read again.
+    """
     pydicom = _pydicom()
     paths = list(_files(root))
     advance = counter(progress, "scanning DICOM_ROOT", len(paths))
     found: dict[str, Series] = {}
     seen = Counter()
+    instances: set[str] = set()
     for path in paths:
         advance(1)
         try:
@@ -275,6 +281,11 @@ def find_series(root: Path, wanted: set[str], progress: Progress | None = None) 
         if uid not in wanted:
             seen["other series"] += 1
             continue
+        instance = str(ds.get("SOPInstanceUID", "")).strip()
+        if instance and instance in instances:  # a second copy of one image (the first path in order is read)
+            seen["duplicate copies"] += 1
+            continue
+        instances.add(instance)
         seen["read"] += 1
         series = found.setdefault(uid, Series(uid))
         try:
