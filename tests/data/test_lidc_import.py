@@ -226,12 +226,15 @@ def test_two_series_in_one_folder_are_told_apart_by_uid(archive, tmp_path) -> No
     assert len(result.manifest["real"]["series"]) == 6 and not result.skipped
 
 
-@pytest.mark.parametrize("case", ["no-lidc-series", "out-inside-root", "root-is-file", "bad-tables"])
+@pytest.mark.parametrize(
+    "case", ["no-lidc-series", "out-inside-root", "out-inside-tables", "root-is-file", "bad-tables"]
+)
 def test_refused_with_one_line_and_nothing_written(archive, tmp_path, case) -> None:
     root, out, tables = archive.root, tmp_path / "out", archive.annotations.parent
     expect = {
         "no-lidc-series": "no LIDC-IDRI series",
         "out-inside-root": "--out",
+        "out-inside-tables": "--out",
         "root-is-file": "is not a folder",
         "bad-tables": "lidc_contours.csv.gz",
     }[case]
@@ -254,6 +257,10 @@ def test_refused_with_one_line_and_nothing_written(archive, tmp_path, case) -> N
         root = tmp_path / "root"
         shutil.copytree(archive.root, root)
         out = root / "inside"
+    elif case == "out-inside-tables":
+        tables = tmp_path / "tables"
+        shutil.copytree(archive.annotations.parent, tables)
+        out = tables / "inside"
     elif case == "root-is-file":
         root = archive.annotations
     else:

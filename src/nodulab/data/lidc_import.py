@@ -579,7 +579,7 @@ def import_lidc(
 
     Args:
         dicom_root: the user's LIDC-IDRI copy (any folder layout).
-        out: the dataset folder to create (not inside ``dicom_root``, nor holding it).
+        out: the dataset folder to create (not inside ``dicom_root`` or ``tables``, nor holding them).
         options: geometry, readers, label rule and ``n`` (at most that many rows).
         tables: a folder with ``lidc_annotations.csv`` and ``lidc_contours.csv.gz`` in the shipped
             formats (default: the shipped tables).
@@ -595,7 +595,8 @@ def import_lidc(
     root, out = Path(dicom_root), Path(out)
     if not root.is_dir():
         raise DatasetError(f"DICOM_ROOT {root} is not a folder")
-    check_out(out, [root])
+    inputs = [root] if tables is None else [root, Path(tables)]
+    check_out(out, inputs)
     if (out.exists() or out.is_symlink()) and not force:
         raise DatasetError(f"--out {out} already exists (use --force to replace it)")
     annotations, contours, digests = _tables(tables)
@@ -617,7 +618,7 @@ def import_lidc(
     series_read: list[dict[str, Any]] = []
     padded = 0
     advance = counter(progress, "importing series", len(found))
-    with staged(out, force=force, inputs=[root], owner=MANIFEST) as tmp:
+    with staged(out, force=force, inputs=inputs, owner=MANIFEST) as tmp:
         splits = {name: _Rows(tmp, name, shape) for name in SPLITS}
         try:
             for uid in sorted(found):
