@@ -388,3 +388,10 @@ def test_a_second_copy_of_a_series_is_read_once(archive, tmp_path) -> None:
     result = lidc_import.import_lidc(root, tmp_path / "out", options=options, tables=archive.annotations.parent)
     assert not result.skipped and result.manifest["real"]["files"]["duplicate copies"] == len(n.series.files)
     assert sum(result.counts.values()) == 5
+
+
+def test_without_the_dicom_extra_one_line_says_how_to_install_it(archive, tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom raises ImportError
+    with pytest.raises(DatasetError, match=r"pip install 'nodulab\[dicom\]'"):
+        _import(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
