@@ -45,22 +45,8 @@ from pydicom.uid import (
 from scipy import ndimage
 
 from nodulab.data.traced import measure
-from nodulab.synth.lidc import COLUMNS, RATINGS, validate
+from nodulab.synth.lidc import COLUMNS, CONTOUR_COLUMNS, RATINGS, format_points, validate
 from nodulab.synth.twins import is_test_patient
-
-CONTOUR_COLUMNS = (
-    "annotation_id",
-    "nodule",
-    "scan_id",
-    "patient",
-    "series_uid",
-    "pixel_mm",
-    "slice_mm",
-    "z_mm",
-    "inclusion",
-    "points",
-)
-"""The columns of ``lidc_contours.csv.gz`` (the shared spec, section A)."""
 
 TRANSFER_SYNTAXES = {
     "explicit_le": ExplicitVRLittleEndian,
@@ -361,11 +347,6 @@ def ring_points(disk: np.ndarray, offset_rc: Sequence[int], centre_px_xy: Sequen
     cx, cy = (float(v) for v in centre_px_xy)
     order = np.lexsort((np.hypot(ys - cy, xs - cx), np.arctan2(ys - cy, xs - cx)))
     return np.stack([xs[order], ys[order]], axis=1).astype(np.int64)
-
-
-def format_points(points: np.ndarray) -> str:
-    """``(n, 2)`` ``(x, y)`` points → ``"x y x y ..."``."""
-    return " ".join(str(int(v)) for v in np.asarray(points).reshape(-1))
 
 
 def reader_centre_px(
