@@ -834,6 +834,10 @@ def study_command(
     Resumable: run the same command again after a crash or kill and it continues where it stopped
     (a recorded run is never redone); with more --seeds it runs only the new seeds. Results:
     OUT/results.sqlite, OUT/*.csv, OUT/report.html.
+
+    With `\\[real] dataset = "DIR"` in the study file (a dataset of `nodulab import-lidc` at the study's
+    geometry), every run is also scored on real nodules (runs recorded before are scored without
+    retraining) and the report adds a sim-to-real section.
     """
     from nodulab.studies.config import load_study
     from nodulab.synth.renderer import keep_freed_tensors_mapped
