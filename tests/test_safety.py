@@ -334,6 +334,18 @@ def test_stale_temp_folders_of_dead_processes_are_removed(tmp_path: Path, monkey
     assert not stale.exists() and live.exists() and other_out.exists() and other_host.exists()
 
 
+def test_an_input_named_like_a_dead_process_scratch_folder_is_never_removed(tmp_path: Path) -> None:
+    """The tidy-up of dead processes' temporary siblings skips the command's inputs, whatever their name."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    source = tmp_path / f".tmp-x-{writing._HOST}-{dead.pid}-abc12345"
+    source.mkdir()
+    (source / "scenario.toml").write_text("kept")
+    with writing.staged(tmp_path / "x", inputs=[source / "scenario.toml"]) as tmp:
+        (tmp / "file").write_text("new")
+    assert (source / "scenario.toml").read_text() == "kept" and (tmp_path / "x" / "file").is_file()
+
+
 def test_sigterm_during_generate_exits_143_and_removes_the_temp_folder(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": SRC}
     args = [

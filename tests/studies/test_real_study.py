@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from tests.conftest import assert_one_line_error
+from tests.studies.test_driver import TINY
 from typer.testing import CliRunner
 
 from fake_study import make_study
@@ -26,20 +27,6 @@ from nodulab.studies.config import StudyError, load_study
 from nodulab.studies.runner import REAL_DIR
 from real_dataset import make_real_dataset
 
-TINY = """
-name = "tiny"
-scenarios = ["size-confound"]
-losses = ["ce", "simclr"]
-seeds = 2
-[data]
-size = 32
-pixel_mm = 1.4
-n = { train = 96, val = 48, val_balanced = 48, test = 32 }
-[train]
-epochs = 1
-batch_size = 32
-threads = 1
-"""
 runner = CliRunner()
 
 

@@ -234,16 +234,23 @@ def _temp_prefix(path: Path) -> str:
     return f".{short_name(path.name)}.{_HOST}-{os.getpid()}."
 
 
-def _remove_dead(folder: Path, pattern: re.Pattern[str]) -> list[Path]:
+def _remove_dead(folder: Path, pattern: re.Pattern[str], inputs: Iterable[Path | str] = ()) -> list[Path]:
     """Remove the entries of ``folder`` whose name matches ``pattern`` (its ``pid`` group naming a
-    process of this host) when that process no longer exists; a live process's are kept."""
+    process of this host) when that process no longer exists; a live process's are kept, and so is
+    an entry that ``check_out`` refuses (the current folder or a parent, or one that is, holds or
+    lies inside one of ``inputs``), whatever its name."""
     removed: list[Path] = []
     if not folder.is_dir():
         return removed
+    inputs = list(inputs)
     for entry in folder.iterdir():
         match = pattern.match(entry.name)
         pid = int(match.group("pid")) if match else os.getpid()
         if pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            check_out(entry, inputs)
+        except DatasetError:
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
@@ -260,17 +267,18 @@ def remove_stale_temp(path: Path) -> list[Path]:
     return _remove_dead(path.parent, re.compile(rf"^\.{name}\.{host}-(?P<pid>\d+)\.[A-Za-z0-9_]+$"))
 
 
-def remove_stale_scratch(out: Path) -> list[Path]:
+def remove_stale_scratch(out: Path, inputs: Iterable[Path | str] = ()) -> list[Path]:
     """Remove temporary siblings of ``out`` left by dead processes of this host (kill -9, power loss).
 
     Only names this module makes for this very ``out`` are touched (``.tmp-<name>-<host>-<pid>-*``
-    and ``.old-<name>-…``), and only when process ``pid`` no longer exists.
+    and ``.old-<name>-…``), only when process ``pid`` no longer exists, and never one that is,
+    holds or lies inside one of ``inputs`` (nor the current folder or a parent of it).
 
     Returns:
         The folders removed.
     """
     name, host = re.escape(short_name(out.name)), re.escape(_HOST)
-    return _remove_dead(out.parent, re.compile(rf"^\.(tmp|old)-{name}-{host}-(?P<pid>\d+)-[A-Za-z0-9_]+$"))
+    return _remove_dead(out.parent, re.compile(rf"^\.(tmp|old)-{name}-{host}-(?P<pid>\d+)-[A-Za-z0-9_]+$"), inputs)
 
 
 @contextmanager
@@ -302,14 +310,14 @@ def staged(
         The temporary folder. On any exception (SIGINT and SIGTERM included) it is removed, with
         any parents created for it.
     """
-    out = Path(out)
+    out, inputs = Path(out), list(inputs)
     check_out(out, inputs)
     if (out.exists() or out.is_symlink()) and not force:
         raise OutExists(f"--out {out} already exists (use --force to replace it)")
     check_owned(out, is_file=is_file, owner=owner)
     created = [p for p in reversed(out.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_scratch(out)
+    remove_stale_scratch(out, inputs)
     tmp = Path(tempfile.mkdtemp(prefix=_scratch_prefix("tmp", out), dir=out.parent))
     try:
         follow_umask(tmp)

@@ -606,9 +606,8 @@ def import_lidc(
             f"DICOM_ROOT {root}: no LIDC-IDRI series of the table there ({seen['read'] + seen['other series']} "
             f"DICOM files of other series, {seen['not DICOM']} other files)"
         )
-    units_by_uid = {
-        uid: _units(c, opts.readers) for uid, c in contours[contours["series_uid"].isin(found)].groupby("series_uid")
-    }
+    by_uid = dict(iter(contours[contours["series_uid"].isin(found)].groupby("series_uid")))
+    units_by_uid = {uid: _units(c, opts.readers) for uid, c in by_uid.items()}
     per_row = opts.size**opts.dim * sum(np.dtype(t).itemsize for t in ARRAYS.values())
     check_free_space(out, 2 * per_row * sum(len(u) for u in units_by_uid.values()) + (1 << 20))
     shape = (opts.size,) * opts.dim
@@ -625,7 +624,7 @@ def import_lidc(
                 if opts.n is not None and rows_written >= opts.n:
                     break
                 advance(1)
-                mine = contours[contours["series_uid"] == uid]
+                mine = by_uid[uid]
                 patient = int(mine["patient"].iloc[0])
                 try:
                     volume = check_volume(found[uid])

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -262,10 +262,10 @@ def compare(
     root = Path(root)
     chosen = check_splits(root, splits, n)
     manifest = load_manifest(root)
-    if is_real(manifest):
-        return compare_real(root, splits=chosen, n=n, progress=progress)
     total = sum(min(int(manifest["splits"][s]["n"]), n or int(manifest["splits"][s]["n"])) for s in chosen)
     advance = counter(progress, "tracing", total)
+    if is_real(manifest):
+        return compare_real(root, manifest, chosen, n, advance)
     frames = []
     for split in chosen:
         images, regions, factors = load_split(root, split)
@@ -415,13 +415,10 @@ def _real_stats(rows: pd.DataFrame) -> dict[str, float]:
 
 
 def compare_real(
-    root: Path | str,
-    *,
-    splits: Sequence[str] | None = None,
-    n: int | None = None,
-    progress: Progress | None = None,
+    root: Path, manifest: dict[str, Any], chosen: Sequence[str], n: int | None, advance: Callable[[int], None]
 ) -> Realism:
-    """Trace a real dataset's patches with the synthetic tracer and compare each outline with the readers'.
+    """:func:`compare` on a real dataset: trace its patches with the synthetic tracer and compare each
+    outline with the readers'.
 
     The tracer is :func:`trace_mask` unchanged (threshold midway between the parenchyma and the
     row's ``attenuation`` body HU, the component at the patch centre; the rows' offsets are 0).
@@ -430,18 +427,13 @@ def compare_real(
     Dice >= :data:`DICE_GOOD`) overall, by spiculation rating group and by attenuation.
 
     Args:
-        root: a real dataset folder (``nodulab import-lidc``).
-        splits: splits to read (default every split).
+        root: a real dataset folder (``nodulab import-lidc``), its checked ``manifest`` and the
+            splits ``chosen`` by :func:`check_splits`.
         n: at most the first ``n`` rows of each split.
-        progress: ``(stage, done, total)``: nodules traced so far.
+        advance: the progress counter of :func:`compare` (one per nodule traced).
     """
-    from nodulab.data.dataset import load_manifest, load_split
+    from nodulab.data.dataset import load_split
 
-    root = Path(root)
-    chosen = check_splits(root, splits, n)
-    manifest = load_manifest(root)
-    total = sum(min(int(manifest["splits"][s]["n"]), n or int(manifest["splits"][s]["n"])) for s in chosen)
-    advance = counter(progress, "tracing", total)
     frames = []
     for split in chosen:
         images, masks, factors = load_split(root, split)
